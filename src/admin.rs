@@ -1,0 +1,79 @@
+//! The admin port: `/live`, `/ready`, `/metrics` (Prometheus text) and `/config` (the effective
+//! snapshot with secrets redacted, its generation, and the last rejected update).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::config::{unix_seconds, ConfigStore};
+use crate::errors::SidecarError;
+use crate::proxy::body::{full, ProxyBody};
+use crate::proxy::json_response;
+
+pub struct Admin {
+    pub store: Arc<ConfigStore>,
+    pub registry: Registry,
+    /// True once a snapshot is loaded and the data port is serving; false again while draining.
+    pub ready: AtomicBool,
+}
+
+impl Admin {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let response = match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/metrics" => self.metrics(),
+            "/config" => self.config(),
+            other => SidecarError::NotFound(other.to_string()).into_response(),
+        };
+        Ok(response)
+    }
+
+    fn metrics(&self) -> Response<ProxyBody> {
+        let mut body = String::with_capacity(8 * 1024);
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+            tracing::error!(error = %err, "failed to encode metrics");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n");
+        }
+        let mut response = Response::new(full(body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
+    }
+
+    fn config(&self) -> Response<ProxyBody> {
+        let snapshot = self.store.load();
+        let rejection = self.store.last_rejection().map(|r| {
+            json!({ "source": r.source, "reason": r.reason, "at_unix": unix_seconds(r.at) })
+        });
+        json_response(
+            StatusCode::OK,
+            &json!({
+                "generation": snapshot.generation,
+                "last_rejection": rejection,
+                "config": snapshot.redacted_view(),
+            }),
+        )
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,750 @@
+//! Routing config: parse, validate (every error names its field path), and compile into one
+//! immutable [`Snapshot`] that a request loads once and uses throughout.
+
+pub mod reload;
+pub mod schema;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use serde_json::json;
+
+use crate::providers::{KeySource, Provider, ProviderKind, Secret, SecretFile};
+use crate::settings::{parse_duration, Env};
+use schema::{FlagValue, RawConfig, RawKeySource, RawTarget};
+
+pub use store::ConfigStore;
+
+/// The routing config compiled into the binary; serves when nothing else is given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.yaml");
+
+const DEFAULT_RESPONSE_HEADERS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where a snapshot came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigSource {
+    Embedded,
+    File(PathBuf),
+}
+
+impl ConfigSource {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigSource::Embedded => "embedded",
+            ConfigSource::File(_) => "file",
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::Embedded => f.write_str("embedded default"),
+            ConfigSource::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+/// One problem in a config, at a field path such as `routes.kimi-k2.relay.provider`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a rejected config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<FieldError>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The operator's migration flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flags {
+    pub holy_sheep_routing_enabled: bool,
+    pub holy_sheep_fallback_only: bool,
+    pub rollout_percent: u8,
+    pub shadow_percent: u8,
+}
+
+impl Default for Flags {
+    fn default() -> Self {
+        Flags {
+            holy_sheep_routing_enabled: true,
+            holy_sheep_fallback_only: false,
+            rollout_percent: 100,
+            shadow_percent: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub response_headers: Duration,
+}
+
+/// One place a route can be served: a provider and the model name it knows.
+#[derive(Debug)]
+pub struct Target {
+    pub provider: Arc<Provider>,
+    pub model: String,
+}
+
+impl Target {
+    pub fn path(&self) -> ProviderKind {
+        self.provider.kind
+    }
+}
+
+/// A model alias the app may ask for, and where it can be served.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub context_window: Option<u64>,
+    pub relay: Option<Target>,
+    pub official: Option<Target>,
+}
+
+/// Why a request went to the side it went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    RoutingEnabled,
+    RoutingDisabled,
+    /// The preferred side has no target on this route, so the other side serves.
+    OnlyTarget,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::RoutingEnabled => "routing_enabled",
+            Reason::RoutingDisabled => "routing_disabled",
+            Reason::OnlyTarget => "only_target",
+        }
+    }
+}
+
+impl Route {
+    /// The target this request goes to under the given flags.
+    pub fn choose(&self, flags: &Flags) -> (&Target, Reason) {
+        let (preferred, other, reason) = if flags.holy_sheep_routing_enabled {
+            (&self.relay, &self.official, Reason::RoutingEnabled)
+        } else {
+            (&self.official, &self.relay, Reason::RoutingDisabled)
+        };
+        match (preferred, other) {
+            (Some(t), _) => (t, reason),
+            (None, Some(t)) => (t, Reason::OnlyTarget),
+            // Compilation guarantees every route has at least one target.
+            (None, None) => unreachable!("route without targets passed validation"),
+        }
+    }
+}
+
+/// One validated, immutable routing config.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub source: ConfigSource,
+    pub loaded_at: SystemTime,
+    pub flags: Flags,
+    pub timeouts: Timeouts,
+    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub routes: BTreeMap<String, Arc<Route>>,
+    pub default_route: Option<Arc<Route>>,
+    by_model: HashMap<String, Arc<Route>>,
+}
+
+impl Snapshot {
+    /// The route serving a model name (a route name or one of its aliases).
+    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
+        self.by_model.get(model)
+    }
+
+    /// Every model name the app may ask for, sorted.
+    pub fn model_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.by_model.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn key_files(&self) -> impl Iterator<Item = &Arc<SecretFile>> {
+        self.providers.values().filter_map(|p| match &p.key {
+            KeySource::File(file) => Some(file),
+            _ => None,
+        })
+    }
+
+    /// The effective config as JSON for `/config`: key sources are described, never shown.
+    pub fn redacted_view(&self) -> serde_json::Value {
+        let providers: serde_json::Map<String, serde_json::Value> = self
+            .providers
+            .values()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    json!({ "kind": p.kind.as_str(), "base_url": p.base_url, "api_key": p.key.describe() }),
+                )
+            })
+            .collect();
+        let target = |t: &Option<Target>| {
+            t.as_ref()
+                .map(|t| json!({ "provider": t.provider.name, "model": t.model }))
+        };
+        let routes: serde_json::Map<String, serde_json::Value> = self
+            .routes
+            .values()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    json!({
+                        "aliases": r.aliases,
+                        "context_window": r.context_window,
+                        "relay": target(&r.relay),
+                        "official": target(&r.official),
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "generation": self.generation,
+            "source": self.source.to_string(),
+            "loaded_at_unix": unix_seconds(self.loaded_at),
+            "holy_sheep_routing_enabled": self.flags.holy_sheep_routing_enabled,
+            "holy_sheep_fallback_only": self.flags.holy_sheep_fallback_only,
+            "rollout_percent": self.flags.rollout_percent,
+            "shadow_percent": self.flags.shadow_percent,
+            "timeouts": { "response_headers_ms": self.timeouts.response_headers.as_millis() as u64 },
+            "default_route": self.default_route.as_ref().map(|r| r.name.clone()),
+            "providers": providers,
+            "routes": routes,
+        })
+    }
+}
+
+pub fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Parses and validates YAML text; `generation` is stamped on the result.
+pub fn compile(
+    text: &str,
+    source: ConfigSource,
+    generation: u64,
+    env: &dyn Env,
+) -> Result<Snapshot, ConfigError> {
+    let raw = parse(text)?;
+    compile_raw(raw, source, generation, env)
+}
+
+/// YAML → [`RawConfig`], with the path of the field that failed to parse.
+pub fn parse(text: &str) -> Result<RawConfig, ConfigError> {
+    let deserializer = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let message = e.into_inner().to_string();
+        // serde_yaml repeats the path in front of its own message.
+        let message = message
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_string)
+            .unwrap_or(message);
+        ConfigError(vec![FieldError {
+            path,
+            message,
+        }])
+    })
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Provider and route names end up in metric labels and headers: keep them plain.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+}
+
+fn compile_raw(
+    raw: RawConfig,
+    source: ConfigSource,
+    generation: u64,
+    env: &dyn Env,
+) -> Result<Snapshot, ConfigError> {
+    let mut errors = Errors(Vec::new());
+    let defaults = Flags::default();
+    let flags = Flags {
+        holy_sheep_routing_enabled: flag(
+            &mut errors,
+            "holy_sheep_routing_enabled",
+            raw.holy_sheep_routing_enabled.as_ref(),
+            defaults.holy_sheep_routing_enabled,
+            parse_bool_flag,
+        ),
+        holy_sheep_fallback_only: flag(
+            &mut errors,
+            "holy_sheep_fallback_only",
+            raw.holy_sheep_fallback_only.as_ref(),
+            defaults.holy_sheep_fallback_only,
+            parse_bool_flag,
+        ),
+        rollout_percent: flag(
+            &mut errors,
+            "rollout_percent",
+            raw.rollout_percent.as_ref(),
+            defaults.rollout_percent,
+            parse_percent_flag,
+        ),
+        shadow_percent: flag(
+            &mut errors,
+            "shadow_percent",
+            raw.shadow_percent.as_ref(),
+            defaults.shadow_percent,
+            parse_percent_flag,
+        ),
+    };
+
+    let response_headers = match raw.timeouts.response_headers.as_deref() {
+        None => DEFAULT_RESPONSE_HEADERS_TIMEOUT,
+        Some(text) => match parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() => {
+                errors.push("timeouts.response_headers", "must be greater than 0");
+                DEFAULT_RESPONSE_HEADERS_TIMEOUT
+            }
+            Ok(d) => d,
+            Err(why) => {
+                errors.push("timeouts.response_headers", why);
+                DEFAULT_RESPONSE_HEADERS_TIMEOUT
+            }
+        },
+    };
+
+    if raw.providers.is_empty() {
+        errors.push("providers", "at least one provider is required");
+    }
+    let mut providers = BTreeMap::new();
+    for (name, p) in raw.providers {
+        let path = format!("providers.{name}");
+        if !valid_name(&name) {
+            errors.push(&path, "provider names may use letters, digits and - _ . : / only");
+            continue;
+        }
+        let key = match p.api_key {
+            None => KeySource::None,
+            Some(RawKeySource { env: Some(var), file: None }) => {
+                if var.trim().is_empty() {
+                    errors.push(format!("{path}.api_key.env"), "must name an environment variable");
+                }
+                let value = env
+                    .get(&var)
+                    .and_then(|v| Secret::bearer(&v))
+                    .map(Arc::new);
+                if value.is_none() {
+                    tracing::warn!(provider = %name, env = %var, "provider key variable is not set; requests to this provider will fail until it is");
+                }
+                KeySource::Env { var, value }
+            }
+            Some(RawKeySource { env: None, file: Some(file) }) => {
+                if file.as_os_str().is_empty() {
+                    errors.push(format!("{path}.api_key.file"), "must name a file");
+                }
+                KeySource::File(Arc::new(SecretFile::load(&file)))
+            }
+            Some(_) => {
+                errors.push(
+                    format!("{path}.api_key"),
+                    "give exactly one of `env: VAR` or `file: PATH` (or leave api_key out for no key)",
+                );
+                KeySource::None
+            }
+        };
+        match Provider::new(name.clone(), p.kind, p.base_url.trim(), key) {
+            Ok(provider) => {
+                providers.insert(name, Arc::new(provider));
+            }
+            Err(why) => errors.push(format!("{path}.base_url"), why),
+        }
+    }
+
+    if raw.routes.is_empty() {
+        errors.push("routes", "at least one route is required");
+    }
+    let mut routes = BTreeMap::new();
+    let mut by_model: HashMap<String, Arc<Route>> = HashMap::new();
+    let mut owner: HashMap<String, String> = HashMap::new();
+    for (name, r) in raw.routes {
+        let path = format!("routes.{name}");
+        if !valid_name(&name) {
+            errors.push(&path, "route names may use letters, digits and - _ . : / only");
+            continue;
+        }
+        let mut target = |side: &str, kind: ProviderKind, t: Option<RawTarget>| {
+            let t = t?;
+            let tpath = format!("{path}.{side}");
+            if t.model.trim().is_empty() || HeaderValue::from_str(&t.model).is_err() {
+                errors.push(
+                    format!("{tpath}.model"),
+                    "must be a non-empty, printable model name",
+                );
+            }
+            let Some(provider) = providers.get(&t.provider) else {
+                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                errors.push(
+                    format!("{tpath}.provider"),
+                    format!(
+                        "unknown provider `{}` (known: {})",
+                        t.provider,
+                        known.join(", ")
+                    ),
+                );
+                return None;
+            };
+            if provider.kind != kind {
+                errors.push(
+                    format!("{tpath}.provider"),
+                    format!(
+                        "provider `{}` is {}, but the {side} target needs a {} provider",
+                        t.provider,
+                        provider.kind.as_str(),
+                        kind.as_str()
+                    ),
+                );
+                return None;
+            }
+            Some(Target {
+                provider: provider.clone(),
+                model: t.model,
+            })
+        };
+        let has_any = r.relay.is_some() || r.official.is_some();
+        let relay = target("relay", ProviderKind::Relay, r.relay);
+        let official = target("official", ProviderKind::Official, r.official);
+        if !has_any {
+            errors.push(&path, "a route needs a relay target, an official target, or both");
+        }
+        if r.context_window == Some(0) {
+            errors.push(format!("{path}.context_window"), "must be greater than 0");
+        }
+        for (i, alias) in r.aliases.iter().enumerate() {
+            if !valid_name(alias) {
+                errors.push(
+                    format!("{path}.aliases[{i}]"),
+                    "aliases may use letters, digits and - _ . : / only",
+                );
+            }
+        }
+        if relay.is_none() && official.is_none() {
+            continue;
+        }
+        let route = Arc::new(Route {
+            name: name.clone(),
+            aliases: r.aliases,
+            context_window: r.context_window,
+            relay,
+            official,
+        });
+        for model in std::iter::once(&route.name).chain(route.aliases.iter()) {
+            if let Some(first) = owner.get(model) {
+                errors.push(
+                    &path,
+                    format!("model name `{model}` is already used by route `{first}`"),
+                );
+                continue;
+            }
+            owner.insert(model.clone(), name.clone());
+            by_model.insert(model.clone(), route.clone());
+        }
+        routes.insert(name, route);
+    }
+
+    let default_route = match raw.default_route {
+        None => None,
+        Some(name) => match by_model.get(&name) {
+            Some(route) => Some(route.clone()),
+            None => {
+                errors.push(
+                    "default_route",
+                    format!("`{name}` is not a route or alias of this config"),
+                );
+                None
+            }
+        },
+    };
+
+    if !errors.0.is_empty() {
+        return Err(ConfigError(errors.0));
+    }
+    Ok(Snapshot {
+        generation,
+        source,
+        loaded_at: SystemTime::now(),
+        flags,
+        timeouts: Timeouts { response_headers },
+        providers,
+        routes,
+        default_route,
+        by_model,
+    })
+}
+
+fn flag<T: Copy>(
+    errors: &mut Errors,
+    path: &str,
+    value: Option<&FlagValue>,
+    default: T,
+    parse: fn(&FlagValue) -> Result<T, String>,
+) -> T {
+    match value.map(parse) {
+        None => default,
+        Some(Ok(v)) => v,
+        Some(Err(why)) => {
+            errors.push(path, why);
+            default
+        }
+    }
+}
+
+/// Booleans are forgiving where it is safe: `true`, `"True"`, `"1"`, `"yes"`, `"on"`.
+pub fn parse_bool_flag(value: &FlagValue) -> Result<bool, String> {
+    match value {
+        FlagValue::Bool(b) => Ok(*b),
+        FlagValue::Int(1) => Ok(true),
+        FlagValue::Int(0) => Ok(false),
+        FlagValue::Text(t) => match t.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("`{t}` is not a boolean (use true or false)")),
+        },
+        other => Err(format!("{other:?} is not a boolean (use true or false)")),
+    }
+}
+
+/// Percentages are strict: a whole number from 0 to 100, as a number or a string.
+pub fn parse_percent_flag(value: &FlagValue) -> Result<u8, String> {
+    let n = match value {
+        FlagValue::Int(n) => *n,
+        FlagValue::Text(t) => t
+            .trim()
+            .trim_end_matches('%')
+            .parse::<i64>()
+            .map_err(|_| format!("`{t}` is not a whole number from 0 to 100"))?,
+        other => return Err(format!("{other:?} is not a whole number from 0 to 100")),
+    };
+    u8::try_from(n)
+        .ok()
+        .filter(|n| *n <= 100)
+        .ok_or_else(|| format!("{n} is out of range: use a whole number from 0 to 100"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> HashMap<String, String> {
+        HashMap::new()
+    }
+
+    fn minimal(extra: &str) -> String {
+        format!(
+            "{extra}
+providers:
+  sheep: {{ kind: relay, base_url: 'http://127.0.0.1:1/sheep/v1' }}
+  ds: {{ kind: official, base_url: 'http://127.0.0.1:1/ds/v1', api_key: {{ env: DS_KEY }} }}
+routes:
+  chat:
+    aliases: [chat-latest]
+    relay: {{ provider: sheep, model: up-relay }}
+    official: {{ provider: ds, model: up-official }}
+"
+        )
+    }
+
+    #[test]
+    fn embedded_default_compiles() {
+        let snap = compile(EMBEDDED_DEFAULT, ConfigSource::Embedded, 1, &no_env()).unwrap();
+        assert!(snap.flags.holy_sheep_routing_enabled);
+        assert_eq!(snap.providers["holysheep"].kind, ProviderKind::Relay);
+        for official in ["deepseek", "moonshot", "minimax", "gemini", "openai"] {
+            assert_eq!(snap.providers[official].kind, ProviderKind::Official, "{official}");
+        }
+        let route = snap.route("deepseek-chat").unwrap();
+        assert_eq!(route.name, "deepseek-v3.2");
+        assert_eq!(snap.default_route.as_ref().unwrap().name, "deepseek-v3.2");
+    }
+
+    #[test]
+    fn routing_flag_picks_the_side() {
+        let mut snap = compile(&minimal(""), ConfigSource::Embedded, 1, &no_env()).unwrap();
+        let route = snap.route("chat-latest").unwrap().clone();
+        let (t, why) = route.choose(&snap.flags);
+        assert_eq!((t.model.as_str(), why), ("up-relay", Reason::RoutingEnabled));
+        snap.flags.holy_sheep_routing_enabled = false;
+        let (t, why) = route.choose(&snap.flags);
+        assert_eq!((t.model.as_str(), why), ("up-official", Reason::RoutingDisabled));
+    }
+
+    #[test]
+    fn a_route_with_one_side_serves_from_it() {
+        let text = "
+holy_sheep_routing_enabled: false
+providers:
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1' }
+routes:
+  only-relay: { relay: { provider: sheep, model: m } }
+";
+        let snap = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap();
+        let (t, why) = snap.route("only-relay").unwrap().choose(&snap.flags);
+        assert_eq!((t.model.as_str(), why), ("m", Reason::OnlyTarget));
+    }
+
+    #[test]
+    fn env_keys_are_read_through_the_env_trait() {
+        let env: HashMap<String, String> = [("DS_KEY".to_string(), "sk-ds".to_string())].into();
+        let snap = compile(&minimal(""), ConfigSource::Embedded, 1, &env).unwrap();
+        match snap.providers["ds"].auth() {
+            crate::providers::Auth::Bearer(s) => assert_eq!(s.header_value(), "Bearer sk-ds"),
+            _ => panic!("expected a key"),
+        }
+        assert!(!snap.redacted_view().to_string().contains("sk-ds"));
+    }
+
+    #[test]
+    fn flags_are_forgiving_only_where_safe() {
+        for (text, expect) in [
+            ("holy_sheep_routing_enabled: 'True'", true),
+            ("holy_sheep_routing_enabled: '1'", true),
+            ("holy_sheep_routing_enabled: 'false'", false),
+            ("holy_sheep_routing_enabled: 0", false),
+        ] {
+            let snap = compile(&minimal(text), ConfigSource::Embedded, 1, &no_env()).unwrap();
+            assert_eq!(snap.flags.holy_sheep_routing_enabled, expect, "{text}");
+        }
+        let snap = compile(&minimal("rollout_percent: '25'"), ConfigSource::Embedded, 1, &no_env())
+            .unwrap();
+        assert_eq!(snap.flags.rollout_percent, 25);
+        for bad in [
+            "rollout_percent: 150",
+            "rollout_percent: '150'",
+            "rollout_percent: 12.5",
+            "shadow_percent: -1",
+            "holy_sheep_routing_enabled: maybe",
+        ] {
+            let err = compile(&minimal(bad), ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+            let field = bad.split(':').next().unwrap_or_default();
+            assert_eq!(err.0[0].path, field, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let text = "
+providers:
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1' }
+  ds: { kind: official, base_url: 'nope' }
+routes:
+  chat:
+    relay: { provider: sheeep, model: m }
+    official: { provider: sheep, model: m }
+  empty: {}
+default_route: missing
+";
+        let err = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "providers.ds.base_url",
+                "routes.chat.relay.provider",
+                "routes.chat.official.provider",
+                "routes.empty",
+                "default_route",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("unknown provider `sheeep` (known: sheep)"), "{err}");
+        assert!(err.to_string().contains("is relay, but the official target needs"), "{err}");
+    }
+
+    #[test]
+    fn type_errors_and_typos_name_the_field_path() {
+        let err = compile(&minimal("timeouts: { response_header: 5s }"), ConfigSource::Embedded, 1, &no_env())
+            .unwrap_err();
+        assert_eq!(err.0[0].path, "timeouts.response_header");
+        assert!(err.0[0].message.contains("unknown field `response_header`"), "{err}");
+        let err = compile(
+            "providers: { p: { kind: relai, base_url: x } }\nroutes: {}",
+            ConfigSource::Embedded,
+            1,
+            &no_env(),
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].path, "providers.p.kind", "{err}");
+        assert!(err.0[0].message.starts_with("unknown variant `relai`"), "{err}");
+        let err = compile(
+            &minimal("").replace("{ env: DS_KEY }", "{ env: DS_KEY, file: /k }"),
+            ConfigSource::Embedded,
+            1,
+            &no_env(),
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].path, "providers.ds.api_key", "{err}");
+        let err = compile("routes: [", ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+        assert!(!err.to_string().is_empty());
+    }
+
+    #[test]
+    fn duplicate_model_names_are_rejected() {
+        let text = "
+providers:
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1' }
+routes:
+  a: { aliases: [shared], relay: { provider: sheep, model: m } }
+  b: { aliases: [shared], relay: { provider: sheep, model: m } }
+";
+        let err = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+        assert_eq!(err.0[0].path, "routes.b");
+        assert!(err.0[0].message.contains("`shared` is already used by route `a`"));
+    }
+}

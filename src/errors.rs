@@ -1,0 +1,155 @@
+//! Every error the sidecar itself answers with, and the one place that turns them into
+//! OpenAI-shaped JSON responses with an `x-llm-sidecar-error` header.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::proxy::body::{full, ProxyBody};
+
+/// Header naming the sidecar error code, so a client can tell a sidecar-made error from a provider's.
+pub const ERROR_HEADER: &str = "x-llm-sidecar-error";
+
+/// Errors produced by the sidecar (not passed through from a provider).
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("{0}")]
+    MalformedRequest(String),
+    #[error("the model `{model}` does not exist; available models: {}", .available.join(", "))]
+    UnknownModel { model: String, available: Vec<String> },
+    #[error("no route serves {path}: the request names no known model and no default_route is configured")]
+    NoRoute { path: String },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("request body was not received within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("failed to read the request body: {0}")]
+    BodyRead(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("unknown path {0}")]
+    NotFound(String),
+    #[error("the sidecar is at its limit of {0} concurrent requests")]
+    Overloaded(usize),
+    #[error("provider `{provider}` has no API key: {hint}")]
+    ProviderKeyMissing { provider: String, hint: String },
+    #[error("provider `{provider}` is unreachable: {reason}")]
+    UpstreamUnreachable { provider: String, reason: String },
+    #[error("provider `{provider}` sent no response headers within {after:?}")]
+    UpstreamTimeout { provider: String, after: Duration },
+    #[error("the sidecar is shutting down")]
+    ShuttingDown,
+}
+
+impl SidecarError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedRequest(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownModel { .. } | Self::NoRoute { .. } | Self::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Overloaded(_) | Self::ProviderKeyMissing { .. } | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable machine-readable code: the `error.code` field and the error header value.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedRequest(_) => "invalid_request",
+            Self::UnknownModel { .. } => "model_not_found",
+            Self::NoRoute { .. } => "no_route",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyTimeout(_) => "request_body_timeout",
+            Self::BodyRead(_) => "request_body_error",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::NotFound(_) => "not_found",
+            Self::Overloaded(_) => "sidecar_overloaded",
+            Self::ProviderKeyMissing { .. } => "provider_key_missing",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::ShuttingDown => "sidecar_shutting_down",
+        }
+    }
+
+    /// The OpenAI `error.type`: client mistakes are `invalid_request_error`, the rest are ours or the
+    /// upstream's fault.
+    fn kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::UnknownModel { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body a client receives.
+    pub fn body_json(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        })
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = Bytes::from(self.body_json().to_string());
+        let mut response = Response::new(full(body));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_model_lists_aliases_and_names_the_param() {
+        let err = SidecarError::UnknownModel {
+            model: "gpt-9".into(),
+            available: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        let body = err.body_json();
+        assert_eq!(body["error"]["code"], "model_not_found");
+        assert_eq!(body["error"]["param"], "model");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("gpt-9") && message.contains("a, b"), "{message}");
+    }
+
+    #[test]
+    fn upstream_errors_are_server_errors_with_header() {
+        let response = SidecarError::UpstreamTimeout {
+            provider: "deepseek".into(),
+            after: Duration::from_secs(15),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(response.headers()[ERROR_HEADER], "upstream_timeout");
+    }
+}

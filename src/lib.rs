@@ -1,0 +1,176 @@
+//! llm-sidecar: a per-pod proxy that routes an app's OpenAI-compatible LLM calls between a relay
+//! and the official provider APIs, driven by flags in one hot-swapped config snapshot.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod errors;
+pub mod fake_provider;
+pub mod openai;
+pub mod providers;
+pub mod proxy;
+pub mod settings;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use config::{ConfigError, ConfigSource, ConfigStore, EMBEDDED_DEFAULT};
+use settings::{Env, Settings};
+use telemetry::metrics::Metrics;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid routing config ({source_name}): {error}")]
+    Config {
+        source_name: String,
+        error: ConfigError,
+    },
+    #[error("cannot read the config file {path}: {error}")]
+    ConfigFile {
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("cannot build the upstream client: {0}")]
+    Client(std::io::Error),
+}
+
+/// Reads the config named by the settings, or the embedded default.
+pub fn initial_config(settings: &Settings) -> Result<(String, ConfigSource), StartError> {
+    match &settings.config_path {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|text| (text, ConfigSource::File(path.clone())))
+            .map_err(|error| StartError::ConfigFile {
+                path: path.display().to_string(),
+                error,
+            }),
+        None => Ok((EMBEDDED_DEFAULT.to_string(), ConfigSource::Embedded)),
+    }
+}
+
+/// A running sidecar: data port, admin port and config reloader.
+pub struct Sidecar {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<ConfigStore>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<bool>,
+}
+
+impl Sidecar {
+    /// Validates the config, binds both ports and starts serving. `env` supplies provider keys.
+    pub async fn start(
+        settings: &Settings,
+        config_text: &str,
+        source: ConfigSource,
+        env: Arc<dyn Env + Send + Sync>,
+    ) -> Result<Sidecar, StartError> {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        let store = ConfigStore::new(config_text, source.clone(), env, metrics.clone())
+            .map(Arc::new)
+            .map_err(|error| StartError::Config {
+                source_name: source.to_string(),
+                error,
+            })?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|error| StartError::Bind { addr, error })
+        };
+        let data_listener = bind(settings.listen).await?;
+        let admin_listener = bind(settings.admin_listen).await?;
+        let data_addr = data_listener
+            .local_addr()
+            .map_err(|error| StartError::Bind { addr: settings.listen, error })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|error| StartError::Bind { addr: settings.admin_listen, error })?;
+
+        let client = proxy::client::build(settings.connect_timeout).map_err(StartError::Client)?;
+        let proxy = Arc::new(proxy::Proxy::new(
+            store.clone(),
+            client,
+            metrics,
+            proxy::Limits {
+                max_body_bytes: settings.max_body_bytes,
+                body_read_timeout: settings.body_read_timeout,
+                max_concurrency: settings.max_concurrency,
+            },
+        ));
+        let admin = Arc::new(admin::Admin {
+            store: store.clone(),
+            registry,
+            ready: Default::default(),
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let builder = proxy::server::builder(settings.header_read_timeout);
+        let grace = settings.shutdown_grace;
+        let data = tokio::spawn(proxy::server::serve(
+            data_listener,
+            builder.clone(),
+            move |req, _peer| proxy.clone().handle(req),
+            shutdown_rx.clone(),
+            grace,
+        ));
+        let admin_for_server = admin.clone();
+        let admin_server = tokio::spawn(proxy::server::serve(
+            admin_listener,
+            builder,
+            move |req, _peer| admin_for_server.clone().handle(req),
+            admin_stop_rx,
+            std::time::Duration::from_secs(1),
+        ));
+        config::reload::spawn(
+            store.clone(),
+            settings.config_path.clone(),
+            settings.config_poll,
+            shutdown_rx.clone(),
+        );
+        admin.ready.store(true, Ordering::Release);
+        tracing::info!(%data_addr, %admin_addr, source = %source, "llm-sidecar serving");
+
+        let mut draining = shutdown_rx;
+        let task = tokio::spawn(async move {
+            // Readiness drops as soon as draining starts; the admin port stays up until the
+            // data port has drained so probes keep answering.
+            let _ = draining.wait_for(|stop| *stop).await;
+            admin.ready.store(false, Ordering::Release);
+            let drained = data.await.unwrap_or(false);
+            let _ = admin_stop.send(true);
+            let _ = admin_server.await;
+            drained
+        });
+        Ok(Sidecar {
+            data_addr,
+            admin_addr,
+            store,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting and starts draining in-flight requests.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the sidecar has stopped; true when every in-flight request finished in time.
+    pub async fn wait(self) -> bool {
+        self.task.await.unwrap_or(false)
+    }
+}

@@ -1,0 +1,268 @@
+//! The `llm-sidecar` binary: parses the command line, then runs the sidecar, checks a config,
+//! prints the embedded default, or runs the fake provider.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use llm_sidecar::config::{self, ConfigSource, EMBEDDED_DEFAULT};
+use llm_sidecar::settings::{ProcessEnv, Settings};
+use llm_sidecar::{telemetry, Sidecar};
+
+/// Exit code for bad usage or settings (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+const USAGE: &str = "\
+usage:
+  llm-sidecar [run] [--config FILE]        serve (config: FILE, $LLM_SIDECAR_CONFIG, or the embedded default)
+  llm-sidecar check-config FILE            validate a routing config and exit non-zero with the reasons
+  llm-sidecar default-config [--upstream URL]
+                                           print the embedded default; with --upstream, every provider's
+                                           base_url becomes URL/<provider>/v1 (for offline runs)
+  llm-sidecar fake-provider [--listen ADDR] run the fake OpenAI-compatible provider (default 127.0.0.1:9000)
+  llm-sidecar --version";
+
+enum Command {
+    Run { config: Option<PathBuf> },
+    CheckConfig(PathBuf),
+    DefaultConfig { upstream: Option<String> },
+    FakeProvider(SocketAddr),
+    Version,
+    Help,
+}
+
+fn parse_args(args: &[String]) -> Result<Command, String> {
+    let (cmd, rest) = match args.first().map(String::as_str) {
+        None => ("run", &args[..]),
+        Some(flag) if flag.starts_with("--config") => ("run", &args[..]),
+        Some(cmd) => (cmd, &args[1..]),
+    };
+    let option = |name: &str| -> Result<Option<String>, String> {
+        let mut it = rest.iter();
+        let mut found = None;
+        while let Some(arg) = it.next() {
+            if arg == name {
+                found = Some(it.next().cloned().ok_or(format!("{name} needs a value"))?);
+            } else if let Some(v) = arg.strip_prefix(&format!("{name}=")) {
+                found = Some(v.to_string());
+            } else {
+                return Err(format!("unexpected argument `{arg}`"));
+            }
+        }
+        Ok(found)
+    };
+    match cmd {
+        "run" => Ok(Command::Run {
+            config: option("--config")?.map(PathBuf::from),
+        }),
+        "check-config" => match rest {
+            [file] => Ok(Command::CheckConfig(PathBuf::from(file))),
+            _ => Err("check-config takes exactly one FILE".into()),
+        },
+        "default-config" => Ok(Command::DefaultConfig {
+            upstream: option("--upstream")?,
+        }),
+        "fake-provider" => {
+            let listen = option("--listen")?.unwrap_or_else(|| "127.0.0.1:9000".into());
+            listen
+                .parse()
+                .map(Command::FakeProvider)
+                .map_err(|e| format!("--listen {listen}: {e}"))
+        }
+        "--version" | "-V" | "version" => Ok(Command::Version),
+        "--help" | "-h" | "help" => Ok(Command::Help),
+        other => Err(format!("unknown command `{other}`")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match parse_args(&args) {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("llm-sidecar: {why}\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match command {
+        Command::Help => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("llm-sidecar {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig(path) => check_config(&path),
+        Command::DefaultConfig { upstream } => {
+            print!("{}", default_config(upstream.as_deref()));
+            ExitCode::SUCCESS
+        }
+        Command::FakeProvider(addr) => {
+            telemetry::init_logging(llm_sidecar::settings::LogFormat::Text);
+            match runtime().and_then(|rt| rt.block_on(llm_sidecar::fake_provider::run_standalone(addr))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("llm-sidecar fake-provider: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { config } => run(config),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llm-sidecar")
+        .build()
+}
+
+fn check_config(path: &PathBuf) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(err) => {
+            eprintln!("{}: cannot read: {err}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match config::compile(&text, ConfigSource::File(path.clone()), 1, &ProcessEnv) {
+        Ok(snapshot) => {
+            println!(
+                "{}: valid ({} providers, {} routes)",
+                path.display(),
+                snapshot.providers.len(),
+                snapshot.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{}: invalid", path.display());
+            for e in &err.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The embedded default, optionally with every provider pointed at one local base URL.
+fn default_config(upstream: Option<&str>) -> String {
+    let Some(upstream) = upstream else {
+        return EMBEDDED_DEFAULT.to_string();
+    };
+    let upstream = upstream.trim_end_matches('/');
+    let mut provider = String::new();
+    let mut out = String::with_capacity(EMBEDDED_DEFAULT.len());
+    for line in EMBEDDED_DEFAULT.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if indent == 2 && trimmed.ends_with(':') && !trimmed.starts_with('#') {
+            provider = trimmed.trim_end_matches(':').to_string();
+        }
+        if indent == 4 && trimmed.starts_with("base_url:") {
+            out.push_str(&format!("    base_url: {upstream}/{provider}/v1\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn run(config_flag: Option<PathBuf>) -> ExitCode {
+    let mut settings = match Settings::from_env(&ProcessEnv) {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("llm-sidecar: invalid settings:");
+            for e in errors {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if config_flag.is_some() {
+        settings.config_path = config_flag;
+    }
+    telemetry::init_logging(settings.log_format);
+    // One crypto provider for the whole process, before any TLS is set up.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("llm-sidecar: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let (text, source) = match llm_sidecar::initial_config(&settings) {
+            Ok(pair) => pair,
+            Err(err) => {
+                eprintln!("llm-sidecar: {err}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        let sidecar = match Sidecar::start(&settings, &text, source, Arc::new(ProcessEnv)).await {
+            Ok(s) => s,
+            Err(err) => {
+                eprintln!("llm-sidecar: {err}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
+        sidecar.shutdown();
+        if sidecar.wait().await {
+            tracing::info!("drained; bye");
+        } else {
+            tracing::warn!("shutdown grace period ended with requests still in flight");
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn default_config_can_point_every_provider_at_a_local_upstream() {
+        let text = default_config(Some("http://127.0.0.1:9000/"));
+        let snapshot =
+            config::compile(&text, ConfigSource::Embedded, 1, &HashMap::<String, String>::new())
+                .unwrap();
+        for (name, provider) in &snapshot.providers {
+            assert_eq!(provider.base_url, format!("http://127.0.0.1:9000/{name}/v1"));
+        }
+        assert_eq!(snapshot.routes.len(), config::compile(EMBEDDED_DEFAULT, ConfigSource::Embedded, 1, &HashMap::<String, String>::new()).unwrap().routes.len());
+    }
+
+    #[test]
+    fn arguments_parse() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(matches!(parse_args(&args(&[])), Ok(Command::Run { config: None })));
+        assert!(matches!(parse_args(&args(&["--config", "x.yaml"])), Ok(Command::Run { config: Some(_) })));
+        assert!(matches!(parse_args(&args(&["check-config", "x.yaml"])), Ok(Command::CheckConfig(_))));
+        assert!(parse_args(&args(&["run", "--nope"])).is_err());
+        assert!(parse_args(&args(&["frobnicate"])).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! The small part of the OpenAI wire format the sidecar needs: the routing fields of a request
+//! body, rewriting its `model` while forwarding every other field byte for byte, and the model list.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::json;
+
+/// A JSON request body split into its top-level fields, values left unparsed.
+pub struct RequestBody<'a> {
+    fields: Vec<(String, &'a RawValue)>,
+    /// The `model` field, when present.
+    pub model: Option<String>,
+    pub stream: bool,
+}
+
+struct Fields<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    fields.push((key, value));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+impl<'a> RequestBody<'a> {
+    /// Parses a request body; the error says what is wrong in words a client can act on.
+    pub fn parse(bytes: &'a [u8]) -> Result<RequestBody<'a>, String> {
+        let Fields(fields) = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the request body is not a valid JSON object: {e}"))?;
+        let mut model = None;
+        let mut stream = false;
+        for (key, value) in &fields {
+            match key.as_str() {
+                "model" => {
+                    model = Some(
+                        serde_json::from_str::<String>(value.get())
+                            .map_err(|_| "`model` must be a string".to_string())?,
+                    )
+                }
+                "stream" => {
+                    stream = serde_json::from_str::<Option<bool>>(value.get())
+                        .map_err(|_| "`stream` must be a boolean".to_string())?
+                        .unwrap_or(false)
+                }
+                _ => {}
+            }
+        }
+        Ok(RequestBody {
+            fields,
+            model,
+            stream,
+        })
+    }
+
+    /// The body with `model` replaced; every other field is copied verbatim, in order.
+    pub fn with_model(&self, model: &str) -> Bytes {
+        let size: usize = self
+            .fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum();
+        let mut out = Vec::with_capacity(size + model.len() + 2);
+        out.push(b'{');
+        for (i, (key, value)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, key);
+            out.push(b':');
+            if key == "model" {
+                write_json_string(&mut out, model);
+            } else {
+                out.extend_from_slice(value.get().as_bytes());
+            }
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `GET /v1/models` in the OpenAI list format.
+pub fn model_list(ids: &[String], created: u64) -> serde_json::Value {
+    json!({
+        "object": "list",
+        "data": ids.iter().map(|id| model_object(id, created)).collect::<Vec<_>>(),
+    })
+}
+
+pub fn model_object(id: &str, created: u64) -> serde_json::Value {
+    json!({ "id": id, "object": "model", "created": created, "owned_by": "llm-sidecar" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_model_and_keeps_everything_else_verbatim() {
+        let body = br#"{"messages":[{"role":"user","content":"hi \u00e9"}],"model":"deepseek-chat","temperature":0.70000000000000001,"stream":true,"x":{"nested":[1,2]}}"#;
+        let parsed = RequestBody::parse(body).unwrap();
+        assert_eq!(parsed.model.as_deref(), Some("deepseek-chat"));
+        assert!(parsed.stream);
+        let out = parsed.with_model("deepseek-v3.2");
+        let text = std::str::from_utf8(&out).unwrap();
+        assert_eq!(
+            text,
+            r#"{"messages":[{"role":"user","content":"hi \u00e9"}],"model":"deepseek-v3.2","temperature":0.70000000000000001,"stream":true,"x":{"nested":[1,2]}}"#
+        );
+    }
+
+    #[test]
+    fn bad_bodies_are_explained() {
+        for (body, needle) in [
+            (&b"not json"[..], "not a valid JSON object"),
+            (b"[1,2]", "not a valid JSON object"),
+            (br#"{"model": 5}"#, "`model` must be a string"),
+            (br#"{"model": "m", "stream": "yes"}"#, "`stream` must be a boolean"),
+            (br#"{"model": "m""#, "not a valid JSON object"),
+        ] {
+            let err = RequestBody::parse(body).err().unwrap();
+            assert!(err.contains(needle), "{err}");
+        }
+        let parsed = RequestBody::parse(br#"{"stream": null}"#).unwrap();
+        assert_eq!(parsed.model, None);
+        assert!(!parsed.stream);
+    }
+
+    #[test]
+    fn keys_with_escapes_survive() {
+        let parsed = RequestBody::parse(br#"{"a\"b":1,"model":"m"}"#).unwrap();
+        let out = parsed.with_model("n");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["a\"b"], 1);
+        assert_eq!(v["model"], "n");
+    }
+}

@@ -1,0 +1,434 @@
+//! The data plane: reads an OpenAI-compatible request once, picks the target from one config
+//! snapshot, swaps the app's credentials for the provider's, and streams the answer back.
+
+pub mod body;
+pub mod client;
+pub mod server;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
+use crate::errors::SidecarError;
+use crate::openai::{self, RequestBody};
+use crate::providers::Auth;
+use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
+use body::{full, Observed, OnFinish, ProxyBody};
+use client::UpstreamClient;
+
+pub const HEADER_ROUTE: &str = "x-llm-sidecar-route";
+pub const HEADER_PROVIDER: &str = "x-llm-sidecar-provider";
+pub const HEADER_UPSTREAM_MODEL: &str = "x-llm-sidecar-upstream-model";
+pub const HEADER_PATH: &str = "x-llm-sidecar-path";
+pub const HEADER_REASON: &str = "x-llm-sidecar-reason";
+pub const HEADER_GENERATION: &str = "x-llm-sidecar-config-generation";
+
+/// Request headers that belong to the app's own credentials or to one hop only.
+const DROPPED_REQUEST_HEADERS: &[&str] = &[
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "openai-organization",
+    "openai-project",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+const DROPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Limits the proxy enforces on every request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub max_concurrency: usize,
+}
+
+pub struct Proxy {
+    store: Arc<ConfigStore>,
+    client: UpstreamClient,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    in_flight: Arc<Semaphore>,
+}
+
+/// What a finished request is counted as.
+struct Record {
+    metrics: Arc<Metrics>,
+    route: String,
+    provider: String,
+    path: &'static str,
+    status: u16,
+    start: Instant,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl OnFinish for Record {
+    fn finish(self: Box<Self>, completed: bool) {
+        let elapsed = self.start.elapsed();
+        if !completed {
+            tracing::debug!(route = %self.route, provider = %self.provider, status = self.status, "response body ended early");
+        }
+        self.metrics
+            .request_duration
+            .get_or_create(&DurationLabels {
+                route: self.route.clone(),
+                provider: self.provider.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: self.route,
+                provider: self.provider,
+                path: self.path,
+                status: self.status,
+            })
+            .inc();
+        self.metrics.in_flight.dec();
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        store: Arc<ConfigStore>,
+        client: UpstreamClient,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Proxy {
+        Proxy {
+            store,
+            client,
+            metrics,
+            in_flight: Arc::new(Semaphore::new(limits.max_concurrency)),
+            limits,
+        }
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        self.metrics.in_flight.inc();
+        let mut record = Record {
+            metrics: self.metrics.clone(),
+            route: "none".into(),
+            provider: "none".into(),
+            path: "none",
+            status: 0,
+            start: Instant::now(),
+            _permit: None,
+        };
+        let response = match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => {
+                record._permit = Some(permit);
+                self.dispatch(req, &mut record).await
+            }
+            Err(_) => Err(SidecarError::Overloaded(self.limits.max_concurrency)),
+        }
+        .unwrap_or_else(|err| {
+            tracing::debug!(error = %err, "request answered with a sidecar error");
+            err.into_response()
+        });
+        record.status = response.status().as_u16();
+        Ok(response.map(|body| Observed::new(body, Box::new(record)).boxed_unsync()))
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        record: &mut Record,
+    ) -> Result<Response<ProxyBody>, SidecarError> {
+        let path = req.uri().path();
+        if !path.starts_with("/v1/") {
+            return Err(SidecarError::NotFound(path.to_string()));
+        }
+        let is_get = req.method() == Method::GET;
+        match path {
+            "/v1/models" if is_get => Ok(self.list_models()),
+            "/v1/models" => Err(method_not_allowed(&req)),
+            p if is_get && p.starts_with("/v1/models/") => {
+                let id = p.trim_start_matches("/v1/models/").to_string();
+                self.retrieve_model(&id)
+            }
+            "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => {
+                if req.method() != Method::POST {
+                    return Err(method_not_allowed(&req));
+                }
+                self.forward(req, record, true).await
+            }
+            _ => self.forward(req, record, false).await,
+        }
+    }
+
+    fn list_models(&self) -> Response<ProxyBody> {
+        let snapshot = self.store.load();
+        let created = unix_seconds(snapshot.loaded_at);
+        json_response(
+            StatusCode::OK,
+            &openai::model_list(&snapshot.model_ids(), created),
+        )
+    }
+
+    fn retrieve_model(&self, id: &str) -> Result<Response<ProxyBody>, SidecarError> {
+        let snapshot = self.store.load();
+        match snapshot.route(id) {
+            Some(_) => Ok(json_response(
+                StatusCode::OK,
+                &openai::model_object(id, unix_seconds(snapshot.loaded_at)),
+            )),
+            None => Err(SidecarError::UnknownModel {
+                model: id.to_string(),
+                available: snapshot.model_ids(),
+            }),
+        }
+    }
+
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, SidecarError> {
+        let limit = self.limits.max_body_bytes;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(SidecarError::BodyTooLarge { limit });
+        }
+        let collected =
+            tokio::time::timeout(self.limits.body_read_timeout, Limited::new(body, limit).collect())
+                .await
+                .map_err(|_| SidecarError::BodyTimeout(self.limits.body_read_timeout))?;
+        match collected {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(SidecarError::BodyTooLarge { limit })
+            }
+            Err(err) => Err(SidecarError::BodyRead(err.to_string())),
+        }
+    }
+
+    /// Picks the route from the body's `model` (required on the model endpoints; other `/v1/*`
+    /// paths fall back to the default route) and returns the body to send upstream.
+    fn resolve(
+        snapshot: &Snapshot,
+        bytes: Bytes,
+        model_required: bool,
+    ) -> Result<(Arc<Route>, Bytes), SidecarError> {
+        let parsed = match RequestBody::parse(&bytes) {
+            Ok(parsed) => Some(parsed),
+            Err(why) if model_required => return Err(SidecarError::MalformedRequest(why)),
+            // Multipart uploads and bodiless calls are passed through as they are.
+            Err(_) => None,
+        };
+        let Some(parsed) = parsed.filter(|p| p.model.is_some() || model_required) else {
+            return match &snapshot.default_route {
+                Some(route) => Ok((route.clone(), bytes)),
+                None => Err(SidecarError::NoRoute {
+                    path: "this path".into(),
+                }),
+            };
+        };
+        let Some(model) = parsed.model.as_deref() else {
+            return Err(SidecarError::MalformedRequest(
+                "the request body has no `model` field".into(),
+            ));
+        };
+        let Some(route) = snapshot.route(model) else {
+            return Err(SidecarError::UnknownModel {
+                model: model.to_string(),
+                available: snapshot.model_ids(),
+            });
+        };
+        let (target, _) = route.choose(&snapshot.flags);
+        let body = if target.model == model {
+            bytes.clone()
+        } else {
+            parsed.with_model(&target.model)
+        };
+        Ok((route.clone(), body))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        record: &mut Record,
+        model_required: bool,
+    ) -> Result<Response<ProxyBody>, SidecarError> {
+        // One snapshot for the whole request, even if a new config is swapped in meanwhile.
+        let snapshot = self.store.load();
+        let (parts, body) = req.into_parts();
+        let bytes = self.read_body(&parts.headers, body).await?;
+        let (route, upstream_body) =
+            Self::resolve(&snapshot, bytes, model_required).map_err(|err| match err {
+                SidecarError::NoRoute { .. } => SidecarError::NoRoute {
+                    path: parts.uri.path().to_string(),
+                },
+                other => other,
+            })?;
+        let (target, reason) = route.choose(&snapshot.flags);
+        let provider = &target.provider;
+        record.route = route.name.clone();
+        record.provider = provider.name.clone();
+        record.path = target.path().as_str();
+
+        let uri = provider
+            .upstream_uri(parts.uri.path(), parts.uri.query())
+            .map_err(|reason| SidecarError::MalformedRequest(format!("bad request path: {reason}")))?;
+        let mut upstream = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(Full::new(upstream_body))
+            .map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
+        copy_request_headers(&parts.headers, upstream.headers_mut());
+        match provider.auth() {
+            Auth::Bearer(secret) => {
+                upstream
+                    .headers_mut()
+                    .insert(header::AUTHORIZATION, secret.header_value().clone());
+            }
+            Auth::None => {}
+            Auth::Missing(hint) => {
+                return Err(SidecarError::ProviderKeyMissing {
+                    provider: provider.name.clone(),
+                    hint,
+                })
+            }
+        }
+
+        let timeout = snapshot.timeouts.response_headers;
+        let response = match tokio::time::timeout(timeout, self.client.request(upstream)).await {
+            Err(_) => {
+                return Err(SidecarError::UpstreamTimeout {
+                    provider: provider.name.clone(),
+                    after: timeout,
+                })
+            }
+            Ok(Err(err)) => {
+                let reason = client::describe(&err);
+                tracing::warn!(provider = %provider.name, %reason, "upstream request failed");
+                return Err(SidecarError::UpstreamUnreachable {
+                    provider: provider.name.clone(),
+                    reason,
+                });
+            }
+            Ok(Ok(response)) => response,
+        };
+
+        let (up_parts, up_body) = response.into_parts();
+        let mut out = Response::new(up_body.map_err(body::BoxError::from).boxed_unsync());
+        *out.status_mut() = up_parts.status;
+        let headers = out.headers_mut();
+        for (name, value) in up_parts.headers.iter() {
+            if !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        for (name, value) in [
+            (HEADER_ROUTE, route.name.as_str()),
+            (HEADER_PROVIDER, provider.name.as_str()),
+            (HEADER_UPSTREAM_MODEL, target.model.as_str()),
+            (HEADER_PATH, target.path().as_str()),
+            (HEADER_REASON, reason.as_str()),
+        ] {
+            // Names and models were checked to be valid header values when the config compiled.
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+        headers.insert(
+            HeaderName::from_static(HEADER_GENERATION),
+            HeaderValue::from(snapshot.generation),
+        );
+        Ok(out)
+    }
+}
+
+fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
+    SidecarError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+    }
+}
+
+fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let listed: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    for (name, value) in from.iter() {
+        let name_str = name.as_str();
+        if DROPPED_REQUEST_HEADERS.contains(&name_str)
+            || name_str.starts_with("x-llm-sidecar-")
+            || listed.iter().any(|l| l == name_str)
+        {
+            continue;
+        }
+        to.append(name.clone(), value.clone());
+    }
+}
+
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut response = Response::new(full(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_credentials_and_hop_headers_are_not_forwarded() {
+        let mut from = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer sk-app"),
+            ("x-api-key", "sk-app"),
+            ("openai-organization", "org-app"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("x-llm-sidecar-prefer", "a"),
+            ("content-type", "application/json"),
+            ("traceparent", "00-abc-def-01"),
+        ] {
+            from.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let mut to = HeaderMap::new();
+        copy_request_headers(&from, &mut to);
+        let mut names: Vec<&str> = to.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["content-type", "traceparent"]);
+    }
+}

@@ -1,0 +1,101 @@
+//! Prometheus metrics, registered by the components that own them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub provider: String,
+    pub path: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub route: String,
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+/// LLM calls take from milliseconds to minutes.
+const DURATION_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<DurationLabels, Histogram>,
+    pub in_flight: Gauge,
+    pub config_generation: Gauge,
+    pub config_reloads: Family<SourceLabels, Counter>,
+    pub config_rejections: Family<SourceLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let registry = registry.sub_registry_with_prefix("llm_sidecar");
+        let metrics = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            in_flight: Gauge::default(),
+            config_generation: Gauge::default(),
+            config_reloads: Family::default(),
+            config_rejections: Family::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by route, provider, path (relay/official) and HTTP status",
+            metrics.requests.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request received to the last response byte sent",
+            Unit::Seconds,
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests being served now",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "config_generation",
+            "Generation of the routing config serving now",
+            metrics.config_generation.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Routing configs applied, by source",
+            metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "config_rejections",
+            "Routing config updates rejected as invalid, by source",
+            metrics.config_rejections.clone(),
+        );
+        metrics
+    }
+
+    pub fn record_reload(&self, source: &'static str) {
+        self.config_reloads
+            .get_or_create(&SourceLabels { source })
+            .inc();
+    }
+
+    pub fn record_rejection(&self, source: &'static str) {
+        self.config_rejections
+            .get_or_create(&SourceLabels { source })
+            .inc();
+    }
+}
