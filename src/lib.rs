@@ -138,6 +138,7 @@ impl Sidecar {
         config::reload::spawn(
             store.clone(),
             settings.config_path.clone(),
+            config_text,
             settings.config_poll,
             shutdown_rx.clone(),
         );

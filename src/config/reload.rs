@@ -11,18 +11,17 @@ use tokio::time::MissedTickBehavior;
 use super::{ConfigSource, ConfigStore};
 
 /// Runs until `shutdown` flips. Polling (rather than inotify) also follows the symlink swaps
-/// Kubernetes uses to update mounted ConfigMaps and Secrets.
+/// Kubernetes uses to update mounted ConfigMaps and Secrets. `applied_text` is the text the store
+/// was built from, so an edit made before the first poll is still seen as a change.
 pub fn spawn(
     store: Arc<ConfigStore>,
     file: Option<PathBuf>,
+    applied_text: &str,
     poll: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let mut last_seen = Some(applied_text.as_bytes().to_vec());
     tokio::spawn(async move {
-        let mut last_seen: Option<Vec<u8>> = match &file {
-            Some(path) => tokio::fs::read(path).await.ok(),
-            None => None,
-        };
         let mut missing_reported = false;
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
