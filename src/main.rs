@@ -35,8 +35,8 @@ enum Command {
 
 fn parse_args(args: &[String]) -> Result<Command, String> {
     let (cmd, rest) = match args.first().map(String::as_str) {
-        None => ("run", &args[..]),
-        Some(flag) if flag.starts_with("--config") => ("run", &args[..]),
+        None => ("run", args),
+        Some(flag) if flag.starts_with("--config") => ("run", args),
         Some(cmd) => (cmd, &args[1..]),
     };
     let option = |name: &str| -> Result<Option<String>, String> {
@@ -102,7 +102,9 @@ fn main() -> ExitCode {
         }
         Command::FakeProvider(addr) => {
             telemetry::init_logging(llm_sidecar::settings::LogFormat::Text);
-            match runtime().and_then(|rt| rt.block_on(llm_sidecar::fake_provider::run_standalone(addr))) {
+            match runtime()
+                .and_then(|rt| rt.block_on(llm_sidecar::fake_provider::run_standalone(addr)))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("llm-sidecar fake-provider: {err}");
@@ -247,21 +249,48 @@ mod tests {
     #[test]
     fn default_config_can_point_every_provider_at_a_local_upstream() {
         let text = default_config(Some("http://127.0.0.1:9000/"));
-        let snapshot =
-            config::compile(&text, ConfigSource::Embedded, 1, &HashMap::<String, String>::new())
-                .unwrap();
+        let snapshot = config::compile(
+            &text,
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .unwrap();
         for (name, provider) in &snapshot.providers {
-            assert_eq!(provider.base_url, format!("http://127.0.0.1:9000/{name}/v1"));
+            assert_eq!(
+                provider.base_url,
+                format!("http://127.0.0.1:9000/{name}/v1")
+            );
         }
-        assert_eq!(snapshot.routes.len(), config::compile(EMBEDDED_DEFAULT, ConfigSource::Embedded, 1, &HashMap::<String, String>::new()).unwrap().routes.len());
+        assert_eq!(
+            snapshot.routes.len(),
+            config::compile(
+                EMBEDDED_DEFAULT,
+                ConfigSource::Embedded,
+                1,
+                &HashMap::<String, String>::new()
+            )
+            .unwrap()
+            .routes
+            .len()
+        );
     }
 
     #[test]
     fn arguments_parse() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(matches!(parse_args(&args(&[])), Ok(Command::Run { config: None })));
-        assert!(matches!(parse_args(&args(&["--config", "x.yaml"])), Ok(Command::Run { config: Some(_) })));
-        assert!(matches!(parse_args(&args(&["check-config", "x.yaml"])), Ok(Command::CheckConfig(_))));
+        assert!(matches!(
+            parse_args(&args(&[])),
+            Ok(Command::Run { config: None })
+        ));
+        assert!(matches!(
+            parse_args(&args(&["--config", "x.yaml"])),
+            Ok(Command::Run { config: Some(_) })
+        ));
+        assert!(matches!(
+            parse_args(&args(&["check-config", "x.yaml"])),
+            Ok(Command::CheckConfig(_))
+        ));
         assert!(parse_args(&args(&["run", "--nope"])).is_err());
         assert!(parse_args(&args(&["frobnicate"])).is_err());
     }

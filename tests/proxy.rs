@@ -14,15 +14,27 @@ async fn non_stream_round_trip_goes_to_the_relay_with_the_upstream_model() {
     let sidecar = sidecar(&config(&fake, true)).await;
     let client = client();
 
-    let (status, headers, body) =
-        call_json(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat-latest", false))).await;
+    let (status, headers, body) = call_json(
+        &client,
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat-latest", false),
+        ),
+    )
+    .await;
 
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "x-llm-sidecar-provider"), "sheep");
     assert_eq!(header(&headers, "x-llm-sidecar-path"), "relay");
     assert_eq!(header(&headers, "x-llm-sidecar-route"), "chat");
-    assert_eq!(header(&headers, "x-llm-sidecar-upstream-model"), "relay-model");
-    let content = body["choices"][0]["message"]["content"].as_str().unwrap_or_default();
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-upstream-model"),
+        "relay-model"
+    );
+    let content = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
     assert!(content.starts_with("Hello from sheep."), "{content}");
     assert!(body["usage"]["completion_tokens"].as_u64().unwrap_or(0) > 0);
 
@@ -41,8 +53,15 @@ async fn stream_round_trip_delivers_every_event_and_done() {
     let sidecar = sidecar(&config(&fake, true)).await;
     let client = client();
 
-    let (status, headers, body) =
-        call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", true))).await;
+    let (status, headers, body) = call(
+        &client,
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", true),
+        ),
+    )
+    .await;
 
     assert_eq!(status, 200);
     assert!(header(&headers, "content-type").starts_with("text/event-stream"));
@@ -60,7 +79,15 @@ async fn the_first_chunk_reaches_the_client_while_the_upstream_is_still_sending(
     let sidecar = sidecar(&config_with(&fake, true, extra)).await;
     let client = client();
 
-    let response = send(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("gated", true))).await;
+    let response = send(
+        &client,
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("gated", true),
+        ),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     // The fake holds the rest of its answer until the gate opens, so everything read here has
@@ -97,26 +124,50 @@ async fn the_upstream_sees_the_configured_key_and_never_the_apps() {
     let sidecar = sidecar_with(settings, &text).await;
     let client = client();
 
-    let mut req = post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false));
-    req.headers_mut().insert("x-api-key", APP_KEY.parse().expect("header"));
-    req.headers_mut().insert("openai-organization", "org-app".parse().expect("header"));
+    let mut req = post(
+        sidecar.data_addr,
+        "/v1/chat/completions",
+        chat_body("chat", false),
+    );
+    req.headers_mut()
+        .insert("x-api-key", APP_KEY.parse().expect("header"));
+    req.headers_mut()
+        .insert("openai-organization", "org-app".parse().expect("header"));
     let (status, _, _) = call(&client, req).await;
     assert_eq!(status, 200);
     write_atomically(&config_path, &config(&fake, false));
-    eventually(Duration::from_secs(5), "routing flips to official", || async {
-        let (_, headers, _) = call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
-        header(&headers, "x-llm-sidecar-provider") == "deep"
-    })
+    eventually(
+        Duration::from_secs(5),
+        "routing flips to official",
+        || async {
+            let (_, headers, _) = call(
+                &client,
+                post(
+                    sidecar.data_addr,
+                    "/v1/chat/completions",
+                    chat_body("chat", false),
+                ),
+            )
+            .await;
+            header(&headers, "x-llm-sidecar-provider") == "deep"
+        },
+    )
     .await;
 
     let relay = fake.requests_for("sheep");
     let official = fake.requests_for("deep");
     assert!(!relay.is_empty() && !official.is_empty());
     for seen in &relay {
-        assert_eq!(seen.authorization.as_deref(), Some(&*format!("Bearer {RELAY_KEY}")));
+        assert_eq!(
+            seen.authorization.as_deref(),
+            Some(&*format!("Bearer {RELAY_KEY}"))
+        );
     }
     for seen in &official {
-        assert_eq!(seen.authorization.as_deref(), Some(&*format!("Bearer {OFFICIAL_KEY}")));
+        assert_eq!(
+            seen.authorization.as_deref(),
+            Some(&*format!("Bearer {OFFICIAL_KEY}"))
+        );
     }
     for seen in fake.requests() {
         for (name, value) in &seen.headers {
@@ -147,15 +198,42 @@ async fn a_key_file_is_reread_when_the_secret_rotates() {
     let sidecar = sidecar(&text).await;
     let client = client();
 
-    let (status, _, _) = call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
+    let (status, _, _) = call(
+        &client,
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", false),
+        ),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(fake.requests()[0].authorization.as_deref(), Some("Bearer sk-first"));
+    assert_eq!(
+        fake.requests()[0].authorization.as_deref(),
+        Some("Bearer sk-first")
+    );
 
     write_atomically(&key_path, "sk-second\n");
-    eventually(Duration::from_secs(5), "the rotated key is used", || async {
-        call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
-        fake.requests().last().and_then(|r| r.authorization.clone()).as_deref() == Some("Bearer sk-second")
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the rotated key is used",
+        || async {
+            call(
+                &client,
+                post(
+                    sidecar.data_addr,
+                    "/v1/chat/completions",
+                    chat_body("chat", false),
+                ),
+            )
+            .await;
+            fake.requests()
+                .last()
+                .and_then(|r| r.authorization.clone())
+                .as_deref()
+                == Some("Bearer sk-second")
+        },
+    )
     .await;
 }
 
@@ -164,11 +242,24 @@ async fn a_missing_key_is_reported_instead_of_calling_unauthenticated() {
     let fake = fake().await;
     let text = config(&fake, true).replace("TEST_RELAY_KEY", "UNSET_KEY_VARIABLE");
     let sidecar = sidecar(&text).await;
-    let (status, headers, body) =
-        call_json(&client(), post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
+    let (status, headers, body) = call_json(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", false),
+        ),
+    )
+    .await;
     assert_eq!(status, 503);
-    assert_eq!(header(&headers, "x-llm-sidecar-error"), "provider_key_missing");
-    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("UNSET_KEY_VARIABLE"));
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-error"),
+        "provider_key_missing"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("UNSET_KEY_VARIABLE"));
     assert!(fake.requests().is_empty());
 }
 
@@ -178,24 +269,47 @@ async fn routing_disabled_sends_every_model_endpoint_to_the_official_provider() 
     let sidecar = sidecar(&config(&fake, false)).await;
     let client = client();
 
-    let (status, headers, _) =
-        call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
-    assert_eq!((status.as_u16(), header(&headers, "x-llm-sidecar-path")), (200, "official"));
+    let (status, headers, _) = call(
+        &client,
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", false),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), header(&headers, "x-llm-sidecar-path")),
+        (200, "official")
+    );
     assert_eq!(header(&headers, "x-llm-sidecar-reason"), "routing_disabled");
 
     let body = serde_json::json!({"model": "embed", "input": ["a", "b"]}).to_string();
-    let (status, headers, json) = call_json(&client, post(sidecar.data_addr, "/v1/embeddings", body)).await;
+    let (status, headers, json) =
+        call_json(&client, post(sidecar.data_addr, "/v1/embeddings", body)).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(header(&headers, "x-llm-sidecar-provider"), "deep");
     assert_eq!(json["data"].as_array().map(Vec::len), Some(2));
 
     let body = serde_json::json!({"model": "chat", "prompt": "Once"}).to_string();
-    let (status, _, json) = call_json(&client, post(sidecar.data_addr, "/v1/completions", body)).await;
+    let (status, _, json) =
+        call_json(&client, post(sidecar.data_addr, "/v1/completions", body)).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(json["object"], "text_completion");
 
-    let models: Vec<String> = fake.requests().iter().map(|r| format!("{}:{}", r.label, r.model)).collect();
-    assert_eq!(models, ["deep:official-model", "deep:official-embed", "deep:official-model"]);
+    let models: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| format!("{}:{}", r.label, r.model))
+        .collect();
+    assert_eq!(
+        models,
+        [
+            "deep:official-model",
+            "deep:official-embed",
+            "deep:official-model"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -207,15 +321,27 @@ async fn models_are_listed_and_retrieved_in_openai_format() {
     let (status, _, list) = call_json(&client, get(sidecar.data_addr, "/v1/models")).await;
     assert_eq!(status, 200);
     assert_eq!(list["object"], "list");
-    let ids: Vec<&str> = list["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str()).collect();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
     assert_eq!(ids, ["chat", "chat-latest", "embed"]);
     assert_eq!(list["data"][0]["object"], "model");
 
-    let (status, _, model) = call_json(&client, get(sidecar.data_addr, "/v1/models/chat-latest")).await;
-    assert_eq!((status.as_u16(), model["id"].as_str()), (200, Some("chat-latest")));
+    let (status, _, model) =
+        call_json(&client, get(sidecar.data_addr, "/v1/models/chat-latest")).await;
+    assert_eq!(
+        (status.as_u16(), model["id"].as_str()),
+        (200, Some("chat-latest"))
+    );
     let (status, _, _) = call_json(&client, get(sidecar.data_addr, "/v1/models/nope")).await;
     assert_eq!(status, 404);
-    assert!(fake.requests().is_empty(), "listing models is answered locally");
+    assert!(
+        fake.requests().is_empty(),
+        "listing models is answered locally"
+    );
 }
 
 #[tokio::test]
@@ -224,26 +350,47 @@ async fn other_v1_paths_pass_through_to_the_chosen_provider() {
     let sidecar = sidecar(&config(&fake, true)).await;
     let client = client();
 
-    let (status, headers, json) = call_json(&client, get(sidecar.data_addr, "/v1/files?purpose=batch")).await;
+    let (status, headers, json) =
+        call_json(&client, get(sidecar.data_addr, "/v1/files?purpose=batch")).await;
     assert_eq!(status, 200, "{json}");
     assert_eq!(header(&headers, "x-llm-sidecar-provider"), "sheep");
     assert_eq!(json["echo"]["path"], "/v1/files");
-    assert_eq!(fake.requests()[0].authorization.as_deref(), Some(&*format!("Bearer {RELAY_KEY}")));
+    assert_eq!(
+        fake.requests()[0].authorization.as_deref(),
+        Some(&*format!("Bearer {RELAY_KEY}"))
+    );
 
     let body = serde_json::json!({"model": "chat", "input": "moderate me"}).to_string();
-    let (status, _, json) = call_json(&client, post(sidecar.data_addr, "/v1/moderations", body)).await;
+    let (status, _, json) =
+        call_json(&client, post(sidecar.data_addr, "/v1/moderations", body)).await;
     assert_eq!(status, 200, "{json}");
-    assert_eq!(json["echo"]["body"]["model"], "relay-model", "a known model is rewritten on pass-through too");
+    assert_eq!(
+        json["echo"]["body"]["model"], "relay-model",
+        "a known model is rewritten on pass-through too"
+    );
 }
 
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, true)).await;
-    let response = send(&h2c_client(), post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", true))).await;
+    let response = send(
+        &h2c_client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", true),
+        ),
+    )
+    .await;
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
 }
 
@@ -258,7 +405,10 @@ async fn assert_error(
     assert_eq!(header(&headers, "content-type"), "application/json");
     assert_eq!(body["error"]["code"], code, "{body}");
     assert!(body["error"]["type"].is_string());
-    assert!(!body["error"]["message"].as_str().unwrap_or_default().is_empty());
+    assert!(!body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .is_empty());
     body
 }
 
@@ -267,8 +417,17 @@ async fn malformed_json_is_a_400() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, true)).await;
     let client = client();
-    for body in ["{\"model\": \"chat\", ", "[]", "{\"model\": 7}", "{\"messages\": []}"] {
-        let response = call_json(&client, post(sidecar.data_addr, "/v1/chat/completions", body)).await;
+    for body in [
+        "{\"model\": \"chat\", ",
+        "[]",
+        "{\"model\": 7}",
+        "{\"messages\": []}",
+    ] {
+        let response = call_json(
+            &client,
+            post(sidecar.data_addr, "/v1/chat/completions", body),
+        )
+        .await;
         let json = assert_error(response, 400, "invalid_request").await;
         assert_eq!(json["error"]["type"], "invalid_request_error");
     }
@@ -279,10 +438,21 @@ async fn malformed_json_is_a_400() {
 async fn an_unknown_model_is_a_404_listing_the_aliases() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, true)).await;
-    let response = call_json(&client(), post(sidecar.data_addr, "/v1/chat/completions", chat_body("gpt-9", false))).await;
+    let response = call_json(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("gpt-9", false),
+        ),
+    )
+    .await;
     let json = assert_error(response, 404, "model_not_found").await;
     let message = json["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("gpt-9") && message.contains("chat, chat-latest, embed"), "{message}");
+    assert!(
+        message.contains("gpt-9") && message.contains("chat, chat-latest, embed"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -292,7 +462,11 @@ async fn a_body_over_the_cap_is_a_413() {
     settings.max_body_bytes = 1024;
     let sidecar = sidecar_with(settings, &config(&fake, true)).await;
     let big = serde_json::json!({"model": "chat", "messages": [{"role": "user", "content": "x".repeat(4000)}]}).to_string();
-    let response = call_json(&client(), post(sidecar.data_addr, "/v1/chat/completions", big)).await;
+    let response = call_json(
+        &client(),
+        post(sidecar.data_addr, "/v1/chat/completions", big),
+    )
+    .await;
     assert_error(response, 413, "request_too_large").await;
     assert!(fake.requests().is_empty());
 }
@@ -300,23 +474,50 @@ async fn a_body_over_the_cap_is_a_413() {
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502() {
     let fake = fake().await;
-    let text = config(&fake, true).replace(&fake.base_url("sheep"), &format!("http://127.0.0.1:{}/v1", closed_port()));
+    let text = config(&fake, true).replace(
+        &fake.base_url("sheep"),
+        &format!("http://127.0.0.1:{}/v1", closed_port()),
+    );
     let sidecar = sidecar(&text).await;
-    let response = call_json(&client(), post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
+    let response = call_json(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", false),
+        ),
+    )
+    .await;
     let json = assert_error(response, 502, "upstream_unreachable").await;
-    assert!(json["error"]["message"].as_str().unwrap_or_default().contains("sheep"));
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("sheep"));
 }
 
 #[tokio::test]
 async fn a_silent_upstream_is_a_504_after_the_header_timeout() {
     let fake = fake().await;
     let extra = "  quiet:\n    relay: { provider: sheep, model: silent }\n";
-    let text = config_with(&fake, true, extra).replace("response_headers: 2s", "response_headers: 300ms");
+    let text =
+        config_with(&fake, true, extra).replace("response_headers: 2s", "response_headers: 300ms");
     let sidecar = sidecar(&text).await;
     let started = std::time::Instant::now();
-    let response = call_json(&client(), post(sidecar.data_addr, "/v1/chat/completions", chat_body("quiet", false))).await;
+    let response = call_json(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("quiet", false),
+        ),
+    )
+    .await;
     assert_error(response, 504, "upstream_timeout").await;
-    assert!(started.elapsed() < Duration::from_secs(2), "gave up after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "gave up after {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -336,9 +537,25 @@ async fn admin_port_reports_liveness_readiness_metrics_and_config() {
     let sidecar = sidecar(&config(&fake, true)).await;
     let client = client();
     for _ in 0..3 {
-        call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("chat", false))).await;
+        call(
+            &client,
+            post(
+                sidecar.data_addr,
+                "/v1/chat/completions",
+                chat_body("chat", false),
+            ),
+        )
+        .await;
     }
-    call(&client, post(sidecar.data_addr, "/v1/chat/completions", chat_body("nope", false))).await;
+    call(
+        &client,
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("nope", false),
+        ),
+    )
+    .await;
 
     let (status, _, _) = call(&client, get(sidecar.admin_addr, "/live")).await;
     assert_eq!(status, 200);
@@ -347,26 +564,48 @@ async fn admin_port_reports_liveness_readiness_metrics_and_config() {
 
     let text = metrics_text(&client, sidecar.admin_addr).await;
     assert_eq!(
-        metric_value(&text, r#"llm_sidecar_requests_total{route="chat",provider="sheep",path="relay",status="200"}"#),
+        metric_value(
+            &text,
+            r#"llm_sidecar_requests_total{route="chat",provider="sheep",path="relay",status="200"}"#
+        ),
         Some(3.0),
         "{text}"
     );
     assert_eq!(
-        metric_value(&text, r#"llm_sidecar_requests_total{route="none",provider="none",path="none",status="404"}"#),
+        metric_value(
+            &text,
+            r#"llm_sidecar_requests_total{route="none",provider="none",path="none",status="404"}"#
+        ),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        metric_value(&text, r#"llm_sidecar_request_duration_seconds_count{route="chat",provider="sheep"}"#),
+        metric_value(
+            &text,
+            r#"llm_sidecar_request_duration_seconds_count{route="chat",provider="sheep"}"#
+        ),
         Some(3.0),
         "{text}"
     );
-    assert_eq!(metric_value(&text, "llm_sidecar_config_generation "), Some(1.0), "{text}");
+    assert_eq!(
+        metric_value(&text, "llm_sidecar_config_generation "),
+        Some(1.0),
+        "{text}"
+    );
 
     let (status, _, config) = call_json(&client, get(sidecar.admin_addr, "/config")).await;
     assert_eq!(status, 200);
     assert_eq!(config["generation"], 1);
-    assert_eq!(config["config"]["routes"]["chat"]["relay"]["model"], "relay-model");
-    assert_eq!(config["config"]["providers"]["sheep"]["api_key"]["env"], "TEST_RELAY_KEY");
-    assert_eq!(config["config"]["providers"]["sheep"]["api_key"]["present"], true);
+    assert_eq!(
+        config["config"]["routes"]["chat"]["relay"]["model"],
+        "relay-model"
+    );
+    assert_eq!(
+        config["config"]["providers"]["sheep"]["api_key"]["env"],
+        "TEST_RELAY_KEY"
+    );
+    assert_eq!(
+        config["config"]["providers"]["sheep"]["api_key"]["present"],
+        true
+    );
 }

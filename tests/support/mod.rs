@@ -17,8 +17,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-pub use llm_sidecar::fake_provider::FakeProvider;
 use llm_sidecar::config::ConfigSource;
+pub use llm_sidecar::fake_provider::FakeProvider;
 use llm_sidecar::settings::Settings;
 use llm_sidecar::Sidecar;
 
@@ -145,11 +145,17 @@ pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
 }
 
 pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Response<Incoming> {
-    client.request(req).await.expect("request reaches the sidecar")
+    client
+        .request(req)
+        .await
+        .expect("request reaches the sidecar")
 }
 
 /// Sends and reads the whole body.
-pub async fn call(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, http::HeaderMap, Bytes) {
+pub async fn call(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
     let response = send(client, req).await;
     let status = response.status();
     let headers = response.headers().clone();
@@ -162,7 +168,10 @@ pub async fn call(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode
     (status, headers, body)
 }
 
-pub async fn call_json(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+pub async fn call_json(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
     let (status, headers, body) = call(client, req).await;
     let json = serde_json::from_slice(&body)
         .unwrap_or_else(|e| panic!("body is JSON ({e}): {}", String::from_utf8_lossy(&body)));
@@ -194,7 +203,11 @@ pub fn stream_text(events: &[String]) -> String {
         .iter()
         .filter(|e| e.as_str() != "[DONE]")
         .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect()
 }
 
