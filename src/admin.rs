@@ -42,7 +42,10 @@ impl Admin {
         let mut body = String::with_capacity(8 * 1024);
         if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &self.registry) {
             tracing::error!(error = %err, "failed to encode metrics");
-            return text(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed\n");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics encoding failed\n",
+            );
         }
         let mut response = Response::new(full(body));
         response.headers_mut().insert(
@@ -54,9 +57,9 @@ impl Admin {
 
     fn config(&self) -> Response<ProxyBody> {
         let snapshot = self.store.load();
-        let rejection = self.store.last_rejection().map(|r| {
-            json!({ "source": r.source, "reason": r.reason, "at_unix": unix_seconds(r.at) })
-        });
+        let rejection = self.store.last_rejection().map(
+            |r| json!({ "source": r.source, "reason": r.reason, "at_unix": unix_seconds(r.at) }),
+        );
         json_response(
             StatusCode::OK,
             &json!({

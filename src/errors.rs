@@ -18,7 +18,10 @@ pub enum SidecarError {
     #[error("{0}")]
     MalformedRequest(String),
     #[error("the model `{model}` does not exist; available models: {}", .available.join(", "))]
-    UnknownModel { model: String, available: Vec<String> },
+    UnknownModel {
+        model: String,
+        available: Vec<String>,
+    },
     #[error("no route serves {path}: the request names no known model and no default_route is configured")]
     NoRoute { path: String },
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -139,7 +142,10 @@ mod tests {
         assert_eq!(body["error"]["param"], "model");
         assert_eq!(body["error"]["type"], "invalid_request_error");
         let message = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains("gpt-9") && message.contains("a, b"), "{message}");
+        assert!(
+            message.contains("gpt-9") && message.contains("a, b"),
+            "{message}"
+        );
     }
 
     #[test]

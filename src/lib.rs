@@ -34,10 +34,7 @@ pub enum StartError {
         error: ConfigError,
     },
     #[error("cannot read the config file {path}: {error}")]
-    ConfigFile {
-        path: String,
-        error: std::io::Error,
-    },
+    ConfigFile { path: String, error: std::io::Error },
     #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
@@ -94,10 +91,16 @@ impl Sidecar {
         let admin_listener = bind(settings.admin_listen).await?;
         let data_addr = data_listener
             .local_addr()
-            .map_err(|error| StartError::Bind { addr: settings.listen, error })?;
+            .map_err(|error| StartError::Bind {
+                addr: settings.listen,
+                error,
+            })?;
         let admin_addr = admin_listener
             .local_addr()
-            .map_err(|error| StartError::Bind { addr: settings.admin_listen, error })?;
+            .map_err(|error| StartError::Bind {
+                addr: settings.admin_listen,
+                error,
+            })?;
 
         let client = proxy::client::build(settings.connect_timeout).map_err(StartError::Client)?;
         let proxy = Arc::new(proxy::Proxy::new(

@@ -6,8 +6,8 @@ use std::fmt;
 use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 /// A JSON request body split into its top-level fields, values left unparsed.
 pub struct RequestBody<'a> {
@@ -137,7 +137,10 @@ mod tests {
             (&b"not json"[..], "not a valid JSON object"),
             (b"[1,2]", "not a valid JSON object"),
             (br#"{"model": 5}"#, "`model` must be a string"),
-            (br#"{"model": "m", "stream": "yes"}"#, "`stream` must be a boolean"),
+            (
+                br#"{"model": "m", "stream": "yes"}"#,
+                "`stream` must be a boolean",
+            ),
             (br#"{"model": "m""#, "not a valid JSON object"),
         ] {
             let err = RequestBody::parse(body).err().unwrap();

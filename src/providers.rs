@@ -103,7 +103,10 @@ pub enum KeySource {
     /// No Authorization header is sent (for example an in-cluster relay without auth).
     None,
     /// Read once from an environment variable of the sidecar container.
-    Env { var: String, value: Option<Arc<Secret>> },
+    Env {
+        var: String,
+        value: Option<Arc<Secret>>,
+    },
     /// Read from a file and re-read when it changes.
     File(Arc<SecretFile>),
 }
@@ -151,7 +154,9 @@ impl Provider {
         key: KeySource,
     ) -> Result<Provider, String> {
         if !base_url.contains("://") {
-            return Err(format!("`{base_url}` has no scheme (use https:// or http://)"));
+            return Err(format!(
+                "`{base_url}` has no scheme (use https:// or http://)"
+            ));
         }
         let uri: Uri = base_url
             .parse()
@@ -238,12 +243,18 @@ mod tests {
     fn client_paths_map_onto_the_base_url() {
         let gemini = provider("https://generativelanguage.googleapis.com/v1beta/openai/");
         assert_eq!(
-            gemini.upstream_uri("/v1/chat/completions", None).unwrap().to_string(),
+            gemini
+                .upstream_uri("/v1/chat/completions", None)
+                .unwrap()
+                .to_string(),
             "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions"
         );
         let local = provider("http://127.0.0.1:9000/deepseek/v1");
         assert_eq!(
-            local.upstream_uri("/v1/files", Some("purpose=batch")).unwrap().to_string(),
+            local
+                .upstream_uri("/v1/files", Some("purpose=batch"))
+                .unwrap()
+                .to_string(),
             "http://127.0.0.1:9000/deepseek/v1/files?purpose=batch"
         );
     }
@@ -255,8 +266,8 @@ mod tests {
             ("ftp://x/v1", "only http and https"),
             ("https://x/v1?a=b", "query"),
         ] {
-            let err = Provider::new("p".into(), ProviderKind::Relay, base, KeySource::None)
-                .unwrap_err();
+            let err =
+                Provider::new("p".into(), ProviderKind::Relay, base, KeySource::None).unwrap_err();
             assert!(err.contains(needle), "{base}: {err}");
         }
     }

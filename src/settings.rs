@@ -84,18 +84,72 @@ impl Settings {
         let mut errors = Vec::new();
         let mut s = Settings::default();
         read(env, ENV_LISTEN, &mut errors, parse_from_str, &mut s.listen);
-        read(env, ENV_ADMIN_LISTEN, &mut errors, parse_from_str, &mut s.admin_listen);
+        read(
+            env,
+            ENV_ADMIN_LISTEN,
+            &mut errors,
+            parse_from_str,
+            &mut s.admin_listen,
+        );
         if let Some(path) = env.get(ENV_CONFIG).filter(|p| !p.trim().is_empty()) {
             s.config_path = Some(PathBuf::from(path));
         }
-        read(env, ENV_CONFIG_POLL, &mut errors, parse_duration, &mut s.config_poll);
-        read(env, ENV_MAX_BODY_BYTES, &mut errors, parse_positive, &mut s.max_body_bytes);
-        read(env, ENV_MAX_CONCURRENCY, &mut errors, parse_positive, &mut s.max_concurrency);
-        read(env, ENV_HEADER_READ_TIMEOUT, &mut errors, parse_duration, &mut s.header_read_timeout);
-        read(env, ENV_BODY_READ_TIMEOUT, &mut errors, parse_duration, &mut s.body_read_timeout);
-        read(env, ENV_CONNECT_TIMEOUT, &mut errors, parse_duration, &mut s.connect_timeout);
-        read(env, ENV_SHUTDOWN_GRACE, &mut errors, parse_duration, &mut s.shutdown_grace);
-        read(env, ENV_LOG_FORMAT, &mut errors, parse_log_format, &mut s.log_format);
+        read(
+            env,
+            ENV_CONFIG_POLL,
+            &mut errors,
+            parse_duration,
+            &mut s.config_poll,
+        );
+        read(
+            env,
+            ENV_MAX_BODY_BYTES,
+            &mut errors,
+            parse_positive,
+            &mut s.max_body_bytes,
+        );
+        read(
+            env,
+            ENV_MAX_CONCURRENCY,
+            &mut errors,
+            parse_positive,
+            &mut s.max_concurrency,
+        );
+        read(
+            env,
+            ENV_HEADER_READ_TIMEOUT,
+            &mut errors,
+            parse_duration,
+            &mut s.header_read_timeout,
+        );
+        read(
+            env,
+            ENV_BODY_READ_TIMEOUT,
+            &mut errors,
+            parse_duration,
+            &mut s.body_read_timeout,
+        );
+        read(
+            env,
+            ENV_CONNECT_TIMEOUT,
+            &mut errors,
+            parse_duration,
+            &mut s.connect_timeout,
+        );
+        read(
+            env,
+            ENV_SHUTDOWN_GRACE,
+            &mut errors,
+            parse_duration,
+            &mut s.shutdown_grace,
+        );
+        read(
+            env,
+            ENV_LOG_FORMAT,
+            &mut errors,
+            parse_log_format,
+            &mut s.log_format,
+        );
         if s.listen == s.admin_listen && s.listen.port() != 0 {
             errors.push(format!(
                 "{ENV_LISTEN} and {ENV_ADMIN_LISTEN} are both {}: they must differ",

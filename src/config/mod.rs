@@ -280,10 +280,7 @@ pub fn parse(text: &str) -> Result<RawConfig, ConfigError> {
             .strip_prefix(&format!("{path}: "))
             .map(str::to_string)
             .unwrap_or(message);
-        ConfigError(vec![FieldError {
-            path,
-            message,
-        }])
+        ConfigError(vec![FieldError { path, message }])
     })
 }
 
@@ -368,25 +365,34 @@ fn compile_raw(
     for (name, p) in raw.providers {
         let path = format!("providers.{name}");
         if !valid_name(&name) {
-            errors.push(&path, "provider names may use letters, digits and - _ . : / only");
+            errors.push(
+                &path,
+                "provider names may use letters, digits and - _ . : / only",
+            );
             continue;
         }
         let key = match p.api_key {
             None => KeySource::None,
-            Some(RawKeySource { env: Some(var), file: None }) => {
+            Some(RawKeySource {
+                env: Some(var),
+                file: None,
+            }) => {
                 if var.trim().is_empty() {
-                    errors.push(format!("{path}.api_key.env"), "must name an environment variable");
+                    errors.push(
+                        format!("{path}.api_key.env"),
+                        "must name an environment variable",
+                    );
                 }
-                let value = env
-                    .get(&var)
-                    .and_then(|v| Secret::bearer(&v))
-                    .map(Arc::new);
+                let value = env.get(&var).and_then(|v| Secret::bearer(&v)).map(Arc::new);
                 if value.is_none() {
                     tracing::warn!(provider = %name, env = %var, "provider key variable is not set; requests to this provider will fail until it is");
                 }
                 KeySource::Env { var, value }
             }
-            Some(RawKeySource { env: None, file: Some(file) }) => {
+            Some(RawKeySource {
+                env: None,
+                file: Some(file),
+            }) => {
                 if file.as_os_str().is_empty() {
                     errors.push(format!("{path}.api_key.file"), "must name a file");
                 }
@@ -417,7 +423,10 @@ fn compile_raw(
     for (name, r) in raw.routes {
         let path = format!("routes.{name}");
         if !valid_name(&name) {
-            errors.push(&path, "route names may use letters, digits and - _ . : / only");
+            errors.push(
+                &path,
+                "route names may use letters, digits and - _ . : / only",
+            );
             continue;
         }
         let mut target = |side: &str, kind: ProviderKind, t: Option<RawTarget>| {
@@ -462,7 +471,10 @@ fn compile_raw(
         let relay = target("relay", ProviderKind::Relay, r.relay);
         let official = target("official", ProviderKind::Official, r.official);
         if !has_any {
-            errors.push(&path, "a route needs a relay target, an official target, or both");
+            errors.push(
+                &path,
+                "a route needs a relay target, an official target, or both",
+            );
         }
         if r.context_window == Some(0) {
             errors.push(format!("{path}.context_window"), "must be greater than 0");
@@ -607,7 +619,11 @@ routes:
         assert!(snap.flags.holy_sheep_routing_enabled);
         assert_eq!(snap.providers["holysheep"].kind, ProviderKind::Relay);
         for official in ["deepseek", "moonshot", "minimax", "gemini", "openai"] {
-            assert_eq!(snap.providers[official].kind, ProviderKind::Official, "{official}");
+            assert_eq!(
+                snap.providers[official].kind,
+                ProviderKind::Official,
+                "{official}"
+            );
         }
         let route = snap.route("deepseek-chat").unwrap();
         assert_eq!(route.name, "deepseek-v3.2");
@@ -619,10 +635,16 @@ routes:
         let mut snap = compile(&minimal(""), ConfigSource::Embedded, 1, &no_env()).unwrap();
         let route = snap.route("chat-latest").unwrap().clone();
         let (t, why) = route.choose(&snap.flags);
-        assert_eq!((t.model.as_str(), why), ("up-relay", Reason::RoutingEnabled));
+        assert_eq!(
+            (t.model.as_str(), why),
+            ("up-relay", Reason::RoutingEnabled)
+        );
         snap.flags.holy_sheep_routing_enabled = false;
         let (t, why) = route.choose(&snap.flags);
-        assert_eq!((t.model.as_str(), why), ("up-official", Reason::RoutingDisabled));
+        assert_eq!(
+            (t.model.as_str(), why),
+            ("up-official", Reason::RoutingDisabled)
+        );
     }
 
     #[test]
@@ -661,8 +683,13 @@ routes:
             let snap = compile(&minimal(text), ConfigSource::Embedded, 1, &no_env()).unwrap();
             assert_eq!(snap.flags.holy_sheep_routing_enabled, expect, "{text}");
         }
-        let snap = compile(&minimal("rollout_percent: '25'"), ConfigSource::Embedded, 1, &no_env())
-            .unwrap();
+        let snap = compile(
+            &minimal("rollout_percent: '25'"),
+            ConfigSource::Embedded,
+            1,
+            &no_env(),
+        )
+        .unwrap();
         assert_eq!(snap.flags.rollout_percent, 25);
         for bad in [
             "rollout_percent: 150",
@@ -703,16 +730,32 @@ default_route: missing
             ],
             "{err}"
         );
-        assert!(err.to_string().contains("unknown provider `sheeep` (known: sheep)"), "{err}");
-        assert!(err.to_string().contains("is relay, but the official target needs"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown provider `sheeep` (known: sheep)"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("is relay, but the official target needs"),
+            "{err}"
+        );
     }
 
     #[test]
     fn type_errors_and_typos_name_the_field_path() {
-        let err = compile(&minimal("timeouts: { response_header: 5s }"), ConfigSource::Embedded, 1, &no_env())
-            .unwrap_err();
+        let err = compile(
+            &minimal("timeouts: { response_header: 5s }"),
+            ConfigSource::Embedded,
+            1,
+            &no_env(),
+        )
+        .unwrap_err();
         assert_eq!(err.0[0].path, "timeouts.response_header");
-        assert!(err.0[0].message.contains("unknown field `response_header`"), "{err}");
+        assert!(
+            err.0[0].message.contains("unknown field `response_header`"),
+            "{err}"
+        );
         let err = compile(
             "providers: { p: { kind: relai, base_url: x } }\nroutes: {}",
             ConfigSource::Embedded,
@@ -721,7 +764,10 @@ default_route: missing
         )
         .unwrap_err();
         assert_eq!(err.0[0].path, "providers.p.kind", "{err}");
-        assert!(err.0[0].message.starts_with("unknown variant `relai`"), "{err}");
+        assert!(
+            err.0[0].message.starts_with("unknown variant `relai`"),
+            "{err}"
+        );
         let err = compile(
             &minimal("").replace("{ env: DS_KEY }", "{ env: DS_KEY, file: /k }"),
             ConfigSource::Embedded,
@@ -745,6 +791,8 @@ routes:
 ";
         let err = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap_err();
         assert_eq!(err.0[0].path, "routes.b");
-        assert!(err.0[0].message.contains("`shared` is already used by route `a`"));
+        assert!(err.0[0]
+            .message
+            .contains("`shared` is already used by route `a`"));
     }
 }

@@ -108,8 +108,10 @@ mod tests {
     fn valid_update_bumps_generation_and_invalid_keeps_last_good() {
         let store = store();
         let held = store.load();
-        let flipped =
-            EMBEDDED_DEFAULT.replace("holy_sheep_routing_enabled: true", "holy_sheep_routing_enabled: false");
+        let flipped = EMBEDDED_DEFAULT.replace(
+            "holy_sheep_routing_enabled: true",
+            "holy_sheep_routing_enabled: false",
+        );
         assert_eq!(store.apply(&flipped, ConfigSource::Embedded), Ok(2));
         assert!(!store.load().flags.holy_sheep_routing_enabled);
         // A request that loaded the old snapshot keeps it, whole.
@@ -122,7 +124,11 @@ mod tests {
         assert_eq!(store.load().generation, 2);
         assert!(!store.load().flags.holy_sheep_routing_enabled);
         let rejection = store.last_rejection().unwrap();
-        assert!(rejection.reason.contains("out of range"), "{}", rejection.reason);
+        assert!(
+            rejection.reason.contains("out of range"),
+            "{}",
+            rejection.reason
+        );
         assert_eq!(store.metrics.config_generation.get(), 2);
     }
 }

@@ -219,10 +219,12 @@ impl Proxy {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(SidecarError::BodyTooLarge { limit });
         }
-        let collected =
-            tokio::time::timeout(self.limits.body_read_timeout, Limited::new(body, limit).collect())
-                .await
-                .map_err(|_| SidecarError::BodyTimeout(self.limits.body_read_timeout))?;
+        let collected = tokio::time::timeout(
+            self.limits.body_read_timeout,
+            Limited::new(body, limit).collect(),
+        )
+        .await
+        .map_err(|_| SidecarError::BodyTimeout(self.limits.body_read_timeout))?;
         match collected {
             Ok(c) => Ok(c.to_bytes()),
             Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
@@ -298,7 +300,9 @@ impl Proxy {
 
         let uri = provider
             .upstream_uri(parts.uri.path(), parts.uri.query())
-            .map_err(|reason| SidecarError::MalformedRequest(format!("bad request path: {reason}")))?;
+            .map_err(|reason| {
+                SidecarError::MalformedRequest(format!("bad request path: {reason}"))
+            })?;
         let mut upstream = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
