@@ -1,6 +1,7 @@
 //! The small part of the OpenAI wire format the sidecar needs: the routing fields of a request
 //! body, rewriting its `model` while forwarding every other field byte for byte, and the model list.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
@@ -11,13 +12,35 @@ use serde_json::value::RawValue;
 
 /// A JSON request body split into its top-level fields, values left unparsed.
 pub struct RequestBody<'a> {
-    fields: Vec<(String, &'a RawValue)>,
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     /// The `model` field, when present.
-    pub model: Option<String>,
+    pub model: Option<Cow<'a, str>>,
     pub stream: bool,
 }
 
-struct Fields<'a>(Vec<(String, &'a RawValue)>);
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+/// A string borrowed from the input when it has no escapes, owned otherwise.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StrVisitor;
+        impl<'de> Visitor<'de> for StrVisitor {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_string())))
+            }
+        }
+        deserializer.deserialize_str(StrVisitor)
+    }
+}
 
 impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -29,7 +52,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(key) = map.next_key::<String>()? {
+                while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
                     let value: &'de RawValue = map.next_value()?;
                     fields.push((key, value));
                 }
@@ -48,10 +71,11 @@ impl<'a> RequestBody<'a> {
         let mut model = None;
         let mut stream = false;
         for (key, value) in &fields {
-            match key.as_str() {
+            match key.as_ref() {
                 "model" => {
                     model = Some(
-                        serde_json::from_str::<String>(value.get())
+                        serde_json::from_str::<CowStr<'a>>(value.get())
+                            .map(|CowStr(s)| s)
                             .map_err(|_| "`model` must be a string".to_string())?,
                     )
                 }

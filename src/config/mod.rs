@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use serde_json::json;
 
 use crate::providers::{KeySource, Provider, ProviderKind, Secret, SecretFile};
@@ -116,6 +116,41 @@ pub struct Timeouts {
 pub struct Target {
     pub provider: Arc<Provider>,
     pub model: String,
+    pub tags: TargetTags,
+}
+
+pub const HEADER_ROUTE: HeaderName = HeaderName::from_static("x-llm-sidecar-route");
+pub const HEADER_PROVIDER: HeaderName = HeaderName::from_static("x-llm-sidecar-provider");
+pub const HEADER_UPSTREAM_MODEL: HeaderName =
+    HeaderName::from_static("x-llm-sidecar-upstream-model");
+pub const HEADER_PATH: HeaderName = HeaderName::from_static("x-llm-sidecar-path");
+
+/// What every response from a target is labelled with, built once when the config compiles so
+/// the request path only clones reference-counted values.
+#[derive(Debug)]
+pub struct TargetTags {
+    pub route: Arc<str>,
+    pub provider: Arc<str>,
+    pub headers: [(HeaderName, HeaderValue); 4],
+}
+
+impl TargetTags {
+    fn new(route: &str, provider: &Provider, model: &str) -> Option<TargetTags> {
+        let value = |v: &str| HeaderValue::from_str(v).ok();
+        Some(TargetTags {
+            route: Arc::from(route),
+            provider: Arc::from(provider.name.as_str()),
+            headers: [
+                (HEADER_ROUTE, value(route)?),
+                (HEADER_PROVIDER, value(&provider.name)?),
+                (HEADER_UPSTREAM_MODEL, value(model)?),
+                (
+                    HEADER_PATH,
+                    HeaderValue::from_static(provider.kind.as_str()),
+                ),
+            ],
+        })
+    }
 }
 
 impl Target {
@@ -181,6 +216,8 @@ pub struct Snapshot {
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
+    /// `generation` as a ready header value.
+    pub generation_header: HeaderValue,
     by_model: HashMap<String, Arc<Route>>,
 }
 
@@ -432,11 +469,8 @@ fn compile_raw(
         let mut target = |side: &str, kind: ProviderKind, t: Option<RawTarget>| {
             let t = t?;
             let tpath = format!("{path}.{side}");
-            if t.model.trim().is_empty() || HeaderValue::from_str(&t.model).is_err() {
-                errors.push(
-                    format!("{tpath}.model"),
-                    "must be a non-empty, printable model name",
-                );
+            if t.model.trim().is_empty() {
+                errors.push(format!("{tpath}.model"), "must be a non-empty model name");
             }
             let Some(provider) = providers.get(&t.provider) else {
                 let known: Vec<&str> = providers.keys().map(String::as_str).collect();
@@ -462,9 +496,14 @@ fn compile_raw(
                 );
                 return None;
             }
+            let Some(tags) = TargetTags::new(&name, provider, &t.model) else {
+                errors.push(format!("{tpath}.model"), "must be printable ASCII");
+                return None;
+            };
             Some(Target {
                 provider: provider.clone(),
                 model: t.model,
+                tags,
             })
         };
         let has_any = r.relay.is_some() || r.official.is_some();
@@ -537,6 +576,7 @@ fn compile_raw(
         providers,
         routes,
         default_route,
+        generation_header: HeaderValue::from(generation),
         by_model,
     })
 }

@@ -24,42 +24,34 @@ use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
 use body::{full, Observed, OnFinish, ProxyBody};
 use client::UpstreamClient;
 
-pub const HEADER_ROUTE: &str = "x-llm-sidecar-route";
-pub const HEADER_PROVIDER: &str = "x-llm-sidecar-provider";
-pub const HEADER_UPSTREAM_MODEL: &str = "x-llm-sidecar-upstream-model";
-pub const HEADER_PATH: &str = "x-llm-sidecar-path";
-pub const HEADER_REASON: &str = "x-llm-sidecar-reason";
-pub const HEADER_GENERATION: &str = "x-llm-sidecar-config-generation";
+pub use crate::config::{HEADER_PATH, HEADER_PROVIDER, HEADER_ROUTE, HEADER_UPSTREAM_MODEL};
+pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-llm-sidecar-reason");
+pub const HEADER_GENERATION: HeaderName =
+    HeaderName::from_static("x-llm-sidecar-config-generation");
+const OWN_HEADER_PREFIX: &str = "x-llm-sidecar-";
 
-/// Request headers that belong to the app's own credentials or to one hop only.
-const DROPPED_REQUEST_HEADERS: &[&str] = &[
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "openai-organization",
-    "openai-project",
-    "host",
-    "content-length",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that belong to one hop only.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
-const DROPPED_RESPONSE_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Request headers carrying the app's own credentials, or recomputed for the upstream.
+const APP_ONLY: [HeaderName; 8] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    header::PROXY_AUTHORIZATION,
+    header::HOST,
+    header::CONTENT_LENGTH,
 ];
 
 /// Limits the proxy enforces on every request.
@@ -76,13 +68,15 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     limits: Limits,
     in_flight: Arc<Semaphore>,
+    /// Label for requests the sidecar answered itself.
+    none: Arc<str>,
 }
 
 /// What a finished request is counted as.
 struct Record {
     metrics: Arc<Metrics>,
-    route: String,
-    provider: String,
+    route: Arc<str>,
+    provider: Arc<str>,
     path: &'static str,
     status: u16,
     start: Instant,
@@ -128,6 +122,7 @@ impl Proxy {
             metrics,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrency)),
             limits,
+            none: Arc::from("none"),
         }
     }
 
@@ -138,8 +133,8 @@ impl Proxy {
         self.metrics.in_flight.inc();
         let mut record = Record {
             metrics: self.metrics.clone(),
-            route: "none".into(),
-            provider: "none".into(),
+            route: self.none.clone(),
+            provider: self.none.clone(),
             path: "none",
             status: 0,
             start: Instant::now(),
@@ -267,7 +262,7 @@ impl Proxy {
             });
         };
         let (target, _) = route.choose(&snapshot.flags);
-        let body = if target.model == model {
+        let body = if target.model.as_str() == model {
             bytes.clone()
         } else {
             parsed.with_model(&target.model)
@@ -283,7 +278,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, SidecarError> {
         // One snapshot for the whole request, even if a new config is swapped in meanwhile.
         let snapshot = self.store.load();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let bytes = self.read_body(&parts.headers, body).await?;
         let (route, upstream_body) =
             Self::resolve(&snapshot, bytes, model_required).map_err(|err| match err {
@@ -294,8 +289,8 @@ impl Proxy {
             })?;
         let (target, reason) = route.choose(&snapshot.flags);
         let provider = &target.provider;
-        record.route = route.name.clone();
-        record.provider = provider.name.clone();
+        record.route = target.tags.route.clone();
+        record.provider = target.tags.provider.clone();
         record.path = target.path().as_str();
 
         let uri = provider
@@ -303,12 +298,11 @@ impl Proxy {
             .map_err(|reason| {
                 SidecarError::MalformedRequest(format!("bad request path: {reason}"))
             })?;
-        let mut upstream = Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
-            .body(Full::new(upstream_body))
-            .map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
-        copy_request_headers(&parts.headers, upstream.headers_mut());
+        let mut upstream = Request::new(Full::new(upstream_body));
+        *upstream.method_mut() = parts.method;
+        *upstream.uri_mut() = uri;
+        strip_request_headers(&mut parts.headers);
+        *upstream.headers_mut() = parts.headers;
         match provider.auth() {
             Auth::Bearer(secret) => {
                 upstream
@@ -343,31 +337,17 @@ impl Proxy {
             Ok(Ok(response)) => response,
         };
 
-        let (up_parts, up_body) = response.into_parts();
-        let mut out = Response::new(up_body.map_err(body::BoxError::from).boxed_unsync());
-        *out.status_mut() = up_parts.status;
+        let mut out = response.map(|b| b.map_err(body::BoxError::from).boxed_unsync());
         let headers = out.headers_mut();
-        for (name, value) in up_parts.headers.iter() {
-            if !DROPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
-                headers.append(name.clone(), value.clone());
-            }
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
         }
-        for (name, value) in [
-            (HEADER_ROUTE, route.name.as_str()),
-            (HEADER_PROVIDER, provider.name.as_str()),
-            (HEADER_UPSTREAM_MODEL, target.model.as_str()),
-            (HEADER_PATH, target.path().as_str()),
-            (HEADER_REASON, reason.as_str()),
-        ] {
-            // Names and models were checked to be valid header values when the config compiled.
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
-            }
+        headers.reserve(6);
+        for (name, value) in &target.tags.headers {
+            headers.insert(name.clone(), value.clone());
         }
-        headers.insert(
-            HeaderName::from_static(HEADER_GENERATION),
-            HeaderValue::from(snapshot.generation),
-        );
+        headers.insert(HEADER_REASON, HeaderValue::from_static(reason.as_str()));
+        headers.insert(HEADER_GENERATION, snapshot.generation_header.clone());
         Ok(out)
     }
 }
@@ -379,24 +359,24 @@ fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
     }
 }
 
-fn copy_request_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let listed: Vec<String> = from
+/// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
+/// headers (including those the `Connection` header names) and the sidecar's own controls.
+fn strip_request_headers(headers: &mut HeaderMap) {
+    let mut extra: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for (name, value) in from.iter() {
-        let name_str = name.as_str();
-        if DROPPED_REQUEST_HEADERS.contains(&name_str)
-            || name_str.starts_with("x-llm-sidecar-")
-            || listed.iter().any(|l| l == name_str)
-        {
-            continue;
-        }
-        to.append(name.clone(), value.clone());
+    extra.extend(
+        headers
+            .keys()
+            .filter(|name| name.as_str().starts_with(OWN_HEADER_PREFIX))
+            .cloned(),
+    );
+    for name in HOP_BY_HOP.iter().chain(APP_ONLY.iter()).chain(extra.iter()) {
+        headers.remove(name);
     }
 }
 
@@ -429,9 +409,8 @@ mod tests {
         ] {
             from.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let mut to = HeaderMap::new();
-        copy_request_headers(&from, &mut to);
-        let mut names: Vec<&str> = to.keys().map(|k| k.as_str()).collect();
+        strip_request_headers(&mut from);
+        let mut names: Vec<&str> = from.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-type", "traceparent"]);
     }
