@@ -102,10 +102,11 @@ impl Sidecar {
                 error,
             })?;
 
-        let client = proxy::client::build(settings.connect_timeout).map_err(StartError::Client)?;
+        let upstream =
+            proxy::upstream::Upstream::new(settings.connect_timeout).map_err(StartError::Client)?;
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),
-            client,
+            upstream,
             metrics,
             proxy::Limits {
                 max_body_bytes: settings.max_body_bytes,

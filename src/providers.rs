@@ -136,6 +136,8 @@ pub struct Provider {
     authority: Authority,
     /// The base URL's path without a trailing slash, e.g. `/v1` or `/v1beta/openai`.
     path_prefix: String,
+    /// The `Host` header for requests to this provider.
+    pub host_header: HeaderValue,
     pub key: KeySource,
 }
 
@@ -178,7 +180,10 @@ impl Provider {
             return Err(format!("`{base_url}` must not have a query string"));
         }
         let path_prefix = uri.path().trim_end_matches('/').to_string();
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("`{base_url}` has a host that is not a valid header value"))?;
         Ok(Provider {
+            host_header,
             name,
             kind,
             base_url: base_url.to_string(),

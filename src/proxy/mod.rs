@@ -2,8 +2,8 @@
 //! snapshot, swaps the app's credentials for the provider's, and streams the answer back.
 
 pub mod body;
-pub mod client;
 pub mod server;
+pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::openai::{self, RequestBody};
 use crate::providers::Auth;
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
 use body::{full, Observed, OnFinish, ProxyBody};
-use client::UpstreamClient;
+use upstream::{Lease, Upstream, UpstreamError};
 
 pub use crate::config::{HEADER_PATH, HEADER_PROVIDER, HEADER_ROUTE, HEADER_UPSTREAM_MODEL};
 pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-llm-sidecar-reason");
@@ -64,7 +64,7 @@ pub struct Limits {
 
 pub struct Proxy {
     store: Arc<ConfigStore>,
-    client: UpstreamClient,
+    upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     limits: Limits,
     in_flight: Arc<Semaphore>,
@@ -80,12 +80,17 @@ struct Record {
     path: &'static str,
     status: u16,
     start: Instant,
+    /// The upstream connection, returned to the pool only when the body was read to the end.
+    lease: Option<Lease>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl OnFinish for Record {
-    fn finish(self: Box<Self>, completed: bool) {
+    fn finish(mut self: Box<Self>, completed: bool) {
         let elapsed = self.start.elapsed();
+        if let Some(lease) = self.lease.take().filter(|_| completed) {
+            lease.release();
+        }
         if !completed {
             tracing::debug!(route = %self.route, provider = %self.provider, status = self.status, "response body ended early");
         }
@@ -112,13 +117,13 @@ impl OnFinish for Record {
 impl Proxy {
     pub fn new(
         store: Arc<ConfigStore>,
-        client: UpstreamClient,
+        upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Proxy {
         Proxy {
             store,
-            client,
+            upstream,
             metrics,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrency)),
             limits,
@@ -138,6 +143,7 @@ impl Proxy {
             path: "none",
             status: 0,
             start: Instant::now(),
+            lease: None,
             _permit: None,
         };
         let response = match self.in_flight.clone().try_acquire_owned() {
@@ -302,6 +308,9 @@ impl Proxy {
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         strip_request_headers(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::HOST, provider.host_header.clone());
         *upstream.headers_mut() = parts.headers;
         match provider.auth() {
             Auth::Bearer(secret) => {
@@ -319,7 +328,7 @@ impl Proxy {
         }
 
         let timeout = snapshot.timeouts.response_headers;
-        let response = match tokio::time::timeout(timeout, self.client.request(upstream)).await {
+        let response = match tokio::time::timeout(timeout, self.upstream.send(upstream)).await {
             Err(_) => {
                 return Err(SidecarError::UpstreamTimeout {
                     provider: provider.name.clone(),
@@ -327,14 +336,17 @@ impl Proxy {
                 })
             }
             Ok(Err(err)) => {
-                let reason = client::describe(&err);
-                tracing::warn!(provider = %provider.name, %reason, "upstream request failed");
+                let reason = err.to_string();
+                tracing::warn!(provider = %provider.name, %reason, connect = matches!(err, UpstreamError::Connect(_)), "upstream request failed");
                 return Err(SidecarError::UpstreamUnreachable {
                     provider: provider.name.clone(),
                     reason,
                 });
             }
-            Ok(Ok(response)) => response,
+            Ok(Ok((response, lease))) => {
+                record.lease = lease;
+                response
+            }
         };
 
         let mut out = response.map(|b| b.map_err(body::BoxError::from).boxed_unsync());

@@ -1,0 +1,343 @@
+//! Upstream connections: a small pool of HTTP/1.1 connections per origin, each checked back in
+//! when its response body has been read to the end, and one multiplexed HTTP/2 connection per
+//! origin where TLS negotiates h2. A connection task is spawned once per connection, never per
+//! request; a request that a pooled connection closed before sending is replayed on a new one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+
+pub type RequestBody = Full<Bytes>;
+
+/// Why an upstream exchange failed before response headers arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, DNS, TLS, connect timeout).
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The connection failed while the request was sent or before the response headers came.
+    #[error("{0}")]
+    Exchange(String),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Origin {
+    https: bool,
+    authority: Authority,
+}
+
+impl Origin {
+    fn of(uri: &Uri) -> Result<Origin, UpstreamError> {
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamError::Connect(format!("`{uri}` has no host")))?;
+        Ok(Origin {
+            https: uri.scheme() == Some(&Scheme::HTTPS),
+            authority,
+        })
+    }
+}
+
+#[derive(Default)]
+struct OriginPool {
+    idle: Vec<(http1::SendRequest<RequestBody>, Instant)>,
+    h2: Option<http2::SendRequest<RequestBody>>,
+}
+
+enum Conn {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+pub struct Upstream {
+    connector: HttpsConnector<HttpConnector>,
+    pools: Mutex<HashMap<Origin, OriginPool>>,
+    max_idle_per_origin: usize,
+    idle_timeout: Duration,
+}
+
+/// An HTTP/1.1 connection lent to one exchange. [`Lease::release`] returns it to the pool once
+/// the response body has ended; dropping it instead closes the connection.
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    origin: Origin,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+impl Lease {
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        let mut pools = self.upstream.lock();
+        let pool = pools.entry(self.origin).or_default();
+        if pool.idle.len() < self.upstream.max_idle_per_origin {
+            pool.idle.push((self.sender, Instant::now()));
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(connect_timeout: Duration) -> std::io::Result<Arc<Upstream>> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(std::io::Error::other)?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        Ok(Arc::new(Upstream {
+            connector,
+            pools: Mutex::new(HashMap::new()),
+            max_idle_per_origin: 512,
+            idle_timeout: Duration::from_secs(90),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, OriginPool>> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends `req` (absolute URI, `Host` set by the caller) and returns the response headers with
+    /// the lease to release once the body has been read.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        let origin = Origin::of(req.uri())?;
+        let absolute = req.uri().clone();
+        // A pooled connection may have been closed by the server just as it was picked; such a
+        // request was never sent and is replayed once on a new connection.
+        for fresh in [false, true] {
+            let conn = match if fresh { None } else { self.checkout(&origin) } {
+                Some(conn) => conn,
+                None => self.connect(&origin, &absolute).await?,
+            };
+            match conn {
+                Conn::H2(mut sender) => {
+                    *req.uri_mut() = absolute;
+                    let response = sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| UpstreamError::Exchange(describe(&e)))?;
+                    return Ok((response, None));
+                }
+                Conn::H1(mut sender) => {
+                    if sender.ready().await.is_err() {
+                        continue;
+                    }
+                    if let Some(path) = absolute.path_and_query() {
+                        *req.uri_mut() = Uri::from(path.clone());
+                    }
+                    match sender.try_send_request(req).await {
+                        Ok(response) => {
+                            let lease = Lease {
+                                upstream: self.clone(),
+                                origin,
+                                sender,
+                            };
+                            return Ok((response, Some(lease)));
+                        }
+                        Err(mut err) => match err.take_message() {
+                            Some(unsent) if !fresh => req = unsent,
+                            _ => return Err(UpstreamError::Exchange(describe(err.error()))),
+                        },
+                    }
+                }
+            }
+        }
+        Err(UpstreamError::Exchange(
+            "the connection closed before the request could be sent".into(),
+        ))
+    }
+
+    fn checkout(&self, origin: &Origin) -> Option<Conn> {
+        let mut pools = self.lock();
+        let pool = pools.get_mut(origin)?;
+        if let Some(h2) = &pool.h2 {
+            if !h2.is_closed() {
+                return Some(Conn::H2(h2.clone()));
+            }
+            pool.h2 = None;
+        }
+        while let Some((sender, since)) = pool.idle.pop() {
+            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(Conn::H1(sender));
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, origin: &Origin, uri: &Uri) -> Result<Conn, UpstreamError> {
+        let mut connector = self.connector.clone();
+        let io = connector
+            .call(uri.clone())
+            .await
+            .map_err(|e| UpstreamError::Connect(describe(e.as_ref())))?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(describe(&e)))?;
+            tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(error = %err, "upstream h2 connection ended");
+                }
+            });
+            self.lock().entry(origin.clone()).or_default().h2 = Some(sender.clone());
+            Ok(Conn::H2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(describe(&e)))?;
+            tokio::spawn(async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(error = %err, "upstream connection ended");
+                }
+            });
+            Ok(Conn::H1(sender))
+        }
+    }
+}
+
+/// A readable description of an error with its causes; never contains request headers.
+pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A minimal HTTP/1.1 server that counts connections and, when `close_after_one` is set,
+    /// closes each connection right after its first response.
+    async fn server(close_after_one: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        // Requests here have no body: a blank line ends each one.
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(reply).await.is_err() || close_after_one {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn get(addr: std::net::SocketAddr) -> Request<RequestBody> {
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = format!("http://{addr}/v1/models").parse().unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, addr.to_string().parse().unwrap());
+        req
+    }
+
+    async fn exchange(upstream: &Arc<Upstream>, addr: std::net::SocketAddr, release: bool) {
+        let (response, lease) = upstream.send(get(addr)).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        if release {
+            lease.unwrap().release();
+        }
+    }
+
+    #[tokio::test]
+    async fn released_connections_are_reused() {
+        let (addr, accepted) = server(false).await;
+        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        for _ in 0..5 {
+            exchange(&upstream, addr, true).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_whose_body_was_abandoned_are_not_reused() {
+        let (addr, accepted) = server(false).await;
+        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        for _ in 0..3 {
+            exchange(&upstream, addr, false).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_transparently() {
+        let (addr, accepted) = server(true).await;
+        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        for _ in 0..3 {
+            exchange(&upstream, addr, true).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_connect_errors() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        match upstream.send(get(addr)).await {
+            Err(UpstreamError::Connect(reason)) => assert!(!reason.is_empty()),
+            other => panic!(
+                "expected a connect error, got {:?}",
+                other.map(|(r, _)| r.status())
+            ),
+        }
+    }
+}
