@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Small stdlib-only helpers for bench/run.sh.
+
+  ports N                      print N distinct free loopback ports
+  wait-tcp PORT SECONDS        wait until 127.0.0.1:PORT accepts connections
+  wait-http URL SECONDS        wait until GET URL answers 200
+  wait-line FILE TEXT SECONDS  wait until FILE contains TEXT
+  post URL SECONDS             POST the benchmark body once; expect 200 and a chat.completion
+  summary RESULTS RSS_MB       print the table and the final `bench:` line
+"""
+import json
+import socket
+import statistics
+import sys
+import time
+import urllib.error
+import urllib.request
+
+BODY = b'{"model":"deepseek-v3.2","messages":[{"role":"user","content":"Say hello."}]}'
+TARGETS = ("direct", "nginx", "sidecar")
+
+
+def die(msg):
+    print(f"bench: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def ports(n):
+    socks = []
+    for _ in range(int(n)):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    print(" ".join(str(s.getsockname()[1]) for s in socks))
+    for s in socks:
+        s.close()
+
+
+def poll(what, seconds, probe):
+    deadline = time.monotonic() + float(seconds)
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except Exception as err:  # noqa: BLE001 - any failure means "not yet"
+            last = err
+        time.sleep(0.05)
+    die(f"timed out after {seconds}s waiting for {what}" + (f" (last error: {last})" if last else ""))
+
+
+def wait_tcp(port, seconds):
+    def probe():
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=1):
+            return True
+    poll(f"127.0.0.1:{port}", seconds, probe)
+
+
+def wait_http(url, seconds):
+    def probe():
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    poll(url, seconds, probe)
+
+
+def wait_line(path, text, seconds):
+    def probe():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return text in f.read()
+    poll(f"'{text}' in {path}", seconds, probe)
+
+
+def post(url, seconds):
+    req = urllib.request.Request(
+        url,
+        data=BODY,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer app-key"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=float(seconds)) as r:
+            body = r.read()
+            status = r.status
+    except urllib.error.HTTPError as err:
+        die(f"POST {url} answered {err.code}: {err.read()[:300]!r}")
+    except OSError as err:
+        die(f"POST {url} failed: {err}")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        die(f"POST {url} answered {status} with a non-JSON body: {body[:300]!r}")
+    if status != 200 or doc.get("object") != "chat.completion":
+        die(f"POST {url} answered {status} with an unexpected body: {body[:300]!r}")
+
+
+def summary(results_path, rss_mb):
+    runs = {t: [] for t in TARGETS}
+    with open(results_path, encoding="utf-8") as f:
+        for line in f:
+            target, *fields = line.split()
+            kv = dict(x.split("=", 1) for x in fields)
+            runs[target].append(kv)
+    agg = {}
+    for t in TARGETS:
+        if not runs[t]:
+            die(f"no results for {t}")
+        agg[t] = {
+            "rps": statistics.mean(float(r["rps"]) for r in runs[t]),
+            "p50": statistics.median(float(r["p50_ms"]) for r in runs[t]),
+            "p99": statistics.median(float(r["p99_ms"]) for r in runs[t]),
+            "n": len(runs[t]),
+        }
+    print()
+    print(f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  rounds")
+    for t in TARGETS:
+        a = agg[t]
+        print(f"{t:<8} {a['rps']:>10.1f} {a['p50']:>8.2f} {a['p99']:>8.2f}  {a['n']}")
+    d, n, s = agg["direct"], agg["nginx"], agg["sidecar"]
+    ratio = s["rps"] / n["rps"] if n["rps"] > 0 else 0.0
+    rss = float(rss_mb)
+    print(f"sidecar peak RSS (VmHWM): {rss:.1f} MB")
+    print(f"sidecar / nginx req/s: {ratio:.2f} (target >= 0.90); RSS target < 30 MB")
+    print(
+        f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
+        f"sidecar_vs_nginx={ratio:.2f} added_p50_ms={s['p50'] - d['p50']:.2f} "
+        f"added_p99_ms={s['p99'] - d['p99']:.2f} sidecar_rss_mb={rss:.1f}"
+    )
+
+
+def main(argv):
+    cmds = {
+        "ports": (ports, 1),
+        "wait-tcp": (wait_tcp, 2),
+        "wait-http": (wait_http, 2),
+        "wait-line": (wait_line, 3),
+        "post": (post, 2),
+        "summary": (summary, 2),
+    }
+    if not argv or argv[0] not in cmds or len(argv) - 1 != cmds[argv[0]][1]:
+        die("usage: " + __doc__)
+    cmds[argv[0]][0](*argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Load benchmark on loopback: wrk against three targets, interleaved in one run:
+#   direct  - the fake provider itself            (POST /holysheep/v1/chat/completions)
+#   nginx   - nginx reverse proxy in front of it  (same path, nothing rewritten)
+#   sidecar - llm-sidecar in front of it          (POST /v1/chat/completions, model deepseek-v3.2)
+# Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
+#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=…
+# On a small box the load generator, upstream and proxy share the cores: compare the sidecar
+# with nginx (the practical floor for a proxy here), not with direct.
+#
+# Environment: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds per target (1),
+# THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN (skip the build),
+# CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
+# only, e.g. "TOKIO_WORKER_THREADS=1").
+set -euo pipefail
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+UTIL="$BENCH_DIR/benchutil.py"
+LUA="$BENCH_DIR/post.lua"
+
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-5}"
+WARMUP="${WARMUP:-1}"
+THREADS="${THREADS:-2}"
+CONNECTIONS="${CONNECTIONS:-64}"
+# `auto` = one worker per core (2 here), so nginx is not handicapped against the sidecar's
+# multi-threaded tokio runtime (which also uses one worker thread per core).
+NGINX_WORKERS="${NGINX_WORKERS:-auto}"
+READY_TIMEOUT=10
+
+log() { echo "bench: $*" >&2; }
+die() { echo "bench: FAILED: $*" >&2; exit 1; }
+
+# --- tools -------------------------------------------------------------------------------
+# Debian installs nginx in /usr/sbin, which a non-root PATH may lack.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin" ;; esac
+command -v python3 >/dev/null || die "python3 is required"
+
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || missing+=(nginx)
+if ((${#missing[@]})); then
+    log "installing wrk and nginx (missing: ${missing[*]})"
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || die "not root and no sudo: install ${missing[*]} yourself"
+        SUDO=(sudo)
+    fi
+    "${SUDO[@]}" apt-get update
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends wrk nginx
+    command -v wrk >/dev/null || die "wrk is still not on PATH after apt-get install"
+    command -v nginx >/dev/null || die "nginx is still not on PATH after apt-get install"
+fi
+
+# --- build -------------------------------------------------------------------------------
+if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
+    BIN="$LLM_SIDECAR_BIN"
+else
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release) >&2
+    target_dir="${CARGO_TARGET_DIR:-target}"
+    case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
+    BIN="$target_dir/release/llm-sidecar"
+fi
+[ -x "$BIN" ] || die "no executable at $BIN"
+
+# --- processes and cleanup ---------------------------------------------------------------
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/llm-sidecar-bench.XXXXXX")"
+FAKE_PID="" NGINX_PID="" SIDECAR_PID=""
+
+cleanup() {
+    local pid
+    for pid in "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+        [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+        [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Show a process's log and fail.
+fail_with_log() { # NAME LOGFILE MESSAGE
+    echo "---- $1 log ($2) ----" >&2
+    tail -n 40 "$2" >&2 || true
+    die "$3"
+}
+alive() { kill -0 "$1" 2>/dev/null; }
+
+read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT < <(python3 "$UTIL" ports 4)
+
+# Fake provider.
+"$BIN" fake-provider --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
+FAKE_PID=$!
+python3 "$UTIL" wait-line "$TMP/fake.log" "fake provider listening on" "$READY_TIMEOUT" ||
+    fail_with_log "fake provider" "$TMP/fake.log" "fake provider did not start"
+
+# nginx: everything it writes stays inside the temp dir. As root its workers run as `nobody`,
+# so the dir must be traversable.
+mkdir -p "$TMP/nginx"
+chmod 755 "$TMP" "$TMP/nginx"
+sed -e "s|@DIR@|$TMP/nginx|g" -e "s|@LISTEN@|$NGINX_PORT|g" \
+    -e "s|@UPSTREAM@|$FAKE_PORT|g" -e "s|@WORKERS@|$NGINX_WORKERS|g" \
+    "$BENCH_DIR/nginx.conf.tmpl" >"$TMP/nginx/nginx.conf"
+nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf" -t >"$TMP/nginx/test.log" 2>&1 ||
+    fail_with_log nginx "$TMP/nginx/test.log" "generated nginx config is invalid"
+nginx -p "$TMP/nginx" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/stdout.log" 2>&1 &
+NGINX_PID=$!
+python3 "$UTIL" wait-tcp "$NGINX_PORT" "$READY_TIMEOUT" ||
+    fail_with_log nginx "$TMP/nginx/error.log" "nginx did not start"
+
+# Sidecar, with the embedded routes pointed at the fake provider and dummy provider keys.
+"$BIN" default-config --upstream "http://127.0.0.1:$FAKE_PORT" >"$TMP/sidecar.yaml"
+env ${SIDECAR_ENV:-} LLM_SIDECAR_LISTEN="127.0.0.1:$SIDECAR_PORT" \
+    LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
+    RUST_LOG=warn \
+    HOLYSHEEP_API_KEY=bench-key DEEPSEEK_API_KEY=bench-key MOONSHOT_API_KEY=bench-key \
+    MINIMAX_API_KEY=bench-key GEMINI_API_KEY=bench-key OPENAI_API_KEY=bench-key \
+    "$BIN" run --config "$TMP/sidecar.yaml" >"$TMP/sidecar.log" 2>&1 &
+SIDECAR_PID=$!
+python3 "$UTIL" wait-http "http://127.0.0.1:$ADMIN_PORT/ready" "$READY_TIMEOUT" ||
+    fail_with_log sidecar "$TMP/sidecar.log" "sidecar did not become ready"
+
+declare -A URL=(
+    [direct]="http://127.0.0.1:$FAKE_PORT/holysheep/v1/chat/completions"
+    [nginx]="http://127.0.0.1:$NGINX_PORT/holysheep/v1/chat/completions"
+    [sidecar]="http://127.0.0.1:$SIDECAR_PORT/v1/chat/completions"
+)
+TARGETS=(direct nginx sidecar)
+
+# One request through each target must succeed before any load.
+for t in "${TARGETS[@]}"; do
+    python3 "$UTIL" post "${URL[$t]}" 5 || die "$t does not answer the benchmark request"
+done
+
+# --- load --------------------------------------------------------------------------------
+RESULTS="$TMP/results.txt"
+: >"$RESULTS"
+
+# run_wrk TARGET SECONDS -> sets RESULT to "rps=… p50_ms=… …"; fails on any error.
+run_wrk() {
+    local target="$1" seconds="$2" out errors
+    out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s -s "$LUA" "${URL[$target]}" 2>&1)" ||
+        { echo "$out" >&2; die "wrk failed against $target"; }
+    RESULT="$(grep -m1 '^RESULT ' <<<"$out" | sed 's/^RESULT //')" ||
+        { echo "$out" >&2; die "no RESULT line from wrk against $target"; }
+    errors="$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' <<<"$RESULT")"
+    if [ "${errors:-1}" != 0 ]; then
+        echo "$out" >&2
+        die "$target: $RESULT (request errors or non-2xx responses)"
+    fi
+    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID"; do
+        alive "$pid" || die "a benchmark process (pid $pid) died during the $target run"
+    done
+}
+
+log "wrk -t$THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per target, ${WARMUP}s warm-up each"
+for t in "${TARGETS[@]}"; do
+    run_wrk "$t" "$WARMUP"
+done
+for ((round = 1; round <= ROUNDS; round++)); do
+    for t in "${TARGETS[@]}"; do
+        run_wrk "$t" "$DURATION"
+        echo "$t $RESULT" >>"$RESULTS"
+        printf 'round %d %-8s %s\n' "$round" "$t" "$RESULT"
+    done
+done
+
+alive "$SIDECAR_PID" || die "sidecar is gone before its RSS could be read"
+RSS_MB="$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SIDECAR_PID/status")"
+[ -n "$RSS_MB" ] || die "could not read VmHWM of the sidecar"
+
+SUMMARY="$(python3 "$UTIL" summary "$RESULTS" "$RSS_MB")"
+mkdir -p "$BENCH_DIR/out"
+tail -n 1 <<<"$SUMMARY" >"$BENCH_DIR/out/last.txt"
+echo "$SUMMARY"
