@@ -102,8 +102,11 @@ impl Sidecar {
                 error,
             })?;
 
-        let upstream =
-            proxy::upstream::Upstream::new(settings.connect_timeout).map_err(StartError::Client)?;
+        let upstream = proxy::upstream::Upstream::new(
+            settings.connect_timeout,
+            settings.extra_ca_file.as_deref(),
+        )
+        .map_err(StartError::Client)?;
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),
             upstream,

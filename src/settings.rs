@@ -18,6 +18,7 @@ pub const ENV_BODY_READ_TIMEOUT: &str = "LLM_SIDECAR_BODY_READ_TIMEOUT";
 pub const ENV_CONNECT_TIMEOUT: &str = "LLM_SIDECAR_CONNECT_TIMEOUT";
 pub const ENV_SHUTDOWN_GRACE: &str = "LLM_SIDECAR_SHUTDOWN_GRACE";
 pub const ENV_LOG_FORMAT: &str = "LLM_SIDECAR_LOG_FORMAT";
+pub const ENV_EXTRA_CA_FILE: &str = "LLM_SIDECAR_EXTRA_CA_FILE";
 
 /// Where settings come from: the process environment, or a map in tests.
 pub trait Env {
@@ -58,6 +59,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// PEM certificates trusted for provider TLS in addition to the bundled web roots.
+    pub extra_ca_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -74,6 +77,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Text,
+            extra_ca_file: None,
         }
     }
 }

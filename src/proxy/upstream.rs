@@ -4,6 +4,7 @@
 //! request; a request that a pooled connection closed before sending is replayed on a new one.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tower_service::Service;
 
 pub type RequestBody = Full<Bytes>;
@@ -89,16 +92,46 @@ impl Lease {
     }
 }
 
+/// The bundled web PKI roots, plus every certificate of `extra_ca` (a PEM bundle, e.g. the
+/// private CA of an in-cluster relay).
+fn tls_config(extra_ca: Option<&Path>) -> std::io::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let invalid = |why: String| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("extra CA file {}: {why}", path.display()),
+            )
+        };
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| invalid(e.to_string()))? {
+            let cert = cert.map_err(|e| invalid(e.to_string()))?;
+            roots.add(cert).map_err(|e| invalid(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(invalid("no PEM certificate found".into()));
+        }
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
+        .map_err(std::io::Error::other)
+}
+
 impl Upstream {
-    pub fn new(connect_timeout: Duration) -> std::io::Result<Arc<Upstream>> {
+    pub fn new(
+        connect_timeout: Duration,
+        extra_ca: Option<&Path>,
+    ) -> std::io::Result<Arc<Upstream>> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(std::io::Error::other)?
+            .with_tls_config(tls_config(extra_ca)?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -299,7 +332,7 @@ mod tests {
     #[tokio::test]
     async fn released_connections_are_reused() {
         let (addr, accepted) = server(false).await;
-        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        let upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
         for _ in 0..5 {
             exchange(&upstream, addr, true).await;
         }
@@ -309,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn connections_whose_body_was_abandoned_are_not_reused() {
         let (addr, accepted) = server(false).await;
-        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        let upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
         for _ in 0..3 {
             exchange(&upstream, addr, false).await;
         }
@@ -319,7 +352,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_server_closed_is_replaced_transparently() {
         let (addr, accepted) = server(true).await;
-        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        let upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
         for _ in 0..3 {
             exchange(&upstream, addr, true).await;
         }
@@ -331,7 +364,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let upstream = Upstream::new(Duration::from_secs(1)).unwrap();
+        let upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
         match upstream.send(get(addr)).await {
             Err(UpstreamError::Connect(reason)) => assert!(!reason.is_empty()),
             other => panic!(
