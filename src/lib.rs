@@ -9,6 +9,7 @@ pub mod fake_provider;
 pub mod openai;
 pub mod providers;
 pub mod proxy;
+pub mod routing;
 pub mod settings;
 pub mod telemetry;
 

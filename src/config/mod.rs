@@ -111,11 +111,54 @@ pub struct Timeouts {
     pub response_headers: Duration,
 }
 
+/// How hard the sidecar tries before giving up, and how it protects providers meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub struct Resilience {
+    /// Tries on one target before failing over (1 = no retry).
+    pub attempts_per_target: u32,
+    /// The whole request, until the answer is committed to the client.
+    pub deadline: Duration,
+    pub first_token_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    /// Added to the header timeout for every 10 000 prompt tokens.
+    pub header_timeout_per_10k_tokens: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How many times one request may wait for a rate limit to clear when every target is limited.
+    pub rate_limit_waits: u32,
+    pub low_latency_threshold: Duration,
+    pub breaker: crate::routing::breaker::BreakerConfig,
+    pub retry_budget_ratio: f64,
+    pub retry_budget_min_per_second: u32,
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Resilience {
+            attempts_per_target: 2,
+            deadline: Duration::from_secs(120),
+            first_token_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(10),
+            header_timeout_per_10k_tokens: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(5),
+            rate_limit_waits: 1,
+            low_latency_threshold: Duration::from_secs(2),
+            breaker: Default::default(),
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 5,
+        }
+    }
+}
+
 /// One place a route can be served: a provider and the model name it knows.
 #[derive(Debug)]
 pub struct Target {
     pub provider: Arc<Provider>,
     pub model: String,
+    pub supports_prefill: bool,
+    /// `provider/model`: the key of this target's health (breaker, latency), kept across reloads.
+    pub health_key: Arc<str>,
     pub tags: TargetTags,
 }
 
@@ -165,6 +208,9 @@ pub struct Route {
     pub name: String,
     pub aliases: Vec<String>,
     pub context_window: Option<u64>,
+    /// Names of the routes to fall back to, in order (validated to exist).
+    pub fallbacks: Vec<String>,
+    pub truncate_to_fit: bool,
     pub relay: Option<Target>,
     pub official: Option<Target>,
 }
@@ -213,6 +259,7 @@ pub struct Snapshot {
     pub loaded_at: SystemTime,
     pub flags: Flags,
     pub timeouts: Timeouts,
+    pub resilience: Resilience,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
@@ -395,6 +442,8 @@ fn compile_raw(
         },
     };
 
+    let resilience = compile_resilience(&raw.resilience, &mut errors);
+
     if raw.providers.is_empty() {
         errors.push("providers", "at least one provider is required");
     }
@@ -501,8 +550,10 @@ fn compile_raw(
                 return None;
             };
             Some(Target {
+                health_key: Arc::from(format!("{}/{}", provider.name, t.model)),
                 provider: provider.clone(),
                 model: t.model,
+                supports_prefill: t.supports_prefill,
                 tags,
             })
         };
@@ -533,6 +584,8 @@ fn compile_raw(
             name: name.clone(),
             aliases: r.aliases,
             context_window: r.context_window,
+            fallbacks: r.fallbacks,
+            truncate_to_fit: r.truncate_to_fit,
             relay,
             official,
         });
@@ -548,6 +601,22 @@ fn compile_raw(
             by_model.insert(model.clone(), route.clone());
         }
         routes.insert(name, route);
+    }
+
+    for route in routes.values() {
+        for (i, fallback) in route.fallbacks.iter().enumerate() {
+            let path = format!("routes.{}.fallbacks[{i}]", route.name);
+            match by_model.get(fallback) {
+                None => errors.push(
+                    path,
+                    format!("`{fallback}` is not a route or alias of this config"),
+                ),
+                Some(target) if Arc::ptr_eq(target, route) => {
+                    errors.push(path, "a route cannot fall back to itself")
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     let default_route = match raw.default_route {
@@ -573,12 +642,106 @@ fn compile_raw(
         loaded_at: SystemTime::now(),
         flags,
         timeouts: Timeouts { response_headers },
+        resilience,
         providers,
         routes,
         default_route,
         generation_header: HeaderValue::from(generation),
         by_model,
     })
+}
+
+fn compile_resilience(raw: &schema::RawResilience, errors: &mut Errors) -> Resilience {
+    let d = Resilience::default();
+    let mut duration =
+        |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| match value
+            .as_deref()
+            .map(|v| parse_duration(v.trim()))
+        {
+            None => default,
+            Some(Ok(v)) if v.is_zero() && !allow_zero => {
+                errors.push(format!("resilience.{field}"), "must be greater than 0");
+                default
+            }
+            Some(Ok(v)) => v,
+            Some(Err(why)) => {
+                errors.push(format!("resilience.{field}"), why);
+                default
+            }
+        };
+    let mut r = Resilience {
+        deadline: duration("deadline", &raw.deadline, d.deadline, false),
+        first_token_timeout: duration(
+            "first_token_timeout",
+            &raw.first_token_timeout,
+            d.first_token_timeout,
+            false,
+        ),
+        stream_idle_timeout: duration(
+            "stream_idle_timeout",
+            &raw.stream_idle_timeout,
+            d.stream_idle_timeout,
+            false,
+        ),
+        header_timeout_per_10k_tokens: duration(
+            "header_timeout_per_10k_tokens",
+            &raw.header_timeout_per_10k_tokens,
+            d.header_timeout_per_10k_tokens,
+            true,
+        ),
+        backoff_base: duration("backoff_base", &raw.backoff_base, d.backoff_base, true),
+        backoff_max: duration("backoff_max", &raw.backoff_max, d.backoff_max, true),
+        low_latency_threshold: duration(
+            "low_latency_threshold",
+            &raw.low_latency_threshold,
+            d.low_latency_threshold,
+            false,
+        ),
+        breaker: crate::routing::breaker::BreakerConfig {
+            failures: raw.breaker_failures.unwrap_or(d.breaker.failures),
+            cooldown: duration(
+                "breaker_cooldown",
+                &raw.breaker_cooldown,
+                d.breaker.cooldown,
+                false,
+            ),
+            max_cooldown: duration(
+                "breaker_max_cooldown",
+                &raw.breaker_max_cooldown,
+                d.breaker.max_cooldown,
+                false,
+            ),
+        },
+        attempts_per_target: raw.attempts_per_target.unwrap_or(d.attempts_per_target),
+        rate_limit_waits: raw.rate_limit_waits.unwrap_or(d.rate_limit_waits),
+        retry_budget_ratio: raw.retry_budget_ratio.unwrap_or(d.retry_budget_ratio),
+        retry_budget_min_per_second: raw
+            .retry_budget_min_per_second
+            .unwrap_or(d.retry_budget_min_per_second),
+    };
+    if !(1..=10).contains(&r.attempts_per_target) {
+        errors.push("resilience.attempts_per_target", "must be from 1 to 10");
+        r.attempts_per_target = d.attempts_per_target;
+    }
+    if r.breaker.failures == 0 {
+        errors.push("resilience.breaker_failures", "must be at least 1");
+    }
+    if r.breaker.max_cooldown < r.breaker.cooldown {
+        errors.push(
+            "resilience.breaker_max_cooldown",
+            "must not be shorter than breaker_cooldown",
+        );
+    }
+    if !(0.0..=10.0).contains(&r.retry_budget_ratio) || r.retry_budget_ratio.is_nan() {
+        errors.push(
+            "resilience.retry_budget_ratio",
+            "must be from 0 to 10 (0.2 = 20 % of recent requests)",
+        );
+    }
+    if r.rate_limit_waits > 10 {
+        errors.push("resilience.rate_limit_waits", "must be at most 10");
+    }
+    r
 }
 
 fn flag<T: Copy>(

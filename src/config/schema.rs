@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub default_route: Option<String>,
+    #[serde(default)]
+    pub resilience: RawResilience,
     pub providers: BTreeMap<String, RawProvider>,
     pub routes: BTreeMap<String, RawRoute>,
 }
@@ -44,6 +46,40 @@ pub struct RawTimeouts {
     /// How long to wait for an upstream's response headers, e.g. `15s`.
     #[serde(default)]
     pub response_headers: Option<String>,
+}
+
+/// Retries, failover, breakers and stream deadlines. Durations are strings like `10s`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResilience {
+    #[serde(default)]
+    pub attempts_per_target: Option<u32>,
+    #[serde(default)]
+    pub deadline: Option<String>,
+    #[serde(default)]
+    pub first_token_timeout: Option<String>,
+    #[serde(default)]
+    pub stream_idle_timeout: Option<String>,
+    #[serde(default)]
+    pub header_timeout_per_10k_tokens: Option<String>,
+    #[serde(default)]
+    pub backoff_base: Option<String>,
+    #[serde(default)]
+    pub backoff_max: Option<String>,
+    #[serde(default)]
+    pub rate_limit_waits: Option<u32>,
+    #[serde(default)]
+    pub low_latency_threshold: Option<String>,
+    #[serde(default)]
+    pub breaker_failures: Option<u32>,
+    #[serde(default)]
+    pub breaker_cooldown: Option<String>,
+    #[serde(default)]
+    pub breaker_max_cooldown: Option<String>,
+    #[serde(default)]
+    pub retry_budget_ratio: Option<f64>,
+    #[serde(default)]
+    pub retry_budget_min_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +108,12 @@ pub struct RawRoute {
     pub aliases: Vec<String>,
     #[serde(default)]
     pub context_window: Option<u64>,
+    /// Other routes to fall back to, in order.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// When no target's window fits the prompt, drop the oldest non-system messages.
+    #[serde(default)]
+    pub truncate_to_fit: bool,
     #[serde(default)]
     pub relay: Option<RawTarget>,
     #[serde(default)]
@@ -83,4 +125,7 @@ pub struct RawRoute {
 pub struct RawTarget {
     pub provider: String,
     pub model: String,
+    /// The target continues an answer from a trailing assistant message (prefill).
+    #[serde(default)]
+    pub supports_prefill: bool,
 }

@@ -1,0 +1,471 @@
+//! The plan: which targets a request may try, in which order. A pure function of the config
+//! snapshot, the request and a view of target health, so it is tested without any IO.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{Route, Snapshot, Target};
+use crate::providers::ProviderKind;
+
+/// What planning needs to know about target health.
+pub trait HealthLookup {
+    /// The target's breaker turns requests away now.
+    fn blocking(&self, key: &str) -> bool;
+    fn last_failure(&self, key: &str) -> Option<Instant>;
+    /// Moving average of the target's latency, when known.
+    fn latency(&self, key: &str) -> Option<Duration>;
+}
+
+/// The request's wishes.
+#[derive(Clone, Debug, Default)]
+pub struct PlanRequest<'a> {
+    /// `x-llm-sidecar-prefer`: start the chain at this route.
+    pub prefer: Option<&'a str>,
+    /// `x-llm-sidecar-low-latency: true`: skip targets slower than the threshold.
+    pub low_latency: bool,
+    pub prompt_tokens: u64,
+}
+
+/// One target to try.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub route: Arc<Route>,
+    pub side: ProviderKind,
+    /// Every target was open: this one (the least recently failed) is tried as a probe anyway.
+    pub forced_probe: bool,
+}
+
+impl Step {
+    pub fn target(&self) -> &Target {
+        match self.side {
+            ProviderKind::Relay => self.route.relay.as_ref(),
+            ProviderKind::Official => self.route.official.as_ref(),
+        }
+        .unwrap_or_else(|| unreachable!("plans only name targets that exist"))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    BreakerOpen,
+    TooSlow,
+    ContextTooSmall,
+}
+
+impl SkipReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::BreakerOpen => "breaker_open",
+            SkipReason::TooSlow => "too_slow",
+            SkipReason::ContextTooSmall => "context_too_small",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    pub route: Arc<Route>,
+    pub side: ProviderKind,
+    pub reason: SkipReason,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// The chain for a route: itself, then its fallbacks, rotated to start at `prefer` when the
+/// preferred route is in the chain.
+pub fn chain(snapshot: &Snapshot, route: &Arc<Route>, prefer: Option<&str>) -> Vec<Arc<Route>> {
+    let mut chain: Vec<Arc<Route>> = std::iter::once(route.clone())
+        .chain(
+            route
+                .fallbacks
+                .iter()
+                .filter_map(|name| snapshot.route(name).cloned()),
+        )
+        .collect();
+    if let Some(preferred) = prefer.and_then(|p| snapshot.route(p)) {
+        if let Some(at) = chain.iter().position(|r| Arc::ptr_eq(r, preferred)) {
+            chain.rotate_left(at);
+        }
+    }
+    chain
+}
+
+pub fn plan(
+    snapshot: &Snapshot,
+    route: &Arc<Route>,
+    request: &PlanRequest<'_>,
+    health: &dyn HealthLookup,
+) -> Plan {
+    let flags = &snapshot.flags;
+    let chain = chain(snapshot, route, request.prefer);
+    let mut candidates: Vec<(Arc<Route>, ProviderKind)> = Vec::new();
+    let push_side = |c: &mut Vec<(Arc<Route>, ProviderKind)>, side: ProviderKind| {
+        for r in &chain {
+            let has = match side {
+                ProviderKind::Relay => r.relay.is_some(),
+                ProviderKind::Official => r.official.is_some(),
+            };
+            if has {
+                c.push((r.clone(), side));
+            }
+        }
+    };
+    if !flags.holy_sheep_routing_enabled {
+        // The kill switch: official only; the relay serves only a chain that has nothing else.
+        push_side(&mut candidates, ProviderKind::Official);
+        if candidates.is_empty() {
+            push_side(&mut candidates, ProviderKind::Relay);
+        }
+    } else if flags.holy_sheep_fallback_only {
+        push_side(&mut candidates, ProviderKind::Official);
+        push_side(&mut candidates, ProviderKind::Relay);
+    } else {
+        // Dual link per model: the relay first, then the same model's official API, then the
+        // next model of the chain.
+        for r in &chain {
+            for (side, has) in [
+                (ProviderKind::Relay, r.relay.is_some()),
+                (ProviderKind::Official, r.official.is_some()),
+            ] {
+                if has {
+                    candidates.push((r.clone(), side));
+                }
+            }
+        }
+    }
+
+    let mut plan = Plan::default();
+    let key = |r: &Arc<Route>, side: ProviderKind| -> Arc<str> {
+        let step = Step {
+            route: r.clone(),
+            side,
+            forced_probe: false,
+        };
+        step.target().health_key.clone()
+    };
+    let threshold = snapshot.resilience.low_latency_threshold;
+    let mut fits = Vec::new();
+    for (r, side) in candidates {
+        let too_small = r.context_window.is_some_and(|w| request.prompt_tokens > w);
+        if too_small {
+            plan.skipped.push(Skipped {
+                route: r,
+                side,
+                reason: SkipReason::ContextTooSmall,
+            });
+        } else {
+            fits.push((r, side));
+        }
+    }
+    let mut fast = Vec::new();
+    let mut slow = Vec::new();
+    for (r, side) in fits {
+        let slow_target = request.low_latency
+            && health
+                .latency(&key(&r, side))
+                .is_some_and(|l| l > threshold);
+        if slow_target {
+            slow.push((r, side));
+        } else {
+            fast.push((r, side));
+        }
+    }
+    // Better a slow answer than none: slow targets stay when nothing else is left.
+    let usable = if fast.is_empty() {
+        slow
+    } else {
+        for (r, side) in slow {
+            plan.skipped.push(Skipped {
+                route: r,
+                side,
+                reason: SkipReason::TooSlow,
+            });
+        }
+        fast
+    };
+    let mut open = Vec::new();
+    for (r, side) in usable {
+        if health.blocking(&key(&r, side)) {
+            open.push((r, side));
+        } else {
+            plan.steps.push(Step {
+                route: r,
+                side,
+                forced_probe: false,
+            });
+        }
+    }
+    if plan.steps.is_empty() && !open.is_empty() {
+        // Every target is open: probe the one that failed longest ago instead of refusing.
+        let at = open
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (r, side))| health.last_failure(&key(r, *side)))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let (r, side) = open.remove(at);
+        plan.steps.push(Step {
+            route: r,
+            side,
+            forced_probe: true,
+        });
+    }
+    for (r, side) in open {
+        plan.skipped.push(Skipped {
+            route: r,
+            side,
+            reason: SkipReason::BreakerOpen,
+        });
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{compile, ConfigSource};
+    use std::collections::{HashMap, HashSet};
+
+    const CONFIG: &str = "
+providers:
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/sheep/v1' }
+  ds: { kind: official, base_url: 'http://127.0.0.1:1/ds/v1' }
+  ms: { kind: official, base_url: 'http://127.0.0.1:1/ms/v1' }
+  gm: { kind: official, base_url: 'http://127.0.0.1:1/gm/v1' }
+routes:
+  deepseek:
+    context_window: 1000
+    fallbacks: [kimi, gemini]
+    relay: { provider: sheep, model: ds-relay }
+    official: { provider: ds, model: ds-official }
+  kimi:
+    context_window: 5000
+    relay: { provider: sheep, model: kimi-relay }
+    official: { provider: ms, model: kimi-official }
+  gemini:
+    context_window: 100000
+    official: { provider: gm, model: gemini-official }
+";
+
+    #[derive(Default)]
+    struct FakeHealth {
+        open: HashSet<&'static str>,
+        failed_at: HashMap<&'static str, Instant>,
+        latency: HashMap<&'static str, Duration>,
+    }
+
+    impl HealthLookup for FakeHealth {
+        fn blocking(&self, key: &str) -> bool {
+            self.open.contains(key)
+        }
+        fn last_failure(&self, key: &str) -> Option<Instant> {
+            self.failed_at.get(key).copied()
+        }
+        fn latency(&self, key: &str) -> Option<Duration> {
+            self.latency.get(key).copied()
+        }
+    }
+
+    fn snapshot(extra: &str) -> Snapshot {
+        compile(
+            &format!("{extra}\n{CONFIG}"),
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .expect("config compiles")
+    }
+
+    fn order(snapshot: &Snapshot, request: &PlanRequest<'_>, health: &FakeHealth) -> Vec<String> {
+        let route = snapshot.route("deepseek").expect("route").clone();
+        plan(snapshot, &route, request, health)
+            .steps
+            .iter()
+            .map(|s| {
+                let probe = if s.forced_probe { " (probe)" } else { "" };
+                format!("{}{probe}", s.target().health_key)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_chain_goes_relay_then_official_per_model() {
+        let snap = snapshot("");
+        assert_eq!(
+            order(&snap, &PlanRequest::default(), &FakeHealth::default()),
+            [
+                "sheep/ds-relay",
+                "ds/ds-official",
+                "sheep/kimi-relay",
+                "ms/kimi-official",
+                "gm/gemini-official"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_preference_rotates_the_chain() {
+        let snap = snapshot("");
+        let request = PlanRequest {
+            prefer: Some("gemini"),
+            ..Default::default()
+        };
+        assert_eq!(
+            order(&snap, &request, &FakeHealth::default()),
+            [
+                "gm/gemini-official",
+                "sheep/ds-relay",
+                "ds/ds-official",
+                "sheep/kimi-relay",
+                "ms/kimi-official"
+            ]
+        );
+        let unknown = PlanRequest {
+            prefer: Some("nope"),
+            ..Default::default()
+        };
+        assert_eq!(
+            order(&snap, &unknown, &FakeHealth::default())[0],
+            "sheep/ds-relay"
+        );
+    }
+
+    #[test]
+    fn the_kill_switch_plans_official_targets_only() {
+        let snap = snapshot("holy_sheep_routing_enabled: false");
+        assert_eq!(
+            order(&snap, &PlanRequest::default(), &FakeHealth::default()),
+            ["ds/ds-official", "ms/kimi-official", "gm/gemini-official"]
+        );
+    }
+
+    #[test]
+    fn fallback_only_tries_every_official_target_before_the_relay() {
+        let snap = snapshot("holy_sheep_fallback_only: true");
+        assert_eq!(
+            order(&snap, &PlanRequest::default(), &FakeHealth::default()),
+            [
+                "ds/ds-official",
+                "ms/kimi-official",
+                "gm/gemini-official",
+                "sheep/ds-relay",
+                "sheep/kimi-relay"
+            ]
+        );
+    }
+
+    #[test]
+    fn open_breakers_are_skipped_and_the_least_recently_failed_is_probed_when_all_are_open() {
+        let snap = snapshot("");
+        let mut health = FakeHealth::default();
+        health.open.insert("sheep/ds-relay");
+        let route = snap.route("deepseek").unwrap().clone();
+        let p = plan(&snap, &route, &PlanRequest::default(), &health);
+        assert_eq!(p.steps[0].target().health_key.as_ref(), "ds/ds-official");
+        assert_eq!(p.skipped.len(), 1);
+        assert_eq!(p.skipped[0].reason, SkipReason::BreakerOpen);
+
+        let now = Instant::now();
+        for (i, key) in [
+            "sheep/ds-relay",
+            "ds/ds-official",
+            "sheep/kimi-relay",
+            "ms/kimi-official",
+            "gm/gemini-official",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            health.open.insert(key);
+            health
+                .failed_at
+                .insert(key, now + Duration::from_secs(10 - i as u64));
+        }
+        assert_eq!(
+            order(&snap, &PlanRequest::default(), &health),
+            ["gm/gemini-official (probe)"]
+        );
+    }
+
+    #[test]
+    fn targets_whose_window_is_too_small_are_skipped() {
+        let snap = snapshot("");
+        let request = PlanRequest {
+            prompt_tokens: 3000,
+            ..Default::default()
+        };
+        assert_eq!(
+            order(&snap, &request, &FakeHealth::default()),
+            ["sheep/kimi-relay", "ms/kimi-official", "gm/gemini-official"]
+        );
+        let huge = PlanRequest {
+            prompt_tokens: 1_000_000,
+            ..Default::default()
+        };
+        assert!(order(&snap, &huge, &FakeHealth::default()).is_empty());
+    }
+
+    #[test]
+    fn low_latency_requests_skip_slow_targets_unless_nothing_else_is_left() {
+        let snap = snapshot("resilience: { low_latency_threshold: 500ms }");
+        let mut health = FakeHealth::default();
+        health
+            .latency
+            .insert("sheep/ds-relay", Duration::from_secs(3));
+        health
+            .latency
+            .insert("ds/ds-official", Duration::from_millis(100));
+        let request = PlanRequest {
+            low_latency: true,
+            ..Default::default()
+        };
+        assert_eq!(order(&snap, &request, &health)[0], "ds/ds-official");
+        assert_eq!(
+            order(&snap, &PlanRequest::default(), &health)[0],
+            "sheep/ds-relay"
+        );
+        for key in [
+            "ds/ds-official",
+            "sheep/kimi-relay",
+            "ms/kimi-official",
+            "gm/gemini-official",
+        ] {
+            health.latency.insert(key, Duration::from_secs(5));
+        }
+        assert_eq!(
+            order(&snap, &request, &health).len(),
+            5,
+            "all slow: keep them all"
+        );
+    }
+
+    #[test]
+    fn bad_fallbacks_are_config_errors() {
+        let text = CONFIG.replace(
+            "fallbacks: [kimi, gemini]",
+            "fallbacks: [kimi, gemni, deepseek]",
+        );
+        let err = compile(
+            &text,
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "routes.deepseek.fallbacks[1]",
+                "routes.deepseek.fallbacks[2]"
+            ],
+            "{err}"
+        );
+    }
+}
