@@ -14,9 +14,12 @@ use crate::config::{unix_seconds, ConfigStore};
 use crate::errors::SidecarError;
 use crate::proxy::body::{full, ProxyBody};
 use crate::proxy::json_response;
+use crate::routing::breaker::Phase;
+use crate::telemetry::metrics::TargetLabels;
 
 pub struct Admin {
     pub store: Arc<ConfigStore>,
+    pub core: Arc<crate::proxy::execute::Core>,
     pub registry: Registry,
     /// True once a snapshot is loaded and the data port is serving; false again while draining.
     pub ready: AtomicBool,
@@ -39,6 +42,19 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response<ProxyBody> {
+        let now = tokio::time::Instant::now();
+        for (target, phase) in self.core.health.phases(now) {
+            let value = match phase {
+                Phase::Closed => 0,
+                Phase::Open => 1,
+                Phase::HalfOpen => 2,
+            };
+            self.core
+                .metrics
+                .breaker_state
+                .get_or_create(&TargetLabels { target })
+                .set(value);
+        }
         let mut body = String::with_capacity(8 * 1024);
         if let Err(err) = prometheus_client::encoding::text::encode(&mut body, &self.registry) {
             tracing::error!(error = %err, "failed to encode metrics");

@@ -44,6 +44,16 @@ pub enum SidecarError {
     UpstreamTimeout { provider: String, after: Duration },
     #[error("the sidecar is shutting down")]
     ShuttingDown,
+    /// Every target of the plan failed; keeps the most meaningful upstream error.
+    #[error("{message}")]
+    AllTargetsFailed {
+        status: StatusCode,
+        message: String,
+        upstream_type: Option<String>,
+        upstream_code: Option<String>,
+        /// `{"attempts": [...], "skipped": [...]}`
+        attempts: serde_json::Value,
+    },
 }
 
 impl SidecarError {
@@ -62,6 +72,7 @@ impl SidecarError {
             }
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::AllTargetsFailed { status, .. } => *status,
         }
     }
 
@@ -81,6 +92,7 @@ impl SidecarError {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::ShuttingDown => "sidecar_shutting_down",
+            Self::AllTargetsFailed { .. } => "all_targets_failed",
         }
     }
 
@@ -102,6 +114,25 @@ impl SidecarError {
 
     /// The JSON body a client receives.
     pub fn body_json(&self) -> serde_json::Value {
+        if let Self::AllTargetsFailed {
+            message,
+            upstream_type,
+            upstream_code,
+            attempts,
+            ..
+        } = self
+        {
+            return json!({
+                "error": {
+                    "message": message,
+                    "type": upstream_type.clone().unwrap_or_else(|| self.kind().to_string()),
+                    "param": null,
+                    "code": upstream_code,
+                    "attempts": attempts["attempts"],
+                    "skipped": attempts["skipped"],
+                }
+            });
+        }
         json!({
             "error": {
                 "message": self.to_string(),

@@ -108,10 +108,15 @@ impl Sidecar {
             settings.extra_ca_file.as_deref(),
         )
         .map_err(StartError::Client)?;
+        let core = Arc::new(proxy::execute::Core {
+            upstream,
+            health: Default::default(),
+            budget: routing::budget::RetryBudget::new(std::time::Duration::from_secs(10)),
+            metrics,
+        });
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),
-            upstream,
-            metrics,
+            core.clone(),
             proxy::Limits {
                 max_body_bytes: settings.max_body_bytes,
                 body_read_timeout: settings.body_read_timeout,
@@ -120,6 +125,7 @@ impl Sidecar {
         ));
         let admin = Arc::new(admin::Admin {
             store: store.clone(),
+            core,
             registry,
             ready: Default::default(),
         });

@@ -96,23 +96,56 @@ impl<'a> RequestBody<'a> {
 
     /// The body with `model` replaced; every other field is copied verbatim, in order.
     pub fn with_model(&self, model: &str) -> Bytes {
+        self.render(model, &[])
+    }
+
+    /// The raw JSON of a top-level field.
+    pub fn field(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// The body with `model` replaced and each `(name, raw JSON)` override replacing the field
+    /// of that name (or appended when absent); every other field is copied verbatim, in order.
+    pub fn render(&self, model: &str, overrides: &[(&str, &str)]) -> Bytes {
         let size: usize = self
             .fields
             .iter()
             .map(|(k, v)| k.len() + v.get().len() + 4)
-            .sum();
+            .sum::<usize>()
+            + overrides
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>();
         let mut out = Vec::with_capacity(size + model.len() + 2);
         out.push(b'{');
-        for (i, (key, value)) in self.fields.iter().enumerate() {
-            if i > 0 {
+        let mut first = true;
+        let mut field = |out: &mut Vec<u8>, key: &str, raw: &[u8]| {
+            if !first {
                 out.push(b',');
             }
-            write_json_string(&mut out, key);
+            first = false;
+            write_json_string(out, key);
             out.push(b':');
+            out.extend_from_slice(raw);
+        };
+        let mut model_json = Vec::with_capacity(model.len() + 2);
+        write_json_string(&mut model_json, model);
+        for (key, value) in &self.fields {
             if key == "model" {
-                write_json_string(&mut out, model);
+                field(&mut out, key, &model_json);
+            } else if let Some((_, raw)) = overrides.iter().find(|(k, _)| k == key) {
+                field(&mut out, key, raw.as_bytes());
             } else {
-                out.extend_from_slice(value.get().as_bytes());
+                field(&mut out, key, value.get().as_bytes());
+            }
+        }
+        for (key, raw) in overrides {
+            if !self.fields.iter().any(|(k, _)| k == key) {
+                field(&mut out, key, raw.as_bytes());
             }
         }
         out.push(b'}');
@@ -173,6 +206,23 @@ mod tests {
         let parsed = RequestBody::parse(br#"{"stream": null}"#).unwrap();
         assert_eq!(parsed.model, None);
         assert!(!parsed.stream);
+    }
+
+    #[test]
+    fn overrides_replace_or_append_fields() {
+        let parsed = RequestBody::parse(br#"{"model":"a","stream":true,"messages":[1]}"#).unwrap();
+        let out = parsed.render(
+            "b",
+            &[
+                ("messages", "[2]"),
+                ("stream_options", r#"{"include_usage":true}"#),
+            ],
+        );
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"b","stream":true,"messages":[2],"stream_options":{"include_usage":true}}"#
+        );
+        assert_eq!(parsed.field("messages").map(|v| v.get()), Some("[1]"));
     }
 
     #[test]

@@ -212,6 +212,14 @@ impl Provider {
             .map_err(|e| e.to_string())
     }
 
+    /// Like [`Provider::upstream_uri`], from the client's path and query as one string.
+    pub fn upstream_uri_from(&self, path_and_query: &str) -> Result<Uri, String> {
+        match path_and_query.split_once('?') {
+            Some((path, query)) => self.upstream_uri(path, Some(query)),
+            None => self.upstream_uri(path_and_query, None),
+        }
+    }
+
     pub fn host(&self) -> &str {
         self.authority.host()
     }

@@ -238,10 +238,34 @@ async fn a_key_file_is_reread_when_the_secret_rotates() {
 }
 
 #[tokio::test]
-async fn a_missing_key_is_reported_instead_of_calling_unauthenticated() {
+async fn a_missing_key_fails_over_and_is_reported_instead_of_calling_unauthenticated() {
     let fake = fake().await;
     let text = config(&fake, true).replace("TEST_RELAY_KEY", "UNSET_KEY_VARIABLE");
     let sidecar = sidecar(&text).await;
+    let (status, headers, _) = call_json(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body("chat", false),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), header(&headers, "x-llm-sidecar-provider")),
+        (200, "deep")
+    );
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-attempt-log"),
+        "sheep/relay-model=misconfigured,deep/official-model=ok"
+    );
+    assert!(
+        fake.requests_for("sheep").is_empty(),
+        "no unauthenticated call"
+    );
+
+    let text = text.replace("TEST_OFFICIAL_KEY", "ANOTHER_UNSET_VARIABLE");
+    let sidecar = sidecar_with(test_settings(), &text).await;
     let (status, headers, body) = call_json(
         &client(),
         post(
@@ -251,16 +275,20 @@ async fn a_missing_key_is_reported_instead_of_calling_unauthenticated() {
         ),
     )
     .await;
-    assert_eq!(status, 503);
+    assert_eq!(status, 502, "{body}");
     assert_eq!(
         header(&headers, "x-llm-sidecar-error"),
-        "provider_key_missing"
+        "all_targets_failed"
     );
-    assert!(body["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("UNSET_KEY_VARIABLE"));
-    assert!(fake.requests().is_empty());
+    assert_eq!(body["error"]["code"], "provider_key_missing");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("UNSET_KEY_VARIABLE"),
+        "{body}"
+    );
+    assert_eq!(fake.requests().len(), 1);
 }
 
 #[tokio::test]
@@ -472,14 +500,14 @@ async fn a_body_over_the_cap_is_a_413() {
 }
 
 #[tokio::test]
-async fn an_unreachable_upstream_is_a_502() {
+async fn unreachable_upstreams_are_a_502_listing_every_attempt() {
     let fake = fake().await;
-    let text = config(&fake, true).replace(
-        &fake.base_url("sheep"),
-        &format!("http://127.0.0.1:{}/v1", closed_port()),
-    );
+    let dead = format!("http://127.0.0.1:{}/v1", closed_port());
+    let text = config(&fake, true)
+        .replace(&fake.base_url("sheep"), &dead)
+        .replace(&fake.base_url("deep"), &dead);
     let sidecar = sidecar(&text).await;
-    let response = call_json(
+    let (status, headers, body) = call_json(
         &client(),
         post(
             sidecar.data_addr,
@@ -488,22 +516,52 @@ async fn an_unreachable_upstream_is_a_502() {
         ),
     )
     .await;
-    let json = assert_error(response, 502, "upstream_unreachable").await;
-    assert!(json["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("sheep"));
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-error"),
+        "all_targets_failed"
+    );
+    let attempts = body["error"]["attempts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let outcomes: Vec<String> = attempts
+        .iter()
+        .map(|a| {
+            format!(
+                "{}={}",
+                a["provider"].as_str().unwrap_or(""),
+                a["outcome"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "sheep=connection_error",
+            "sheep=connection_error",
+            "deep=connection_error",
+            "deep=connection_error"
+        ]
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot connect"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
-async fn a_silent_upstream_is_a_504_after_the_header_timeout() {
+async fn a_silent_upstream_is_a_504_after_one_header_timeout() {
     let fake = fake().await;
     let extra = "  quiet:\n    relay: { provider: sheep, model: silent }\n";
     let text =
         config_with(&fake, true, extra).replace("response_headers: 2s", "response_headers: 300ms");
     let sidecar = sidecar(&text).await;
     let started = std::time::Instant::now();
-    let response = call_json(
+    let (status, headers, body) = call_json(
         &client(),
         post(
             sidecar.data_addr,
@@ -512,12 +570,18 @@ async fn a_silent_upstream_is_a_504_after_the_header_timeout() {
         ),
     )
     .await;
-    assert_error(response, 504, "upstream_timeout").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-error"),
+        "all_targets_failed"
+    );
+    assert_eq!(body["error"]["code"], "timeout");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "gave up after {:?}",
+        started.elapsed() < Duration::from_millis(600),
+        "a silent target is not retried: {:?}",
         started.elapsed()
     );
+    assert_eq!(fake.requests().len(), 1);
 }
 
 #[tokio::test]

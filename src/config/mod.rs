@@ -222,6 +222,8 @@ pub enum Reason {
     RoutingDisabled,
     /// The preferred side has no target on this route, so the other side serves.
     OnlyTarget,
+    /// Earlier targets failed; a later one of the plan answered.
+    Fallback,
 }
 
 impl Reason {
@@ -230,11 +232,19 @@ impl Reason {
             Reason::RoutingEnabled => "routing_enabled",
             Reason::RoutingDisabled => "routing_disabled",
             Reason::OnlyTarget => "only_target",
+            Reason::Fallback => "fallback",
         }
     }
 }
 
 impl Route {
+    pub fn target(&self, side: ProviderKind) -> Option<&Target> {
+        match side {
+            ProviderKind::Relay => self.relay.as_ref(),
+            ProviderKind::Official => self.official.as_ref(),
+        }
+    }
+
     /// The target this request goes to under the given flags.
     pub fn choose(&self, flags: &Flags) -> (&Target, Reason) {
         let (preferred, other, reason) = if flags.holy_sheep_routing_enabled {

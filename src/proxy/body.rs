@@ -83,3 +83,26 @@ impl<B> Drop for Observed<B> {
         self.finish(false);
     }
 }
+
+/// A response body fed frame by frame from a channel (a stream pumped by a spawned task).
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl ChannelBody {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Self {
+        ChannelBody { rx }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx)
+    }
+}

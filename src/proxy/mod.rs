@@ -2,7 +2,9 @@
 //! snapshot, swaps the app's credentials for the provider's, and streams the answer back.
 
 pub mod body;
+pub mod execute;
 pub mod server;
+pub mod sse;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -22,7 +24,8 @@ use crate::openai::{self, RequestBody};
 use crate::providers::Auth;
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
 use body::{full, Observed, OnFinish, ProxyBody};
-use upstream::{Lease, Upstream, UpstreamError};
+use execute::{Core, Exchange};
+use upstream::{Lease, UpstreamError};
 
 pub use crate::config::{HEADER_PATH, HEADER_PROVIDER, HEADER_ROUTE, HEADER_UPSTREAM_MODEL};
 pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-llm-sidecar-reason");
@@ -64,7 +67,7 @@ pub struct Limits {
 
 pub struct Proxy {
     store: Arc<ConfigStore>,
-    upstream: Arc<Upstream>,
+    core: Arc<Core>,
     metrics: Arc<Metrics>,
     limits: Limits,
     in_flight: Arc<Semaphore>,
@@ -115,16 +118,11 @@ impl OnFinish for Record {
 }
 
 impl Proxy {
-    pub fn new(
-        store: Arc<ConfigStore>,
-        upstream: Arc<Upstream>,
-        metrics: Arc<Metrics>,
-        limits: Limits,
-    ) -> Proxy {
+    pub fn new(store: Arc<ConfigStore>, core: Arc<Core>, limits: Limits) -> Proxy {
         Proxy {
             store,
-            upstream,
-            metrics,
+            metrics: core.metrics.clone(),
+            core,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrency)),
             limits,
             none: Arc::from("none"),
@@ -286,6 +284,9 @@ impl Proxy {
         let snapshot = self.store.load();
         let (mut parts, body) = req.into_parts();
         let bytes = self.read_body(&parts.headers, body).await?;
+        if model_required {
+            return self.exchange(snapshot, parts, bytes, record).await;
+        }
         let (route, upstream_body) =
             Self::resolve(&snapshot, bytes, model_required).map_err(|err| match err {
                 SidecarError::NoRoute { .. } => SidecarError::NoRoute {
@@ -328,7 +329,8 @@ impl Proxy {
         }
 
         let timeout = snapshot.timeouts.response_headers;
-        let response = match tokio::time::timeout(timeout, self.upstream.send(upstream)).await {
+        let response = match tokio::time::timeout(timeout, self.core.upstream.send(upstream)).await
+        {
             Err(_) => {
                 return Err(SidecarError::UpstreamTimeout {
                     provider: provider.name.clone(),
@@ -351,9 +353,7 @@ impl Proxy {
 
         let mut out = response.map(|b| b.map_err(body::BoxError::from).boxed_unsync());
         let headers = out.headers_mut();
-        for name in &HOP_BY_HOP {
-            headers.remove(name);
-        }
+        strip_hop_by_hop(headers);
         headers.reserve(6);
         for (name, value) in &target.tags.headers {
             headers.insert(name.clone(), value.clone());
@@ -364,10 +364,66 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Model endpoints: the plan, retries, failover and the streaming contract.
+    async fn exchange(
+        &self,
+        snapshot: Arc<Snapshot>,
+        mut parts: http::request::Parts,
+        bytes: Bytes,
+        record: &mut Record,
+    ) -> Result<Response<ProxyBody>, SidecarError> {
+        let parsed = RequestBody::parse(&bytes).map_err(SidecarError::MalformedRequest)?;
+        let Some(model) = parsed.model.as_deref() else {
+            return Err(SidecarError::MalformedRequest(
+                "the request body has no `model` field".into(),
+            ));
+        };
+        let Some(route) = snapshot.route(model).cloned() else {
+            return Err(SidecarError::UnknownModel {
+                model: model.to_string(),
+                available: snapshot.model_ids(),
+            });
+        };
+        strip_request_headers(&mut parts.headers);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().to_string())
+            .unwrap_or_else(|| parts.uri.path().to_string());
+        let exchange = Exchange::new(
+            self.core.clone(),
+            snapshot,
+            parts.method,
+            path_and_query,
+            parts.headers,
+            bytes.clone(),
+            &parsed,
+            route,
+        );
+        let committed = exchange.run().await?;
+        let target = committed.route.target(committed.side);
+        if let Some(target) = target {
+            record.route = target.tags.route.clone();
+            record.provider = target.tags.provider.clone();
+            record.path = target.path().as_str();
+        }
+        record.lease = committed.lease;
+        Ok(committed.response)
+    }
+}
+
 fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
     SidecarError::MethodNotAllowed {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
+    }
+}
+
+/// Removes the headers that belong to one hop only.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 

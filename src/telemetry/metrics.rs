@@ -24,6 +24,22 @@ pub struct DurationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub provider: Arc<str>,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub target: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -40,6 +56,11 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub config_reloads: Family<SourceLabels, Counter>,
     pub config_rejections: Family<SourceLabels, Counter>,
+    pub attempts: Family<AttemptLabels, Counter>,
+    pub breaker_state: Family<TargetLabels, Gauge>,
+    pub retry_budget_exhausted: Counter,
+    pub malformed_chunks: Counter,
+    pub stream_interruptions: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -54,6 +75,11 @@ impl Metrics {
             config_generation: Gauge::default(),
             config_reloads: Family::default(),
             config_rejections: Family::default(),
+            attempts: Family::default(),
+            breaker_state: Family::default(),
+            retry_budget_exhausted: Counter::default(),
+            malformed_chunks: Counter::default(),
+            stream_interruptions: Family::default(),
         };
         registry.register(
             "requests",
@@ -86,7 +112,47 @@ impl Metrics {
             "Routing config updates rejected as invalid, by source",
             metrics.config_rejections.clone(),
         );
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by provider and outcome (ok, rate_limited, server_error, timeout, ...)",
+            metrics.attempts.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker per target (provider/model): 0 closed, 1 open, 2 half-open",
+            metrics.breaker_state.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            metrics.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "stream_malformed_chunks",
+            "Malformed SSE chunks from providers, dropped instead of forwarded",
+            metrics.malformed_chunks.clone(),
+        );
+        registry.register(
+            "stream_interruptions",
+            "Committed streams that broke, by what the client got: continued or error_event",
+            metrics.stream_interruptions.clone(),
+        );
         metrics
+    }
+
+    pub fn record_attempt(&self, provider: &Arc<str>, outcome: &'static str) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                provider: provider.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn record_stream_interruption(&self, outcome: &'static str) {
+        self.stream_interruptions
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     pub fn record_reload(&self, source: &'static str) {

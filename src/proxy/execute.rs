@@ -1,0 +1,1050 @@
+//! One model request end to end: walk the plan, retry and fail over by failure class, honour
+//! rate limits inside the deadline, and commit the answer only once it is usable: response
+//! headers for a plain answer, the first content chunk for a stream. After a stream is committed,
+//! a cut, stall or broken chunk is never passed off as success: the answer is continued on a
+//! prefill-capable target or the stream ends with an explicit error event and no `[DONE]`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::body::{full, BoxError, ChannelBody, ProxyBody};
+use super::sse::{inspect, Chunk, RawEvent, SseParser};
+use super::upstream::{Lease, Upstream, UpstreamError};
+use super::{HEADER_GENERATION, HEADER_REASON};
+use crate::config::{Reason, Route, Snapshot, Target};
+use crate::errors::SidecarError;
+use crate::openai::RequestBody;
+use crate::providers::{Auth, ProviderKind};
+use crate::routing::backoff::{full_jitter, parse_retry_after, unit_sample};
+use crate::routing::breaker::Admission;
+use crate::routing::budget::RetryBudget;
+use crate::routing::classify::{classify, Class, Failure, UpstreamErrorBody};
+use crate::routing::health::Health;
+use crate::routing::plan::{plan, PlanRequest, Step};
+use crate::routing::tokens;
+use crate::telemetry::metrics::Metrics;
+
+pub const HEADER_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-sidecar-attempts");
+pub const HEADER_FALLBACKS: HeaderName = HeaderName::from_static("x-llm-sidecar-fallbacks");
+pub const HEADER_ATTEMPT_LOG: HeaderName = HeaderName::from_static("x-llm-sidecar-attempt-log");
+pub const HEADER_TRUNCATED: HeaderName =
+    HeaderName::from_static("x-llm-sidecar-truncated-messages");
+pub const HEADER_PREFER: &str = "x-llm-sidecar-prefer";
+pub const HEADER_LOW_LATENCY: &str = "x-llm-sidecar-low-latency";
+
+/// Error bodies are read to classify them, up to this size.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// What every request shares: connections, target health, the retry budget, metrics.
+pub struct Core {
+    pub upstream: Arc<Upstream>,
+    pub health: Health,
+    pub budget: RetryBudget,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One attempt, for the attempt log and the final error.
+#[derive(Clone, Debug)]
+pub struct AttemptRecord {
+    pub route: String,
+    pub provider: String,
+    pub model: String,
+    pub outcome: &'static str,
+    pub status: Option<u16>,
+    pub duration: Duration,
+}
+
+impl AttemptRecord {
+    fn json(&self) -> Value {
+        json!({
+            "route": self.route,
+            "provider": self.provider,
+            "model": self.model,
+            "outcome": self.outcome,
+            "status": self.status,
+            "duration_ms": self.duration.as_millis() as u64,
+        })
+    }
+}
+
+/// The most meaningful failure so far: what the client is told when every target fails.
+struct Worst {
+    class: Class,
+    failure: Failure,
+    target: String,
+}
+
+/// A usable answer, ready to be sent to the client.
+pub struct Committed {
+    pub response: Response<ProxyBody>,
+    pub route: Arc<Route>,
+    pub side: ProviderKind,
+    pub lease: Option<Lease>,
+}
+
+/// What an attempt produced before anything was sent to the client.
+enum Answer {
+    Plain(Response<Incoming>, Option<Lease>),
+    Stream {
+        head: http::response::Parts,
+        body: Incoming,
+        parser: SseParser,
+        prefix: Vec<RawEvent>,
+        lease: Option<Lease>,
+    },
+}
+
+/// A failed attempt; `passthrough` keeps a provider's own error to return as it is.
+struct AttemptError {
+    failure: Failure,
+    passthrough: Option<(StatusCode, HeaderMap, Bytes)>,
+}
+
+impl From<Failure> for AttemptError {
+    fn from(failure: Failure) -> Self {
+        AttemptError {
+            failure,
+            passthrough: None,
+        }
+    }
+}
+
+pub struct Exchange {
+    core: Arc<Core>,
+    snapshot: Arc<Snapshot>,
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+    bytes: Bytes,
+    route: Arc<Route>,
+    stream: bool,
+    /// The client did not ask for usage in its stream; the sidecar asked, and strips it.
+    usage_added: bool,
+    prompt_tokens: u64,
+    /// Messages after truncation to fit, as raw JSON.
+    messages_override: Option<String>,
+    truncated: usize,
+    prefer: Option<String>,
+    low_latency: bool,
+    deadline: Instant,
+    attempts: Vec<AttemptRecord>,
+}
+
+impl Exchange {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Arc<Core>,
+        snapshot: Arc<Snapshot>,
+        method: Method,
+        path_and_query: String,
+        headers: HeaderMap,
+        bytes: Bytes,
+        parsed: &RequestBody<'_>,
+        route: Arc<Route>,
+    ) -> Exchange {
+        let prefer = headers
+            .get(HEADER_PREFER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let low_latency = headers
+            .get(HEADER_LOW_LATENCY)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+            });
+        let stream = parsed.stream;
+        let usage_added = stream
+            && !parsed
+                .field("stream_options")
+                .and_then(|o| serde_json::from_str::<Value>(o.get()).ok())
+                .is_some_and(|o| o["include_usage"] == Value::Bool(true));
+        let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
+        let deadline = Instant::now() + snapshot.resilience.deadline;
+        Exchange {
+            core,
+            snapshot,
+            method,
+            path_and_query,
+            headers,
+            bytes,
+            route,
+            stream,
+            usage_added,
+            prompt_tokens,
+            messages_override: None,
+            truncated: 0,
+            prefer,
+            low_latency,
+            deadline,
+            attempts: Vec::new(),
+        }
+    }
+
+    fn plan_steps(&self) -> (Vec<Step>, Vec<crate::routing::plan::Skipped>) {
+        let request = PlanRequest {
+            prefer: self.prefer.as_deref(),
+            low_latency: self.low_latency,
+            prompt_tokens: self.prompt_tokens,
+        };
+        let plan = plan(
+            &self.snapshot,
+            &self.route,
+            &request,
+            &self.core.health.lookup(Instant::now()),
+        );
+        (plan.steps, plan.skipped)
+    }
+
+    /// When no target's window fits and the route allows it, drops the oldest non-system
+    /// messages to fit the largest window of the chain.
+    fn truncate_if_needed(&mut self) {
+        if !self.route.truncate_to_fit {
+            return;
+        }
+        let chain =
+            crate::routing::plan::chain(&self.snapshot, &self.route, self.prefer.as_deref());
+        let Some(largest) = chain.iter().filter_map(|r| r.context_window).max() else {
+            return;
+        };
+        if self.prompt_tokens <= largest {
+            return;
+        }
+        let Ok(parsed) = RequestBody::parse(&self.bytes) else {
+            return;
+        };
+        let Some(mut messages) = parsed
+            .field("messages")
+            .and_then(|m| serde_json::from_str::<Vec<Value>>(m.get()).ok())
+        else {
+            return;
+        };
+        // Room for the answer: the request's max_tokens, if it set one.
+        let reserve = parsed
+            .field("max_tokens")
+            .or_else(|| parsed.field("max_completion_tokens"))
+            .and_then(|v| v.get().parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Some(dropped) =
+            tokens::truncate_to_fit(&mut messages, largest.saturating_sub(reserve))
+        {
+            self.prompt_tokens = messages.iter().map(tokens::estimate_message).sum();
+            self.truncated = dropped;
+            self.messages_override = serde_json::to_string(&messages).ok();
+        }
+    }
+
+    fn body_for(&self, target: &Target, prefill: Option<&str>) -> Bytes {
+        let Ok(parsed) = RequestBody::parse(&self.bytes) else {
+            return self.bytes.clone();
+        };
+        let mut overrides: Vec<(&str, String)> = Vec::new();
+        if self.usage_added {
+            let mut options = parsed
+                .field("stream_options")
+                .and_then(|o| serde_json::from_str::<Value>(o.get()).ok())
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}));
+            options["include_usage"] = Value::Bool(true);
+            overrides.push(("stream_options", options.to_string()));
+        }
+        let messages = match (&self.messages_override, prefill) {
+            (_, Some(text)) => {
+                let mut messages: Vec<Value> = self
+                    .messages_override
+                    .as_deref()
+                    .or_else(|| parsed.field("messages").map(|m| m.get()))
+                    .and_then(|m| serde_json::from_str(m).ok())
+                    .unwrap_or_default();
+                messages.push(json!({ "role": "assistant", "content": text }));
+                Some(Value::Array(messages).to_string())
+            }
+            (Some(m), None) => Some(m.clone()),
+            (None, None) => None,
+        };
+        if let Some(m) = messages {
+            overrides.push(("messages", m));
+        }
+        if overrides.is_empty() && parsed.model.as_deref() == Some(target.model.as_str()) {
+            return self.bytes.clone();
+        }
+        let borrowed: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        parsed.render(&target.model, &borrowed)
+    }
+
+    fn header_timeout(&self) -> Duration {
+        let r = &self.snapshot.resilience;
+        let scale = r
+            .header_timeout_per_10k_tokens
+            .mul_f64(self.prompt_tokens as f64 / 10_000.0);
+        self.snapshot.timeouts.response_headers + scale
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// One attempt on one target, until the answer is usable or has failed.
+    async fn attempt(
+        &self,
+        target: &Target,
+        prefill: Option<&str>,
+    ) -> Result<Answer, AttemptError> {
+        let provider = &target.provider;
+        let uri = provider
+            .upstream_uri_from(&self.path_and_query)
+            .map_err(Failure::Connect)?;
+        let mut request = Request::new(Full::new(self.body_for(target, prefill)));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        let mut headers = self.headers.clone();
+        headers.insert(header::HOST, provider.host_header.clone());
+        match provider.auth() {
+            Auth::Bearer(secret) => {
+                headers.insert(header::AUTHORIZATION, secret.header_value().clone());
+            }
+            Auth::None => {}
+            Auth::Missing(hint) => {
+                return Err(Failure::Status {
+                    status: StatusCode::UNAUTHORIZED,
+                    retry_after: None,
+                    error: UpstreamErrorBody {
+                        message: Some(format!(
+                            "no API key for provider `{}`: {hint}",
+                            provider.name
+                        )),
+                        kind: Some("sidecar_config".into()),
+                        code: Some("provider_key_missing".into()),
+                    },
+                }
+                .into())
+            }
+        }
+        *request.headers_mut() = headers;
+
+        let sent = Instant::now();
+        let header_timeout = self.header_timeout().min(self.remaining());
+        let (response, lease) =
+            match tokio::time::timeout(header_timeout, self.core.upstream.send(request)).await {
+                Err(_) => return Err(Failure::HeaderTimeout(header_timeout).into()),
+                Ok(Err(UpstreamError::Connect(why))) => return Err(Failure::Connect(why).into()),
+                Ok(Err(UpstreamError::Exchange(why))) => {
+                    return Err(Failure::ConnectionLost(why).into())
+                }
+                Ok(Ok(pair)) => pair,
+            };
+
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+            let (parts, body) = response.into_parts();
+            let read = tokio::time::timeout(
+                Duration::from_secs(5).min(self.remaining()),
+                http_body_util::Limited::new(body, MAX_ERROR_BODY).collect(),
+            )
+            .await;
+            let raw = match read {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => Bytes::new(),
+            };
+            return Err(AttemptError {
+                failure: Failure::Status {
+                    status,
+                    retry_after,
+                    error: UpstreamErrorBody::parse(&raw),
+                },
+                passthrough: Some((status, parts.headers, raw)),
+            });
+        }
+        if !self.stream {
+            return Ok(Answer::Plain(response, lease));
+        }
+
+        // Streams are committed on the first content chunk: until then everything is retryable.
+        let ttft_deadline =
+            (sent + self.snapshot.resilience.first_token_timeout).min(self.deadline);
+        let (head, mut body) = response.into_parts();
+        let mut parser = SseParser::default();
+        let mut prefix = Vec::new();
+        loop {
+            let frame = match tokio::time::timeout_at(ttft_deadline, body.frame()).await {
+                Err(_) => {
+                    return Err(Failure::FirstTokenTimeout(
+                        ttft_deadline.saturating_duration_since(sent),
+                    )
+                    .into())
+                }
+                Ok(None) => {
+                    return Err(Failure::StreamFailedEarly(
+                        "the stream ended before the first token".into(),
+                    )
+                    .into())
+                }
+                Ok(Some(Err(err))) => {
+                    return Err(Failure::StreamFailedEarly(super::upstream::describe(&err)).into())
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let mut first = false;
+            for event in parser.push(&data) {
+                if let Some(d) = &event.data {
+                    match inspect(d) {
+                        Chunk::Content {
+                            substantive: true, ..
+                        } => first = true,
+                        Chunk::Error(e) => {
+                            return Err(Failure::StreamFailedEarly(format!(
+                                "the provider sent an error in the stream: {e}"
+                            ))
+                            .into())
+                        }
+                        _ => {}
+                    }
+                }
+                prefix.push(event);
+            }
+            if first {
+                return Ok(Answer::Stream {
+                    head,
+                    body,
+                    parser,
+                    prefix,
+                    lease,
+                });
+            }
+        }
+    }
+
+    fn record(
+        &mut self,
+        step: &Step,
+        outcome: &'static str,
+        status: Option<u16>,
+        started: Instant,
+    ) {
+        let target = step.target();
+        self.attempts.push(AttemptRecord {
+            route: step.route.name.clone(),
+            provider: target.provider.name.clone(),
+            model: target.model.clone(),
+            outcome,
+            status,
+            duration: started.elapsed(),
+        });
+        self.core
+            .metrics
+            .record_attempt(&target.tags.provider, outcome);
+    }
+
+    /// Runs the request to a committed answer, or to one error that keeps the most meaningful
+    /// upstream failure and lists every attempt.
+    pub async fn run(mut self) -> Result<Committed, SidecarError> {
+        self.core.budget.record_request(Instant::now());
+        self.truncate_if_needed();
+        let (steps, skipped) = self.plan_steps();
+        let r = self.snapshot.resilience;
+        let mut worst: Option<Worst> = None;
+        let mut context_limit: Option<u64> = None;
+        let mut limited: Vec<(usize, Instant)> = Vec::new();
+        let mut waits = 0;
+        let mut index = 0;
+        let mut requeued: Option<usize> = None;
+
+        loop {
+            let step_index = match requeued.take() {
+                Some(i) => i,
+                None if index < steps.len() => {
+                    index += 1;
+                    index - 1
+                }
+                None => {
+                    // Everything failed: wait once for the soonest rate limit that clears in time.
+                    let soonest = limited
+                        .iter()
+                        .filter(|(_, at)| *at < self.deadline)
+                        .min_by_key(|(_, at)| *at)
+                        .copied();
+                    match soonest {
+                        Some((i, at)) if waits < r.rate_limit_waits => {
+                            waits += 1;
+                            limited.retain(|(j, _)| *j != i);
+                            tokio::time::sleep_until(at).await;
+                            requeued = Some(i);
+                            continue;
+                        }
+                        _ => break,
+                    }
+                }
+            };
+            let step = &steps[step_index];
+            let target = step.target();
+            if context_limit
+                .is_some_and(|limit| step.route.context_window.is_some_and(|w| w <= limit))
+            {
+                continue;
+            }
+            let mut tries = 0u32;
+            loop {
+                if Instant::now() >= self.deadline {
+                    break;
+                }
+                let admission = self.core.health.admit(
+                    &target.health_key,
+                    Instant::now(),
+                    step.forced_probe && tries == 0,
+                );
+                if admission == Admission::Rejected {
+                    self.record(step, "breaker_open", None, Instant::now());
+                    break;
+                }
+                tries += 1;
+                let started = Instant::now();
+                match self.attempt(target, None).await {
+                    Ok(answer) => {
+                        let latency = started.elapsed();
+                        self.core.health.record_success(
+                            &target.health_key,
+                            latency,
+                            self.stream.then_some(latency),
+                        );
+                        self.record(step, "ok", Some(200), started);
+                        return Ok(self.commit(step, answer, steps[step_index + 1..].to_vec()));
+                    }
+                    Err(AttemptError {
+                        failure,
+                        passthrough,
+                    }) => {
+                        let class = classify(&failure);
+                        let status = match &failure {
+                            Failure::Status { status, .. } => Some(status.as_u16()),
+                            _ => None,
+                        };
+                        self.record(step, class.label(), status, started);
+                        if class.counts_against_target() {
+                            self.core.health.record_failure(
+                                &target.health_key,
+                                Instant::now(),
+                                &r.breaker,
+                            );
+                        } else {
+                            self.core.health.record_inconclusive(&target.health_key);
+                        }
+                        let describe = format!("{}/{}", target.provider.name, target.model);
+                        if class == Class::Misconfigured {
+                            tracing::error!(provider = %target.provider.name, model = %target.model, ?status, "provider rejected the sidecar's credentials or model: check the target's key and model name");
+                        } else {
+                            tracing::warn!(provider = %target.provider.name, model = %target.model, outcome = class.label(), ?status, "upstream attempt failed");
+                        }
+                        if class == Class::ClientError {
+                            if let Some((status, headers, body)) = passthrough {
+                                return Ok(self.passthrough_error(step, status, headers, body));
+                            }
+                        }
+                        if worst
+                            .as_ref()
+                            .is_none_or(|w| class.weight() > w.class.weight())
+                        {
+                            worst = Some(Worst {
+                                class,
+                                failure: failure.clone(),
+                                target: describe,
+                            });
+                        }
+                        let retry_wait = match class {
+                            Class::ContextTooLong => {
+                                context_limit = Some(
+                                    step.route
+                                        .context_window
+                                        .unwrap_or(self.prompt_tokens.saturating_sub(1)),
+                                );
+                                None
+                            }
+                            Class::Silent | Class::Misconfigured | Class::ClientError => None,
+                            Class::Transient | Class::ServerError => (tries
+                                < self.max_tries(class))
+                            .then(|| {
+                                full_jitter(r.backoff_base, r.backoff_max, tries - 1, unit_sample())
+                            }),
+                            Class::RateLimited(Some(after)) => {
+                                if after <= r.backoff_max && tries < r.attempts_per_target {
+                                    Some(after)
+                                } else {
+                                    limited.push((step_index, Instant::now() + after));
+                                    None
+                                }
+                            }
+                            Class::RateLimited(None) => {
+                                (tries < r.attempts_per_target).then(|| {
+                                    full_jitter(
+                                        r.backoff_base,
+                                        r.backoff_max,
+                                        tries - 1,
+                                        unit_sample(),
+                                    )
+                                })
+                            }
+                        };
+                        let Some(wait) = retry_wait else { break };
+                        if wait >= self.remaining() {
+                            break;
+                        }
+                        if !self.core.budget.try_retry(
+                            Instant::now(),
+                            r.retry_budget_ratio,
+                            r.retry_budget_min_per_second,
+                        ) {
+                            self.core.metrics.retry_budget_exhausted.inc();
+                            break;
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        Err(self.give_up(worst, &skipped))
+    }
+
+    fn max_tries(&self, class: Class) -> u32 {
+        match class {
+            // "Retry the same target once" for server errors.
+            Class::ServerError => self.snapshot.resilience.attempts_per_target.min(2),
+            _ => self.snapshot.resilience.attempts_per_target,
+        }
+    }
+
+    fn add_headers(&self, headers: &mut HeaderMap, step: &Step) {
+        let target = step.target();
+        for (name, value) in &target.tags.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        let reason = if self.attempts.iter().any(|a| a.outcome != "ok") {
+            Reason::Fallback
+        } else if !self.snapshot.flags.holy_sheep_routing_enabled {
+            Reason::RoutingDisabled
+        } else if step.side == ProviderKind::Official && self.route.relay.is_none() {
+            Reason::OnlyTarget
+        } else {
+            Reason::RoutingEnabled
+        };
+        headers.insert(HEADER_REASON, HeaderValue::from_static(reason.as_str()));
+        headers.insert(HEADER_GENERATION, self.snapshot.generation_header.clone());
+        headers.insert(HEADER_ATTEMPTS, HeaderValue::from(self.attempts.len()));
+        let mut distinct: Vec<&str> = Vec::new();
+        for a in &self.attempts {
+            let key = a.provider.as_str();
+            if distinct.last() != Some(&key) || distinct.is_empty() {
+                distinct.push(key);
+            }
+        }
+        headers.insert(
+            HEADER_FALLBACKS,
+            HeaderValue::from(distinct.len().saturating_sub(1)),
+        );
+        let log: Vec<String> = self
+            .attempts
+            .iter()
+            .map(|a| format!("{}/{}={}", a.provider, a.model, a.outcome))
+            .collect();
+        if let Ok(value) = HeaderValue::from_str(&log.join(",")) {
+            headers.insert(HEADER_ATTEMPT_LOG, value);
+        }
+        if self.truncated > 0 {
+            headers.insert(HEADER_TRUNCATED, HeaderValue::from(self.truncated));
+        }
+    }
+
+    fn passthrough_error(
+        &self,
+        step: &Step,
+        status: StatusCode,
+        upstream: HeaderMap,
+        body: Bytes,
+    ) -> Committed {
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        if let Some(ct) = upstream.get(header::CONTENT_TYPE) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, ct.clone());
+        }
+        self.add_headers(response.headers_mut(), step);
+        Committed {
+            response,
+            route: step.route.clone(),
+            side: step.side,
+            lease: None,
+        }
+    }
+
+    fn give_up(
+        &self,
+        worst: Option<Worst>,
+        skipped: &[crate::routing::plan::Skipped],
+    ) -> SidecarError {
+        let attempts: Vec<Value> = self.attempts.iter().map(AttemptRecord::json).collect();
+        let skipped: Vec<Value> = skipped
+            .iter()
+            .map(|s| {
+                let step = Step { route: s.route.clone(), side: s.side, forced_probe: false };
+                let t = step.target();
+                json!({ "route": s.route.name, "provider": t.provider.name, "model": t.model, "reason": s.reason.label() })
+            })
+            .collect();
+        let Some(Worst {
+            class,
+            failure,
+            target,
+        }) = worst
+        else {
+            return SidecarError::AllTargetsFailed {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "no target could be tried: every target was skipped or its circuit breaker is open".into(),
+                upstream_type: None,
+                upstream_code: Some("no_target_available".into()),
+                attempts: json!({ "attempts": attempts, "skipped": skipped }),
+            };
+        };
+        let (status, detail, kind, code) = match &failure {
+            Failure::Status { status, error, .. } => (
+                match class {
+                    Class::ContextTooLong => StatusCode::BAD_REQUEST,
+                    Class::Misconfigured => StatusCode::BAD_GATEWAY,
+                    _ => *status,
+                },
+                format!(
+                    "{} {}",
+                    status.as_u16(),
+                    error.message.clone().unwrap_or_default()
+                ),
+                error.kind.clone(),
+                error.code.clone(),
+            ),
+            Failure::HeaderTimeout(d) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no response headers within {d:?}"),
+                None,
+                None,
+            ),
+            Failure::FirstTokenTimeout(d) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no first token within {d:?}"),
+                None,
+                None,
+            ),
+            Failure::Connect(why) => (
+                StatusCode::BAD_GATEWAY,
+                format!("cannot connect: {why}"),
+                None,
+                None,
+            ),
+            Failure::ConnectionLost(why) | Failure::StreamFailedEarly(why) => {
+                (StatusCode::BAD_GATEWAY, why.clone(), None, None)
+            }
+        };
+        SidecarError::AllTargetsFailed {
+            status,
+            message: format!(
+                "every target failed ({} attempts); the most relevant failure, {} from {target}: {}",
+                self.attempts.len(),
+                class.label(),
+                detail.trim()
+            ),
+            upstream_type: kind,
+            upstream_code: code.or_else(|| Some(class.label().to_string())),
+            attempts: json!({ "attempts": attempts, "skipped": skipped }),
+        }
+    }
+
+    fn commit(self, step: &Step, answer: Answer, rest: Vec<Step>) -> Committed {
+        match answer {
+            Answer::Plain(response, lease) => {
+                let mut response = response.map(|b| b.map_err(BoxError::from).boxed_unsync());
+                super::strip_hop_by_hop(response.headers_mut());
+                self.add_headers(response.headers_mut(), step);
+                Committed {
+                    response,
+                    route: step.route.clone(),
+                    side: step.side,
+                    lease,
+                }
+            }
+            Answer::Stream {
+                mut head,
+                body,
+                parser,
+                prefix,
+                lease,
+            } => {
+                super::strip_hop_by_hop(&mut head.headers);
+                head.headers.remove(header::CONTENT_LENGTH);
+                self.add_headers(&mut head.headers, step);
+                let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+                let route = step.route.clone();
+                let side = step.side;
+                let current = step.clone();
+                tokio::spawn(async move {
+                    let mut pump = Pump {
+                        tx,
+                        state: StreamState::default(),
+                        usage_added: self.usage_added,
+                        metrics: self.core.metrics.clone(),
+                    };
+                    for event in prefix {
+                        if !pump.forward(event).await {
+                            return;
+                        }
+                    }
+                    self.pump(pump, current, body, parser, lease, rest).await;
+                });
+                let body = ChannelBody::new(rx).boxed_unsync();
+                Committed {
+                    response: Response::from_parts(head, body),
+                    route,
+                    side,
+                    lease: None,
+                }
+            }
+        }
+    }
+
+    /// Streams the committed answer to its end; continues it elsewhere or ends it with an error
+    /// event when the upstream stream breaks.
+    async fn pump(
+        self,
+        mut pump: Pump,
+        mut current: Step,
+        mut body: Incoming,
+        mut parser: SseParser,
+        mut lease: Option<Lease>,
+        mut rest: Vec<Step>,
+    ) {
+        let idle = self.snapshot.resilience.stream_idle_timeout;
+        loop {
+            let broken: String = loop {
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => break format!("the stream stalled for {idle:?}"),
+                    Ok(Some(Err(err))) => {
+                        break format!("the stream broke: {}", super::upstream::describe(&err))
+                    }
+                    Ok(Some(Ok(frame))) => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        for event in parser.push(&data) {
+                            if !pump.forward(event).await {
+                                return; // the client went away
+                            }
+                        }
+                        if pump.state.failed.is_some() {
+                            break pump.state.failed.take().unwrap_or_default();
+                        }
+                    }
+                    Ok(None) => {
+                        if let Some(event) = parser.finish() {
+                            let _ = pump.forward(event).await;
+                        }
+                        if pump.state.done {
+                            if let Some(lease) = lease.take() {
+                                lease.release();
+                            }
+                            return;
+                        }
+                        if pump.state.finished {
+                            // Complete but for the terminator: finalise it.
+                            pump.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                            if let Some(lease) = lease.take() {
+                                lease.release();
+                            }
+                            return;
+                        }
+                        break "the stream ended before the answer was finished".to_string();
+                    }
+                }
+            };
+            drop(lease.take());
+            let t = current.target();
+            tracing::warn!(provider = %t.provider.name, model = %t.model, reason = %broken, sent_chars = pump.state.text.len(), "committed stream broke");
+            self.core.health.record_failure(
+                &t.health_key,
+                Instant::now(),
+                &self.snapshot.resilience.breaker,
+            );
+            let original = format!("{}/{}: {broken}", t.provider.name, t.model);
+
+            // Continue the answer on the next target that accepts an assistant prefill.
+            let mut continued = None;
+            while !rest.is_empty() {
+                let step = rest.remove(0);
+                if !step.target().supports_prefill || Instant::now() >= self.deadline {
+                    continue;
+                }
+                if self
+                    .core
+                    .health
+                    .admit(&step.target().health_key, Instant::now(), false)
+                    == Admission::Rejected
+                {
+                    continue;
+                }
+                let started = Instant::now();
+                match self.attempt(step.target(), Some(&pump.state.text)).await {
+                    Ok(Answer::Stream {
+                        body,
+                        parser,
+                        prefix,
+                        lease: l,
+                        ..
+                    }) => {
+                        self.core.health.record_success(
+                            &step.target().health_key,
+                            started.elapsed(),
+                            Some(started.elapsed()),
+                        );
+                        continued = Some((step, body, parser, prefix, l));
+                        break;
+                    }
+                    Ok(Answer::Plain(..)) => {}
+                    Err(err) => {
+                        let class = classify(&err.failure);
+                        if class.counts_against_target() {
+                            self.core.health.record_failure(
+                                &step.target().health_key,
+                                Instant::now(),
+                                &self.snapshot.resilience.breaker,
+                            );
+                        }
+                        tracing::warn!(provider = %step.target().provider.name, outcome = class.label(), "continuation attempt failed");
+                    }
+                }
+            }
+            let Some((step, next_body, next_parser, prefix, next_lease)) = continued else {
+                self.core.metrics.record_stream_interruption("error_event");
+                let error = json!({
+                    "error": {
+                        "message": format!("the answer was interrupted and could not be continued: {original}"),
+                        "type": "server_error",
+                        "param": null,
+                        "code": "stream_interrupted",
+                    }
+                });
+                pump.send(Bytes::from(format!("data: {error}\n\n"))).await;
+                return;
+            };
+            self.core.metrics.record_stream_interruption("continued");
+            pump.state.continuing = true;
+            for event in prefix {
+                if !pump.forward(event).await {
+                    return;
+                }
+            }
+            current = step;
+            body = next_body;
+            parser = next_parser;
+            lease = next_lease;
+        }
+    }
+}
+
+/// What the sidecar has seen of a committed stream.
+#[derive(Default)]
+struct StreamState {
+    text: String,
+    finished: bool,
+    done: bool,
+    /// Set by a provider error event: the stream is broken.
+    failed: Option<String>,
+    /// Forwarding a continuation: its role chunk is not repeated to the client.
+    continuing: bool,
+}
+
+struct Pump {
+    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    state: StreamState,
+    usage_added: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Pump {
+    async fn send(&mut self, bytes: Bytes) -> bool {
+        self.tx.send(Ok(Frame::data(bytes))).await.is_ok()
+    }
+
+    /// Forwards one upstream event to the client, or drops it; false when the client is gone.
+    async fn forward(&mut self, event: RawEvent) -> bool {
+        let Some(data) = &event.data else {
+            return self.send(event.raw).await;
+        };
+        match inspect(data) {
+            Chunk::Done => {
+                self.state.done = true;
+                self.send(event.raw).await
+            }
+            Chunk::Malformed => {
+                tracing::debug!("dropped a malformed stream chunk");
+                self.metrics.malformed_chunks.inc();
+                true
+            }
+            Chunk::Error(e) => {
+                self.state.failed = Some(format!("the provider sent an error in the stream: {e}"));
+                true
+            }
+            Chunk::UsageOnly(_) if self.usage_added => true,
+            Chunk::UsageOnly(_) => self.send(event.raw).await,
+            Chunk::Content {
+                text,
+                finish_reason,
+                substantive,
+                ..
+            } => {
+                if self.state.continuing && !substantive {
+                    return true;
+                }
+                self.state.text.push_str(&text);
+                if finish_reason.is_some() {
+                    self.state.finished = true;
+                }
+                self.send(event.raw).await
+            }
+        }
+    }
+}
+
+/// Estimated prompt tokens, parsed only when a window could matter.
+fn estimate_prompt(snapshot: &Snapshot, route: &Route, parsed: &RequestBody<'_>) -> u64 {
+    let messages = parsed.field("messages");
+    let prompt = parsed.field("prompt").or_else(|| parsed.field("input"));
+    let raw_len =
+        messages.map(|m| m.get().len()).unwrap_or(0) + prompt.map(|p| p.get().len()).unwrap_or(0);
+    let smallest = std::iter::once(route)
+        .chain(
+            route
+                .fallbacks
+                .iter()
+                .filter_map(|f| snapshot.route(f).map(|r| r.as_ref())),
+        )
+        .filter_map(|r| r.context_window)
+        .min();
+    // No more tokens than bytes: a short prompt fits every window without parsing it.
+    if smallest.is_none_or(|w| (raw_len as u64) < w) && !route.truncate_to_fit {
+        return (raw_len as u64).div_ceil(4);
+    }
+    let messages = messages.and_then(|m| serde_json::from_str::<Value>(m.get()).ok());
+    let prompt = prompt.and_then(|p| serde_json::from_str::<Value>(p.get()).ok());
+    tokens::estimate_prompt(messages.as_ref(), prompt.as_ref())
+}
