@@ -168,10 +168,15 @@ async fn an_untrusted_certificate_is_refused_with_a_502() {
     assert_eq!(status, 502, "{body}");
     assert_eq!(
         header(&headers, "x-llm-sidecar-error"),
-        "upstream_unreachable"
+        "all_targets_failed"
     );
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("certificate"), "{message}");
+    assert_eq!(
+        provider.connections.load(Ordering::SeqCst),
+        2,
+        "one retry, then give up"
+    );
 }
 
 #[tokio::test]
