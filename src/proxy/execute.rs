@@ -162,6 +162,9 @@ impl Exchange {
             .is_some_and(|v| {
                 matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
             });
+        // The sidecar's own request headers are read here and never forwarded.
+        let mut headers = headers;
+        super::strip_request_headers(&mut headers);
         let stream = parsed.stream;
         let usage_added = stream
             && !parsed
@@ -467,6 +470,7 @@ impl Exchange {
         let mut requeued: Option<usize> = None;
 
         loop {
+            let was_requeued = requeued.is_some();
             let step_index = match requeued.take() {
                 Some(i) => i,
                 None if index < steps.len() => {
@@ -499,15 +503,22 @@ impl Exchange {
             {
                 continue;
             }
-            let mut tries = 0u32;
+            // A target retried after waiting out its rate limit gets one more attempt, not a
+            // fresh set.
+            let mut tries = if was_requeued {
+                r.attempts_per_target.saturating_sub(1)
+            } else {
+                0
+            };
             loop {
                 if Instant::now() >= self.deadline {
                     break;
                 }
+                let first_try = tries == 0 || was_requeued;
                 let admission = self.core.health.admit(
                     &target.health_key,
                     Instant::now(),
-                    step.forced_probe && tries == 0,
+                    step.forced_probe && first_try,
                 );
                 if admission == Admission::Rejected {
                     self.record(step, "breaker_open", None, Instant::now());

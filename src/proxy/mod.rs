@@ -369,7 +369,7 @@ impl Proxy {
     async fn exchange(
         &self,
         snapshot: Arc<Snapshot>,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         bytes: Bytes,
         record: &mut Record,
     ) -> Result<Response<ProxyBody>, SidecarError> {
@@ -385,7 +385,6 @@ impl Proxy {
                 available: snapshot.model_ids(),
             });
         };
-        strip_request_headers(&mut parts.headers);
         let path_and_query = parts
             .uri
             .path_and_query()
@@ -429,7 +428,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
 /// headers (including those the `Connection` header names) and the sidecar's own controls.
-fn strip_request_headers(headers: &mut HeaderMap) {
+pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
     let mut extra: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
