@@ -5,7 +5,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use support::*;
 
 /// Relay `sheep`, official `deep`, and official `twin`, which the fake answers with the same
