@@ -56,9 +56,7 @@ pub struct Core {
 /// One attempt, for the attempt log and the final error.
 #[derive(Clone, Debug)]
 pub struct AttemptRecord {
-    pub route: String,
-    pub provider: String,
-    pub model: String,
+    pub step: Step,
     pub outcome: &'static str,
     pub status: Option<u16>,
     pub duration: Duration,
@@ -66,10 +64,11 @@ pub struct AttemptRecord {
 
 impl AttemptRecord {
     fn json(&self) -> Value {
+        let target = self.step.target();
         json!({
-            "route": self.route,
-            "provider": self.provider,
-            "model": self.model,
+            "route": self.step.route.name,
+            "provider": target.provider.name,
+            "model": target.model,
             "outcome": self.outcome,
             "status": self.status,
             "duration_ms": self.duration.as_millis() as u64,
@@ -138,6 +137,10 @@ pub struct Exchange {
     low_latency: bool,
     deadline: Instant,
     attempts: Vec<AttemptRecord>,
+    steps: Vec<Step>,
+    skipped: Vec<crate::routing::plan::Skipped>,
+    /// The body for the first planned target, rendered while the request was parsed anyway.
+    first_body: Option<(Arc<str>, Bytes)>,
 }
 
 impl Exchange {
@@ -173,7 +176,7 @@ impl Exchange {
                 .is_some_and(|o| o["include_usage"] == Value::Bool(true));
         let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
         let deadline = Instant::now() + snapshot.resilience.deadline;
-        Exchange {
+        let mut exchange = Exchange {
             core,
             snapshot,
             method,
@@ -190,7 +193,22 @@ impl Exchange {
             low_latency,
             deadline,
             attempts: Vec::new(),
+            steps: Vec::new(),
+            skipped: Vec::new(),
+            first_body: None,
+        };
+        exchange.truncate_if_needed();
+        let (steps, skipped) = exchange.plan_steps();
+        if let Some(first) = steps.first() {
+            let target = first.target();
+            exchange.first_body = Some((
+                target.health_key.clone(),
+                exchange.render_body(parsed, target, None),
+            ));
         }
+        exchange.steps = steps;
+        exchange.skipped = skipped;
+        exchange
     }
 
     fn plan_steps(&self) -> (Vec<Step>, Vec<crate::routing::plan::Skipped>) {
@@ -247,9 +265,23 @@ impl Exchange {
     }
 
     fn body_for(&self, target: &Target, prefill: Option<&str>) -> Bytes {
-        let Ok(parsed) = RequestBody::parse(&self.bytes) else {
-            return self.bytes.clone();
-        };
+        if let (Some((key, body)), None) = (&self.first_body, prefill) {
+            if *key == target.health_key {
+                return body.clone();
+            }
+        }
+        match RequestBody::parse(&self.bytes) {
+            Ok(parsed) => self.render_body(&parsed, target, prefill),
+            Err(_) => self.bytes.clone(),
+        }
+    }
+
+    fn render_body(
+        &self,
+        parsed: &RequestBody<'_>,
+        target: &Target,
+        prefill: Option<&str>,
+    ) -> Bytes {
         let mut overrides: Vec<(&str, String)> = Vec::new();
         if self.usage_added {
             let mut options = parsed
@@ -443,9 +475,7 @@ impl Exchange {
     ) {
         let target = step.target();
         self.attempts.push(AttemptRecord {
-            route: step.route.name.clone(),
-            provider: target.provider.name.clone(),
-            model: target.model.clone(),
+            step: step.clone(),
             outcome,
             status,
             duration: started.elapsed(),
@@ -459,8 +489,8 @@ impl Exchange {
     /// upstream failure and lists every attempt.
     pub async fn run(mut self) -> Result<Committed, SidecarError> {
         self.core.budget.record_request(Instant::now());
-        self.truncate_if_needed();
-        let (steps, skipped) = self.plan_steps();
+        let steps = std::mem::take(&mut self.steps);
+        let skipped = std::mem::take(&mut self.skipped);
         let r = self.snapshot.resilience;
         let mut worst: Option<Worst> = None;
         let mut context_limit: Option<u64> = None;
@@ -655,25 +685,23 @@ impl Exchange {
         };
         headers.insert(HEADER_REASON, HeaderValue::from_static(reason.as_str()));
         headers.insert(HEADER_GENERATION, self.snapshot.generation_header.clone());
-        headers.insert(HEADER_ATTEMPTS, HeaderValue::from(self.attempts.len()));
-        let mut distinct: Vec<&str> = Vec::new();
-        for a in &self.attempts {
-            let key = a.provider.as_str();
-            if distinct.last() != Some(&key) || distinct.is_empty() {
-                distinct.push(key);
-            }
-        }
-        headers.insert(
-            HEADER_FALLBACKS,
-            HeaderValue::from(distinct.len().saturating_sub(1)),
-        );
-        let log: Vec<String> = self
+        headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len()));
+        // Fallbacks: how many times the request moved on to another target.
+        let moves = self
             .attempts
-            .iter()
-            .map(|a| format!("{}/{}={}", a.provider, a.model, a.outcome))
-            .collect();
-        if let Ok(value) = HeaderValue::from_str(&log.join(",")) {
-            headers.insert(HEADER_ATTEMPT_LOG, value);
+            .windows(2)
+            .filter(|w| w[0].step.target().health_key != w[1].step.target().health_key)
+            .count();
+        headers.insert(HEADER_FALLBACKS, small_number(moves));
+        if self.attempts.len() > 1 {
+            let log: Vec<String> = self
+                .attempts
+                .iter()
+                .map(|a| format!("{}={}", a.step.target().health_key, a.outcome))
+                .collect();
+            if let Ok(value) = HeaderValue::from_str(&log.join(",")) {
+                headers.insert(HEADER_ATTEMPT_LOG, value);
+            }
         }
         if self.truncated > 0 {
             headers.insert(HEADER_TRUNCATED, HeaderValue::from(self.truncated));
@@ -1033,6 +1061,15 @@ impl Pump {
                 self.send(event.raw).await
             }
         }
+    }
+}
+
+/// Small counts as ready header values, so the common answer allocates nothing for them.
+fn small_number(n: usize) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match DIGITS.get(n) {
+        Some(d) => HeaderValue::from_static(d),
+        None => HeaderValue::from(n),
     }
 }
 

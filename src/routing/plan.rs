@@ -141,57 +141,46 @@ pub fn plan(
     }
 
     let mut plan = Plan::default();
-    let key = |r: &Arc<Route>, side: ProviderKind| -> Arc<str> {
-        let step = Step {
-            route: r.clone(),
-            side,
-            forced_probe: false,
-        };
-        step.target().health_key.clone()
-    };
     let threshold = snapshot.resilience.low_latency_threshold;
-    let mut fits = Vec::new();
+    let key = |r: &Arc<Route>, side: ProviderKind| -> Option<Arc<str>> {
+        r.target(side).map(|t| t.health_key.clone())
+    };
+    // Pass 1: drop what cannot serve this prompt; set aside what is too slow.
+    let mut usable = Vec::with_capacity(candidates.len());
+    let mut slow = Vec::new();
     for (r, side) in candidates {
-        let too_small = r.context_window.is_some_and(|w| request.prompt_tokens > w);
-        if too_small {
+        if r.context_window.is_some_and(|w| request.prompt_tokens > w) {
             plan.skipped.push(Skipped {
                 route: r,
                 side,
                 reason: SkipReason::ContextTooSmall,
             });
-        } else {
-            fits.push((r, side));
-        }
-    }
-    let mut fast = Vec::new();
-    let mut slow = Vec::new();
-    for (r, side) in fits {
-        let slow_target = request.low_latency
-            && health
-                .latency(&key(&r, side))
-                .is_some_and(|l| l > threshold);
-        if slow_target {
+        } else if request.low_latency
+            && key(&r, side)
+                .and_then(|k| health.latency(&k))
+                .is_some_and(|l| l > threshold)
+        {
             slow.push((r, side));
         } else {
-            fast.push((r, side));
+            usable.push((r, side));
         }
     }
     // Better a slow answer than none: slow targets stay when nothing else is left.
-    let usable = if fast.is_empty() {
-        slow
+    if usable.is_empty() {
+        usable = slow;
     } else {
-        for (r, side) in slow {
-            plan.skipped.push(Skipped {
-                route: r,
+        plan.skipped
+            .extend(slow.into_iter().map(|(route, side)| Skipped {
+                route,
                 side,
                 reason: SkipReason::TooSlow,
-            });
-        }
-        fast
-    };
+            }));
+    }
+    // Pass 2: targets whose breaker is open are skipped.
     let mut open = Vec::new();
+    plan.steps.reserve(usable.len());
     for (r, side) in usable {
-        if health.blocking(&key(&r, side)) {
+        if key(&r, side).is_some_and(|k| health.blocking(&k)) {
             open.push((r, side));
         } else {
             plan.steps.push(Step {
@@ -206,7 +195,7 @@ pub fn plan(
         let at = open
             .iter()
             .enumerate()
-            .min_by_key(|(_, (r, side))| health.last_failure(&key(r, *side)))
+            .min_by_key(|(_, (r, side))| key(r, *side).and_then(|k| health.last_failure(&k)))
             .map(|(i, _)| i)
             .unwrap_or(0);
         let (r, side) = open.remove(at);
@@ -216,13 +205,12 @@ pub fn plan(
             forced_probe: true,
         });
     }
-    for (r, side) in open {
-        plan.skipped.push(Skipped {
-            route: r,
+    plan.skipped
+        .extend(open.into_iter().map(|(route, side)| Skipped {
+            route,
             side,
             reason: SkipReason::BreakerOpen,
-        });
-    }
+        }));
     plan
 }
 
