@@ -545,11 +545,16 @@ impl Exchange {
                     break;
                 }
                 let first_try = tries == 0 || was_requeued;
-                let admission = self.core.health.admit(
-                    &target.health_key,
-                    Instant::now(),
-                    step.forced_probe && first_try,
-                );
+                // A breaker the plan saw closed needs no second look for the first attempt.
+                let admission = if first_try && step.closed {
+                    Admission::Allowed
+                } else {
+                    self.core.health.admit(
+                        &target.health_key,
+                        Instant::now(),
+                        step.forced_probe && first_try,
+                    )
+                };
                 if admission == Admission::Rejected {
                     self.record(step, "breaker_open", None, Instant::now());
                     break;
@@ -740,7 +745,7 @@ impl Exchange {
         let skipped: Vec<Value> = skipped
             .iter()
             .map(|s| {
-                let step = Step { route: s.route.clone(), side: s.side, forced_probe: false };
+                let step = Step { route: s.route.clone(), side: s.side, forced_probe: false, closed: false };
                 let t = step.target();
                 json!({ "route": s.route.name, "provider": t.provider.name, "model": t.model, "reason": s.reason.label() })
             })

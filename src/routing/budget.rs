@@ -1,82 +1,85 @@
 //! The retry budget: across the whole sidecar, retries may add at most `ratio` of the requests of
 //! the last `window`, plus a small floor, so an outage does not multiply the load on providers.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Counts per one-second slot over the window.
-#[derive(Debug)]
+/// Counts for one second. Slots are reused round-robin; a slot whose second has passed is reset
+/// by the first request that lands on it, so recording is lock-free.
+#[derive(Debug, Default)]
 struct Slot {
-    start: Instant,
-    requests: u32,
-    retries: u32,
+    second: AtomicU64,
+    requests: AtomicU32,
+    retries: AtomicU32,
 }
+
+const SLOTS: usize = 32;
 
 #[derive(Debug)]
 pub struct RetryBudget {
-    window: Duration,
-    slots: Mutex<VecDeque<Slot>>,
+    window: u64,
+    origin: Instant,
+    slots: [Slot; SLOTS],
 }
 
 impl RetryBudget {
+    /// `window` is rounded to whole seconds, between 1 and 30.
     pub fn new(window: Duration) -> RetryBudget {
         RetryBudget {
-            window,
-            slots: Mutex::new(VecDeque::new()),
+            window: window.as_secs().clamp(1, SLOTS as u64 - 2),
+            origin: Instant::now(),
+            slots: Default::default(),
         }
     }
 
-    fn with_current<T>(&self, now: Instant, f: impl FnOnce(&mut VecDeque<Slot>) -> T) -> T {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        while slots
-            .front()
-            .is_some_and(|s| now.duration_since(s.start) >= self.window)
+    /// Seconds since the budget was made, plus one so that no live slot is ever second 0.
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs() + 1
+    }
+
+    fn current(&self, now: Instant) -> &Slot {
+        let second = self.second(now);
+        let slot = &self.slots[(second % SLOTS as u64) as usize];
+        let seen = slot.second.load(Ordering::Acquire);
+        if seen != second
+            && slot
+                .second
+                .compare_exchange(seen, second, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
         {
-            slots.pop_front();
+            slot.requests.store(0, Ordering::Release);
+            slot.retries.store(0, Ordering::Release);
         }
-        if slots
-            .back()
-            .is_none_or(|s| now.duration_since(s.start) >= Duration::from_secs(1))
-        {
-            slots.push_back(Slot {
-                start: now,
-                requests: 0,
-                retries: 0,
-            });
-        }
-        f(&mut slots)
+        slot
     }
 
     /// Counts one request from a client.
     pub fn record_request(&self, now: Instant) {
-        self.with_current(now, |slots| {
-            if let Some(slot) = slots.back_mut() {
-                slot.requests += 1;
-            }
-        });
+        self.current(now).requests.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Takes one retry from the budget; false when it is spent. The ratio and floor come from
     /// the current config, so a reload changes them without losing the window's counts.
     pub fn try_retry(&self, now: Instant, ratio: f64, min_per_second: u32) -> bool {
-        let floor = min_per_second as f64 * self.window.as_secs_f64();
-        self.with_current(now, |slots| {
-            let (requests, retries) = slots.iter().fold((0u64, 0u64), |(q, r), s| {
-                (q + s.requests as u64, r + s.retries as u64)
-            });
-            let allowed = floor + ratio * requests as f64;
-            if (retries as f64) < allowed {
-                if let Some(slot) = slots.back_mut() {
-                    slot.retries += 1;
-                }
-                true
-            } else {
-                false
+        let slot = self.current(now);
+        let second = self.second(now);
+        let (mut requests, mut retries) = (0u64, 0u64);
+        for s in &self.slots {
+            let at = s.second.load(Ordering::Acquire);
+            if at != 0 && at <= second && second - at < self.window {
+                requests += s.requests.load(Ordering::Acquire) as u64;
+                retries += s.retries.load(Ordering::Acquire) as u64;
             }
-        })
+        }
+        let allowed = min_per_second as f64 * self.window as f64 + ratio * requests as f64;
+        if (retries as f64) < allowed {
+            slot.retries.fetch_add(1, Ordering::AcqRel);
+            true
+        } else {
+            false
+        }
     }
 }
 

@@ -98,32 +98,40 @@ impl Health {
         out
     }
 
-    /// A point-in-time view for planning one request.
+    /// A point-in-time view for planning one request: one lock for the whole plan. Planning
+    /// is synchronous, so the lock is never held across an await.
     pub fn lookup(&self, now: Instant) -> HealthNow<'_> {
-        HealthNow { health: self, now }
+        HealthNow {
+            targets: self.targets.lock().unwrap_or_else(|p| p.into_inner()),
+            now,
+        }
     }
 }
 
 pub struct HealthNow<'a> {
-    health: &'a Health,
+    targets: std::sync::MutexGuard<'a, HashMap<Arc<str>, TargetHealth>>,
     now: Instant,
 }
 
 impl HealthLookup for HealthNow<'_> {
     fn blocking(&self, key: &str) -> bool {
-        self.health
-            .read(key, |t| t.breaker.is_blocking(self.now))
-            .unwrap_or(false)
+        self.targets
+            .get(key)
+            .is_some_and(|t| t.breaker.is_blocking(self.now))
     }
 
     fn last_failure(&self, key: &str) -> Option<Instant> {
-        self.health
-            .read(key, |t| t.breaker.last_failure())
-            .flatten()
+        self.targets.get(key).and_then(|t| t.breaker.last_failure())
     }
 
     fn latency(&self, key: &str) -> Option<Duration> {
-        self.health.read(key, |t| t.latency.get()).flatten()
+        self.targets.get(key).and_then(|t| t.latency.get())
+    }
+
+    fn closed(&self, key: &str) -> bool {
+        self.targets
+            .get(key)
+            .is_none_or(|t| t.breaker.phase(self.now) == Phase::Closed)
     }
 }
 

@@ -16,6 +16,8 @@ pub trait HealthLookup {
     fn last_failure(&self, key: &str) -> Option<Instant>;
     /// Moving average of the target's latency, when known.
     fn latency(&self, key: &str) -> Option<Duration>;
+    /// The breaker is closed: a first attempt needs no admission.
+    fn closed(&self, key: &str) -> bool;
 }
 
 /// The request's wishes.
@@ -35,6 +37,9 @@ pub struct Step {
     pub side: ProviderKind,
     /// Every target was open: this one (the least recently failed) is tried as a probe anyway.
     pub forced_probe: bool,
+    /// The breaker was closed when the plan was made, so the first attempt goes ahead without
+    /// asking it again.
+    pub closed: bool,
 }
 
 impl Step {
@@ -183,10 +188,12 @@ pub fn plan(
         if key(&r, side).is_some_and(|k| health.blocking(&k)) {
             open.push((r, side));
         } else {
+            let closed = key(&r, side).is_some_and(|k| health.closed(&k));
             plan.steps.push(Step {
                 route: r,
                 side,
                 forced_probe: false,
+                closed,
             });
         }
     }
@@ -203,6 +210,7 @@ pub fn plan(
             route: r,
             side,
             forced_probe: true,
+            closed: false,
         });
     }
     plan.skipped
@@ -257,6 +265,9 @@ routes:
         }
         fn latency(&self, key: &str) -> Option<Duration> {
             self.latency.get(key).copied()
+        }
+        fn closed(&self, key: &str) -> bool {
+            !self.open.contains(key)
         }
     }
 
