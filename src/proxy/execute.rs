@@ -39,8 +39,8 @@ pub const HEADER_FALLBACKS: HeaderName = HeaderName::from_static("x-llm-sidecar-
 pub const HEADER_ATTEMPT_LOG: HeaderName = HeaderName::from_static("x-llm-sidecar-attempt-log");
 pub const HEADER_TRUNCATED: HeaderName =
     HeaderName::from_static("x-llm-sidecar-truncated-messages");
-pub const HEADER_PREFER: &str = "x-llm-sidecar-prefer";
-pub const HEADER_LOW_LATENCY: &str = "x-llm-sidecar-low-latency";
+pub const HEADER_PREFER: HeaderName = HeaderName::from_static("x-llm-sidecar-prefer");
+pub const HEADER_LOW_LATENCY: HeaderName = HeaderName::from_static("x-llm-sidecar-low-latency");
 
 /// Error bodies are read to classify them, up to this size.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -569,7 +569,14 @@ impl Exchange {
                             latency,
                             self.stream.then_some(latency),
                         );
-                        self.record(step, "ok", Some(200), started);
+                        if self.attempts.is_empty() {
+                            // A clean first-try answer needs no attempt log: count it only.
+                            self.core
+                                .metrics
+                                .record_attempt(&target.tags.provider, "ok");
+                        } else {
+                            self.record(step, "ok", Some(200), started);
+                        }
                         return Ok(self.commit(step, answer, steps[step_index + 1..].to_vec()));
                     }
                     Err(AttemptError {
@@ -676,6 +683,7 @@ impl Exchange {
 
     fn add_headers(&self, headers: &mut HeaderMap, step: &Step) {
         let target = step.target();
+        headers.reserve(10);
         for (name, value) in &target.tags.headers {
             headers.insert(name.clone(), value.clone());
         }
@@ -690,7 +698,7 @@ impl Exchange {
         };
         headers.insert(HEADER_REASON, HeaderValue::from_static(reason.as_str()));
         headers.insert(HEADER_GENERATION, self.snapshot.generation_header.clone());
-        headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len()));
+        headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len().max(1)));
         // Fallbacks: how many times the request moved on to another target.
         let moves = self
             .attempts

@@ -400,9 +400,7 @@ impl Proxy {
             &parsed,
             route,
         );
-        // The executor's state machine is large; boxing it keeps the per-connection handler
-        // future small, so it is not copied around on every request.
-        let committed = Box::pin(exchange.run()).await?;
+        let committed = exchange.run().await?;
         let target = committed.route.target(committed.side);
         if let Some(target) = target {
             record.route = target.tags.route.clone();
