@@ -163,7 +163,9 @@ impl Upstream {
         for fresh in [false, true] {
             let conn = match if fresh { None } else { self.checkout(&origin) } {
                 Some(conn) => conn,
-                None => self.connect(&origin, &absolute).await?,
+                // Connecting (TCP, TLS, h2 handshake) is a large state machine and rare with a
+                // warm pool: boxed, it does not bloat every request's future.
+                None => Box::pin(self.connect(&origin, &absolute)).await?,
             };
             match conn {
                 Conn::H2(mut sender) => {
