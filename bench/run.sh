@@ -10,7 +10,7 @@
 #
 # Environment: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds per target (1),
 # THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN (skip the build),
-# CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
+# STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
 # only, e.g. "TOKIO_WORKER_THREADS=1").
 set -euo pipefail
 
@@ -116,6 +116,9 @@ python3 "$UTIL" wait-tcp "$NGINX_PORT" "$READY_TIMEOUT" ||
 
 # Sidecar, with the embedded routes pointed at the fake provider and dummy provider keys.
 "$BIN" default-config --upstream "http://127.0.0.1:$FAKE_PORT" >"$TMP/sidecar.yaml"
+# A streaming route for the stream case: 20 chunks, 10 ms apart (routes are the last section).
+STREAM_MODEL='tokens=20+chunk-delay=10'
+printf '  bench-stream:\n    relay: { provider: holysheep, model: "%s" }\n' "$STREAM_MODEL" >>"$TMP/sidecar.yaml"
 env ${SIDECAR_ENV:-} LLM_SIDECAR_LISTEN="127.0.0.1:$SIDECAR_PORT" \
     LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
     RUST_LOG=warn \
@@ -171,6 +174,43 @@ for ((round = 1; round <= ROUNDS; round++)); do
     done
 done
 
+# Streaming: STREAMS concurrent streams, direct and through the sidecar, interleaved.
+STREAMS="${STREAMS:-200}"
+declare -A STREAM_URL=(
+    [direct]="http://127.0.0.1:$FAKE_PORT/holysheep/v1/chat/completions"
+    [sidecar]="http://127.0.0.1:$SIDECAR_PORT/v1/chat/completions"
+)
+declare -A STREAM_MODEL_FOR=([direct]="$STREAM_MODEL" [sidecar]="bench-stream")
+: >"$TMP/streams.txt"
+# One warm-up round, printed but not counted, like the wrk warm-up: it fills the sidecar's
+# upstream pool; the first burst of new upstream connections is slower (see the README).
+for t in direct sidecar; do
+    printf 'stream warm-up %-8s %s\n' "$t" "$(python3 "$BENCH_DIR/streams.py" "${STREAM_URL[$t]}" "${STREAM_MODEL_FOR[$t]}" "$STREAMS")"
+done
+for ((round = 1; round <= ROUNDS; round++)); do
+    for t in direct sidecar; do
+        line="$(python3 "$BENCH_DIR/streams.py" "${STREAM_URL[$t]}" "${STREAM_MODEL_FOR[$t]}" "$STREAMS")"
+        printf 'stream round %d %-8s %s\n' "$round" "$t" "$line"
+        case "$line" in *failed=0*) ;; *) die "$t streams failed: $line" ;; esac
+        echo "$t $line" >>"$TMP/streams.txt"
+    done
+done
+STREAM_SUMMARY="$(python3 - "$TMP/streams.txt" "$STREAMS" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    target, *fields = line.split()
+    kv = dict(f.split("=") for f in fields)
+    rows.setdefault(target, []).append(kv)
+med = lambda t, k: statistics.median(float(r[k]) for r in rows[t])
+d50, d99 = med("direct", "ttfb_p50_ms"), med("direct", "ttfb_p99_ms")
+s50, s99 = med("sidecar", "ttfb_p50_ms"), med("sidecar", "ttfb_p99_ms")
+print(f"stream: streams={sys.argv[2]} direct_ttfb_p50_ms={d50:.2f} direct_ttfb_p99_ms={d99:.2f} "
+      f"sidecar_ttfb_p50_ms={s50:.2f} sidecar_ttfb_p99_ms={s99:.2f} "
+      f"added_ttfb_p50_ms={s50 - d50:.2f} added_ttfb_p99_ms={s99 - d99:.2f}")
+PY
+)"
+
 alive "$SIDECAR_PID" || die "sidecar is gone before its RSS could be read"
 RSS_MB="$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SIDECAR_PID/status")"
 [ -n "$RSS_MB" ] || die "could not read VmHWM of the sidecar"
@@ -178,4 +218,5 @@ RSS_MB="$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SIDECAR_PID/statu
 SUMMARY="$(python3 "$UTIL" summary "$RESULTS" "$RSS_MB")"
 mkdir -p "$BENCH_DIR/out"
 tail -n 1 <<<"$SUMMARY" >"$BENCH_DIR/out/last.txt"
+echo "$STREAM_SUMMARY"
 echo "$SUMMARY"
