@@ -840,6 +840,8 @@ routes:
         }
         let route = snap.route("deepseek-chat").unwrap();
         assert_eq!(route.name, "deepseek-v3.2");
+        // The migration playbook's chain.
+        assert_eq!(route.fallbacks, ["kimi-k2", "gemini-2.5-flash"]);
         assert_eq!(snap.default_route.as_ref().unwrap().name, "deepseek-v3.2");
     }
 
