@@ -97,23 +97,32 @@ impl OnFinish for Record {
         if !completed {
             tracing::debug!(route = %self.route, provider = %self.provider, status = self.status, "response body ended early");
         }
-        self.metrics
+        let Record {
+            metrics,
+            route,
+            provider,
+            path,
+            status,
+            ..
+        } = *self;
+        // The labels are moved from one lookup to the next: cloning shared Arcs on every request
+        // makes their counts bounce between cores.
+        let duration = DurationLabels { route, provider };
+        metrics
             .request_duration
-            .get_or_create(&DurationLabels {
-                route: self.route.clone(),
-                provider: self.provider.clone(),
-            })
+            .get_or_create(&duration)
             .observe(elapsed.as_secs_f64());
-        self.metrics
+        let DurationLabels { route, provider } = duration;
+        metrics
             .requests
             .get_or_create(&RequestLabels {
-                route: self.route,
-                provider: self.provider,
-                path: self.path,
-                status: self.status,
+                route,
+                provider,
+                path,
+                status,
             })
             .inc();
-        self.metrics.in_flight.dec();
+        metrics.in_flight.dec();
     }
 }
 

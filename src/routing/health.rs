@@ -46,6 +46,11 @@ pub struct Health {
 impl Health {
     fn with<T>(&self, key: &Arc<str>, f: impl FnOnce(&mut TargetHealth) -> T) -> T {
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        // Look up by reference first: cloning the shared key on every request costs more than
+        // the lookup itself.
+        if let Some(target) = targets.get_mut(key.as_ref()) {
+            return f(target);
+        }
         f(targets.entry(key.clone()).or_default())
     }
 

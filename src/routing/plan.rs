@@ -85,12 +85,25 @@ pub struct Plan {
 /// The chain for a route: itself, then its fallbacks, rotated to start at `prefer` when the
 /// preferred route is in the chain.
 pub fn chain(snapshot: &Snapshot, route: &Arc<Route>, prefer: Option<&str>) -> Vec<Arc<Route>> {
-    let mut chain: Vec<Arc<Route>> = std::iter::once(route.clone())
+    chain_refs(snapshot, route, prefer)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
+/// The chain as references into the snapshot: planning clones only what it returns, because
+/// reference counts of shared routes touched by every request bounce between cores.
+fn chain_refs<'a>(
+    snapshot: &'a Snapshot,
+    route: &'a Arc<Route>,
+    prefer: Option<&str>,
+) -> Vec<&'a Arc<Route>> {
+    let mut chain: Vec<&Arc<Route>> = std::iter::once(route)
         .chain(
             route
                 .fallbacks
                 .iter()
-                .filter_map(|name| snapshot.route(name).cloned()),
+                .filter_map(|name| snapshot.route(name)),
         )
         .collect();
     if let Some(preferred) = prefer.and_then(|p| snapshot.route(p)) {
@@ -101,23 +114,23 @@ pub fn chain(snapshot: &Snapshot, route: &Arc<Route>, prefer: Option<&str>) -> V
     chain
 }
 
-pub fn plan(
-    snapshot: &Snapshot,
-    route: &Arc<Route>,
+pub fn plan<'a>(
+    snapshot: &'a Snapshot,
+    route: &'a Arc<Route>,
     request: &PlanRequest<'_>,
     health: &dyn HealthLookup,
 ) -> Plan {
     let flags = &snapshot.flags;
-    let chain = chain(snapshot, route, request.prefer);
-    let mut candidates: Vec<(Arc<Route>, ProviderKind)> = Vec::new();
-    let push_side = |c: &mut Vec<(Arc<Route>, ProviderKind)>, side: ProviderKind| {
-        for r in &chain {
+    let chain = chain_refs(snapshot, route, request.prefer);
+    let mut candidates: Vec<(&'a Arc<Route>, ProviderKind)> = Vec::with_capacity(chain.len() * 2);
+    let push_side = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, side: ProviderKind| {
+        for r in chain.iter().copied() {
             let has = match side {
                 ProviderKind::Relay => r.relay.is_some(),
                 ProviderKind::Official => r.official.is_some(),
             };
             if has {
-                c.push((r.clone(), side));
+                c.push((r, side));
             }
         }
     };
@@ -133,13 +146,13 @@ pub fn plan(
     } else {
         // Dual link per model: the relay first, then the same model's official API, then the
         // next model of the chain.
-        for r in &chain {
+        for r in chain.iter().copied() {
             for (side, has) in [
                 (ProviderKind::Relay, r.relay.is_some()),
                 (ProviderKind::Official, r.official.is_some()),
             ] {
                 if has {
-                    candidates.push((r.clone(), side));
+                    candidates.push((r, side));
                 }
             }
         }
@@ -147,22 +160,23 @@ pub fn plan(
 
     let mut plan = Plan::default();
     let threshold = snapshot.resilience.low_latency_threshold;
-    let key = |r: &Arc<Route>, side: ProviderKind| -> Option<Arc<str>> {
-        r.target(side).map(|t| t.health_key.clone())
-    };
+    // Borrowed, not cloned: shared Arcs touched by every request bounce between cores.
+    fn key(r: &Route, side: ProviderKind) -> Option<&str> {
+        r.target(side).map(|t| t.health_key.as_ref())
+    }
     // Pass 1: drop what cannot serve this prompt; set aside what is too slow.
     let mut usable = Vec::with_capacity(candidates.len());
     let mut slow = Vec::new();
     for (r, side) in candidates {
         if r.context_window.is_some_and(|w| request.prompt_tokens > w) {
             plan.skipped.push(Skipped {
-                route: r,
+                route: r.clone(),
                 side,
                 reason: SkipReason::ContextTooSmall,
             });
         } else if request.low_latency
             && key(&r, side)
-                .and_then(|k| health.latency(&k))
+                .and_then(|k| health.latency(k))
                 .is_some_and(|l| l > threshold)
         {
             slow.push((r, side));
@@ -176,7 +190,7 @@ pub fn plan(
     } else {
         plan.skipped
             .extend(slow.into_iter().map(|(route, side)| Skipped {
-                route,
+                route: route.clone(),
                 side,
                 reason: SkipReason::TooSlow,
             }));
@@ -185,12 +199,12 @@ pub fn plan(
     let mut open = Vec::new();
     plan.steps.reserve(usable.len());
     for (r, side) in usable {
-        if key(&r, side).is_some_and(|k| health.blocking(&k)) {
+        if key(&r, side).is_some_and(|k| health.blocking(k)) {
             open.push((r, side));
         } else {
-            let closed = key(&r, side).is_some_and(|k| health.closed(&k));
+            let closed = key(&r, side).is_some_and(|k| health.closed(k));
             plan.steps.push(Step {
-                route: r,
+                route: r.clone(),
                 side,
                 forced_probe: false,
                 closed,
@@ -202,12 +216,12 @@ pub fn plan(
         let at = open
             .iter()
             .enumerate()
-            .min_by_key(|(_, (r, side))| key(r, *side).and_then(|k| health.last_failure(&k)))
+            .min_by_key(|(_, (r, side))| key(r, *side).and_then(|k| health.last_failure(k)))
             .map(|(i, _)| i)
             .unwrap_or(0);
         let (r, side) = open.remove(at);
         plan.steps.push(Step {
-            route: r,
+            route: r.clone(),
             side,
             forced_probe: true,
             closed: false,
@@ -215,7 +229,7 @@ pub fn plan(
     }
     plan.skipped
         .extend(open.into_iter().map(|(route, side)| Skipped {
-            route,
+            route: route.clone(),
             side,
             reason: SkipReason::BreakerOpen,
         }));
