@@ -175,7 +175,7 @@ pub fn plan<'a>(
                 reason: SkipReason::ContextTooSmall,
             });
         } else if request.low_latency
-            && key(&r, side)
+            && key(r, side)
                 .and_then(|k| health.latency(k))
                 .is_some_and(|l| l > threshold)
         {
@@ -199,10 +199,10 @@ pub fn plan<'a>(
     let mut open = Vec::new();
     plan.steps.reserve(usable.len());
     for (r, side) in usable {
-        if key(&r, side).is_some_and(|k| health.blocking(k)) {
+        if key(r, side).is_some_and(|k| health.blocking(k)) {
             open.push((r, side));
         } else {
-            let closed = key(&r, side).is_some_and(|k| health.closed(k));
+            let closed = key(r, side).is_some_and(|k| health.closed(k));
             plan.steps.push(Step {
                 route: r.clone(),
                 side,
