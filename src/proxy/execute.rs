@@ -141,6 +141,8 @@ pub struct Exchange {
     skipped: Vec<crate::routing::plan::Skipped>,
     /// The body for the first planned target, rendered while the request was parsed anyway.
     first_body: Option<(Arc<str>, Bytes)>,
+    /// Only the first step is planned so far.
+    partial: bool,
 }
 
 impl Exchange {
@@ -196,9 +198,30 @@ impl Exchange {
             steps: Vec::new(),
             skipped: Vec::new(),
             first_body: None,
+            partial: false,
         };
         exchange.truncate_if_needed();
-        let (steps, skipped) = exchange.plan_steps();
+        // Most requests are answered by their first target: plan the rest only when needed.
+        let first = {
+            let request = PlanRequest {
+                prefer: exchange.prefer.as_deref(),
+                low_latency: exchange.low_latency,
+                prompt_tokens: exchange.prompt_tokens,
+            };
+            crate::routing::plan::first_step(
+                &exchange.snapshot,
+                &exchange.route,
+                &request,
+                &exchange.core.health.lookup(Instant::now()),
+            )
+        };
+        let (steps, skipped) = match first {
+            Some(step) => {
+                exchange.partial = true;
+                (vec![step], Vec::new())
+            }
+            None => exchange.plan_steps(),
+        };
         if let Some(first) = steps.first() {
             let target = first.target();
             exchange.first_body = Some((
@@ -489,8 +512,8 @@ impl Exchange {
     /// upstream failure and lists every attempt.
     pub async fn run(mut self) -> Result<Committed, SidecarError> {
         self.core.budget.record_request(Instant::now());
-        let steps = std::mem::take(&mut self.steps);
-        let skipped = std::mem::take(&mut self.skipped);
+        let mut steps = std::mem::take(&mut self.steps);
+        let mut skipped = std::mem::take(&mut self.skipped);
         let r = self.snapshot.resilience;
         let mut worst: Option<Worst> = None;
         let mut context_limit: Option<u64> = None;
@@ -506,6 +529,10 @@ impl Exchange {
                 None if index < steps.len() => {
                     index += 1;
                     index - 1
+                }
+                None if self.partial => {
+                    self.expand_plan(&mut steps, &mut skipped);
+                    continue;
                 }
                 None => {
                     // Everything failed: wait once for the soonest rate limit that clears in time.
@@ -577,7 +604,15 @@ impl Exchange {
                         } else {
                             self.record(step, "ok", Some(200), started);
                         }
-                        return Ok(self.commit(step, answer, steps[step_index + 1..].to_vec()));
+                        let rest = if self.stream {
+                            // A committed stream may need the rest of the plan to continue.
+                            let mut all = steps.clone();
+                            self.expand_plan(&mut all, &mut skipped);
+                            all.split_off(step_index + 1)
+                        } else {
+                            Vec::new()
+                        };
+                        return Ok(self.commit(&steps[step_index], answer, rest));
                     }
                     Err(AttemptError {
                         failure,
@@ -671,6 +706,26 @@ impl Exchange {
             }
         }
         Err(self.give_up(worst, &skipped))
+    }
+
+    /// Plans the rest of the chain after a partial plan, leaving out targets already in it.
+    fn expand_plan(
+        &mut self,
+        steps: &mut Vec<Step>,
+        skipped: &mut Vec<crate::routing::plan::Skipped>,
+    ) {
+        if !self.partial {
+            return;
+        }
+        self.partial = false;
+        let (all, more_skipped) = self.plan_steps();
+        for step in all {
+            let key = &step.target().health_key;
+            if !steps.iter().any(|s| &s.target().health_key == key) {
+                steps.push(step);
+            }
+        }
+        skipped.extend(more_skipped);
     }
 
     fn max_tries(&self, class: Class) -> u32 {

@@ -114,22 +114,16 @@ fn chain_refs<'a>(
     chain
 }
 
-pub fn plan<'a>(
-    snapshot: &'a Snapshot,
-    route: &'a Arc<Route>,
-    request: &PlanRequest<'_>,
-    health: &dyn HealthLookup,
-) -> Plan {
+/// Every target of the chain in the order the flags give, before any filtering.
+fn candidates<'a>(
+    snapshot: &Snapshot,
+    chain: &[&'a Arc<Route>],
+) -> Vec<(&'a Arc<Route>, ProviderKind)> {
     let flags = &snapshot.flags;
-    let chain = chain_refs(snapshot, route, request.prefer);
     let mut candidates: Vec<(&'a Arc<Route>, ProviderKind)> = Vec::with_capacity(chain.len() * 2);
     let push_side = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, side: ProviderKind| {
         for r in chain.iter().copied() {
-            let has = match side {
-                ProviderKind::Relay => r.relay.is_some(),
-                ProviderKind::Official => r.official.is_some(),
-            };
-            if has {
+            if r.target(side).is_some() {
                 c.push((r, side));
             }
         }
@@ -147,23 +141,55 @@ pub fn plan<'a>(
         // Dual link per model: the relay first, then the same model's official API, then the
         // next model of the chain.
         for r in chain.iter().copied() {
-            for (side, has) in [
-                (ProviderKind::Relay, r.relay.is_some()),
-                (ProviderKind::Official, r.official.is_some()),
-            ] {
-                if has {
+            for side in [ProviderKind::Relay, ProviderKind::Official] {
+                if r.target(side).is_some() {
                     candidates.push((r, side));
                 }
             }
         }
     }
+    candidates
+}
 
+// Borrowed, not cloned: shared Arcs touched by every request bounce between cores.
+fn key(r: &Route, side: ProviderKind) -> Option<&str> {
+    r.target(side).map(|t| t.health_key.as_ref())
+}
+
+/// The plan's first step when nothing would be skipped before it (the common case), so the
+/// rest of the chain is planned only if that target fails. `None`: plan the whole chain.
+pub fn first_step(
+    snapshot: &Snapshot,
+    route: &Arc<Route>,
+    request: &PlanRequest<'_>,
+    health: &dyn HealthLookup,
+) -> Option<Step> {
+    let chain = chain_refs(snapshot, route, request.prefer);
+    let (r, side) = candidates(snapshot, &chain).into_iter().next()?;
+    let key = key(r, side)?;
+    let fits = r.context_window.is_none_or(|w| request.prompt_tokens <= w);
+    let fast = !request.low_latency
+        || health
+            .latency(key)
+            .is_none_or(|l| l <= snapshot.resilience.low_latency_threshold);
+    (fits && fast && health.closed(key)).then(|| Step {
+        route: r.clone(),
+        side,
+        forced_probe: false,
+        closed: true,
+    })
+}
+
+pub fn plan<'a>(
+    snapshot: &'a Snapshot,
+    route: &'a Arc<Route>,
+    request: &PlanRequest<'_>,
+    health: &dyn HealthLookup,
+) -> Plan {
+    let chain = chain_refs(snapshot, route, request.prefer);
+    let candidates = candidates(snapshot, &chain);
     let mut plan = Plan::default();
     let threshold = snapshot.resilience.low_latency_threshold;
-    // Borrowed, not cloned: shared Arcs touched by every request bounce between cores.
-    fn key(r: &Route, side: ProviderKind) -> Option<&str> {
-        r.target(side).map(|t| t.health_key.as_ref())
-    }
     // Pass 1: drop what cannot serve this prompt; set aside what is too slow.
     let mut usable = Vec::with_capacity(candidates.len());
     let mut slow = Vec::new();
@@ -305,6 +331,24 @@ routes:
                 format!("{}{probe}", s.target().health_key)
             })
             .collect()
+    }
+
+    #[test]
+    fn the_first_step_alone_is_the_plans_first_step_when_nothing_is_skipped() {
+        let snap = snapshot("");
+        let route = snap.route("deepseek").unwrap().clone();
+        let health = FakeHealth::default();
+        let first = first_step(&snap, &route, &PlanRequest::default(), &health).unwrap();
+        let full = plan(&snap, &route, &PlanRequest::default(), &health);
+        assert_eq!(first.target().health_key, full.steps[0].target().health_key);
+        let mut open = FakeHealth::default();
+        open.open.insert("sheep/ds-relay");
+        assert!(first_step(&snap, &route, &PlanRequest::default(), &open).is_none());
+        let big = PlanRequest {
+            prompt_tokens: 3000,
+            ..Default::default()
+        };
+        assert!(first_step(&snap, &route, &big, &health).is_none());
     }
 
     #[test]
