@@ -159,6 +159,8 @@ pub struct Target {
     pub supports_prefill: bool,
     /// `provider/model`: the key of this target's health (breaker, latency), kept across reloads.
     pub health_key: Arc<str>,
+    /// This target's health cell, looked up once per config generation.
+    pub health_cell: std::sync::OnceLock<Arc<crate::routing::health::HealthCell>>,
     pub tags: TargetTags,
 }
 
@@ -561,6 +563,7 @@ fn compile_raw(
             };
             Some(Target {
                 health_key: Arc::from(format!("{}/{}", provider.name, t.model)),
+                health_cell: std::sync::OnceLock::new(),
                 provider: provider.clone(),
                 model: t.model,
                 supports_prefill: t.supports_prefill,

@@ -576,11 +576,9 @@ impl Exchange {
                 let admission = if first_try && step.closed {
                     Admission::Allowed
                 } else {
-                    self.core.health.admit(
-                        &target.health_key,
-                        Instant::now(),
-                        step.forced_probe && first_try,
-                    )
+                    self.core
+                        .health
+                        .admit(target, Instant::now(), step.forced_probe && first_try)
                 };
                 if admission == Admission::Rejected {
                     self.record(step, "breaker_open", None, Instant::now());
@@ -592,7 +590,7 @@ impl Exchange {
                     Ok(answer) => {
                         let latency = started.elapsed();
                         self.core.health.record_success(
-                            &target.health_key,
+                            target,
                             latency,
                             self.stream.then_some(latency),
                         );
@@ -625,13 +623,11 @@ impl Exchange {
                         };
                         self.record(step, class.label(), status, started);
                         if class.counts_against_target() {
-                            self.core.health.record_failure(
-                                &target.health_key,
-                                Instant::now(),
-                                &r.breaker,
-                            );
+                            self.core
+                                .health
+                                .record_failure(target, Instant::now(), &r.breaker);
                         } else {
-                            self.core.health.record_inconclusive(&target.health_key);
+                            self.core.health.record_inconclusive(target);
                         }
                         let describe = format!("{}/{}", target.provider.name, target.model);
                         if class == Class::Misconfigured {
@@ -987,11 +983,9 @@ impl Exchange {
             drop(lease.take());
             let t = current.target();
             tracing::warn!(provider = %t.provider.name, model = %t.model, reason = %broken, sent_chars = pump.state.text.len(), "committed stream broke");
-            self.core.health.record_failure(
-                &t.health_key,
-                Instant::now(),
-                &self.snapshot.resilience.breaker,
-            );
+            self.core
+                .health
+                .record_failure(t, Instant::now(), &self.snapshot.resilience.breaker);
             let original = format!("{}/{}: {broken}", t.provider.name, t.model);
 
             // Continue the answer on the next target that accepts an assistant prefill.
@@ -1001,10 +995,7 @@ impl Exchange {
                 if !step.target().supports_prefill || Instant::now() >= self.deadline {
                     continue;
                 }
-                if self
-                    .core
-                    .health
-                    .admit(&step.target().health_key, Instant::now(), false)
+                if self.core.health.admit(step.target(), Instant::now(), false)
                     == Admission::Rejected
                 {
                     continue;
@@ -1019,7 +1010,7 @@ impl Exchange {
                         ..
                     }) => {
                         self.core.health.record_success(
-                            &step.target().health_key,
+                            step.target(),
                             started.elapsed(),
                             Some(started.elapsed()),
                         );
@@ -1031,7 +1022,7 @@ impl Exchange {
                         let class = classify(&err.failure);
                         if class.counts_against_target() {
                             self.core.health.record_failure(
-                                &step.target().health_key,
+                                step.target(),
                                 Instant::now(),
                                 &self.snapshot.resilience.breaker,
                             );

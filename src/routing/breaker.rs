@@ -82,6 +82,11 @@ impl Breaker {
         }
     }
 
+    /// Closed with no failure counted: nothing about this target needs a second look.
+    pub fn is_clean(&self) -> bool {
+        self.state == State::Closed { failures: 0 }
+    }
+
     pub fn last_failure(&self) -> Option<Instant> {
         self.last_failure
     }

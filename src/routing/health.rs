@@ -1,8 +1,13 @@
 //! Per-target health, shared by all requests and kept across config reloads (keyed by
 //! provider and upstream model): the circuit breaker and moving averages of latency and
 //! time to first token.
+//!
+//! The common case, a healthy target, touches no lock: each target caches a cell of atomics
+//! (the averages and a `troubled` flag). The breaker's state machine sits behind a mutex that is
+//! taken only for failures, probes and targets already in trouble.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,32 +15,58 @@ use tokio::time::Instant;
 
 use super::breaker::{Admission, Breaker, BreakerConfig, Phase};
 use super::plan::HealthLookup;
+use crate::config::Target;
 
 /// Weight of the newest sample in the moving averages.
 const EWMA_ALPHA: f64 = 0.3;
+const NO_SAMPLE: u64 = u64::MAX;
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Ewma(Option<f64>);
+/// A moving average kept in an atomic (f64 bits).
+#[derive(Debug)]
+struct AtomicEwma(AtomicU64);
 
-impl Ewma {
-    fn observe(&mut self, sample: Duration) {
-        let s = sample.as_secs_f64();
-        self.0 = Some(match self.0 {
-            None => s,
-            Some(avg) => avg * (1.0 - EWMA_ALPHA) + s * EWMA_ALPHA,
-        });
-    }
-
-    fn get(self) -> Option<Duration> {
-        self.0.map(Duration::from_secs_f64)
+impl Default for AtomicEwma {
+    fn default() -> Self {
+        AtomicEwma(AtomicU64::new(NO_SAMPLE))
     }
 }
 
-#[derive(Clone, Debug, Default)]
+impl AtomicEwma {
+    fn observe(&self, sample: Duration) {
+        let s = sample.as_secs_f64();
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |bits| {
+                let next = if bits == NO_SAMPLE {
+                    s
+                } else {
+                    f64::from_bits(bits) * (1.0 - EWMA_ALPHA) + s * EWMA_ALPHA
+                };
+                Some(next.to_bits())
+            });
+    }
+
+    fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Acquire) {
+            NO_SAMPLE => None,
+            bits => Some(Duration::from_secs_f64(f64::from_bits(bits).max(0.0))),
+        }
+    }
+}
+
+/// What a target's requests read and update without locking.
+#[derive(Debug, Default)]
+pub struct HealthCell {
+    latency: AtomicEwma,
+    ttft: AtomicEwma,
+    /// The breaker is not closed with a clean record: consult it under the lock.
+    troubled: AtomicBool,
+}
+
+#[derive(Default)]
 struct TargetHealth {
     breaker: Breaker,
-    latency: Ewma,
-    ttft: Ewma,
+    cell: Arc<HealthCell>,
 }
 
 #[derive(Default)]
@@ -44,57 +75,69 @@ pub struct Health {
 }
 
 impl Health {
-    fn with<T>(&self, key: &Arc<str>, f: impl FnOnce(&mut TargetHealth) -> T) -> T {
-        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        // Look up by reference first: cloning the shared key on every request costs more than
-        // the lookup itself.
-        if let Some(target) = targets.get_mut(key.as_ref()) {
-            return f(target);
+    fn locked(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, TargetHealth>> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The target's cell, found in the registry once per config generation and cached on the
+    /// target, so health survives reloads and the hot path never searches the registry.
+    fn cell<'t>(&self, target: &'t Target) -> &'t Arc<HealthCell> {
+        target.health_cell.get_or_init(|| {
+            self.locked()
+                .entry(target.health_key.clone())
+                .or_default()
+                .cell
+                .clone()
+        })
+    }
+
+    fn with_breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let cell = self.cell(target);
+        let mut targets = self.locked();
+        let entry = targets.entry(target.health_key.clone()).or_default();
+        let out = f(&mut entry.breaker);
+        cell.troubled
+            .store(!entry.breaker.is_clean(), Ordering::Release);
+        out
+    }
+
+    pub fn admit(&self, target: &Target, now: Instant, forced: bool) -> Admission {
+        if !forced && !self.cell(target).troubled.load(Ordering::Acquire) {
+            return Admission::Allowed;
         }
-        f(targets.entry(key.clone()).or_default())
-    }
-
-    fn read<T>(&self, key: &str, f: impl FnOnce(&TargetHealth) -> T) -> Option<T> {
-        let targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
-        targets.get(key).map(f)
-    }
-
-    pub fn admit(&self, key: &Arc<str>, now: Instant, forced: bool) -> Admission {
-        self.with(key, |t| {
+        self.with_breaker(target, |b| {
             if forced {
-                t.breaker.force_probe()
+                b.force_probe()
             } else {
-                t.breaker.admit(now)
+                b.admit(now)
             }
         })
     }
 
-    pub fn record_success(&self, key: &Arc<str>, latency: Duration, ttft: Option<Duration>) {
-        self.with(key, |t| {
-            t.breaker.on_success();
-            t.latency.observe(latency);
-            if let Some(ttft) = ttft {
-                t.ttft.observe(ttft);
-            }
-        })
+    pub fn record_success(&self, target: &Target, latency: Duration, ttft: Option<Duration>) {
+        let cell = self.cell(target);
+        cell.latency.observe(latency);
+        if let Some(ttft) = ttft {
+            cell.ttft.observe(ttft);
+        }
+        if cell.troubled.load(Ordering::Acquire) {
+            self.with_breaker(target, Breaker::on_success);
+        }
     }
 
-    pub fn record_failure(&self, key: &Arc<str>, now: Instant, config: &BreakerConfig) {
-        self.with(key, |t| t.breaker.on_failure(now, config))
+    pub fn record_failure(&self, target: &Target, now: Instant, config: &BreakerConfig) {
+        self.with_breaker(target, |b| b.on_failure(now, config))
     }
 
-    pub fn record_inconclusive(&self, key: &Arc<str>) {
-        self.with(key, |t| t.breaker.on_inconclusive())
-    }
-
-    pub fn phase(&self, key: &str, now: Instant) -> Phase {
-        self.read(key, |t| t.breaker.phase(now))
-            .unwrap_or(Phase::Closed)
+    pub fn record_inconclusive(&self, target: &Target) {
+        if self.cell(target).troubled.load(Ordering::Acquire) {
+            self.with_breaker(target, Breaker::on_inconclusive)
+        }
     }
 
     /// Every known target with its breaker phase, for `/metrics`.
     pub fn phases(&self, now: Instant) -> Vec<(Arc<str>, Phase)> {
-        let targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        let targets = self.locked();
         let mut out: Vec<_> = targets
             .iter()
             .map(|(k, t)| (k.clone(), t.breaker.phase(now)))
@@ -103,55 +146,110 @@ impl Health {
         out
     }
 
-    /// A point-in-time view for planning one request: one lock for the whole plan. Planning
-    /// is synchronous, so the lock is never held across an await.
+    /// A point-in-time view for planning one request.
     pub fn lookup(&self, now: Instant) -> HealthNow<'_> {
-        HealthNow {
-            targets: self.targets.lock().unwrap_or_else(|p| p.into_inner()),
-            now,
-        }
+        HealthNow { health: self, now }
     }
 }
 
 pub struct HealthNow<'a> {
-    targets: std::sync::MutexGuard<'a, HashMap<Arc<str>, TargetHealth>>,
+    health: &'a Health,
     now: Instant,
 }
 
+impl HealthNow<'_> {
+    fn troubled(&self, target: &Target) -> bool {
+        self.health.cell(target).troubled.load(Ordering::Acquire)
+    }
+
+    fn breaker<T>(&self, target: &Target, f: impl FnOnce(&Breaker) -> T) -> Option<T> {
+        self.health
+            .locked()
+            .get(target.health_key.as_ref())
+            .map(|t| f(&t.breaker))
+    }
+}
+
 impl HealthLookup for HealthNow<'_> {
-    fn blocking(&self, key: &str) -> bool {
-        self.targets
-            .get(key)
-            .is_some_and(|t| t.breaker.is_blocking(self.now))
+    fn blocking(&self, target: &Target) -> bool {
+        self.troubled(target)
+            && self
+                .breaker(target, |b| b.is_blocking(self.now))
+                .unwrap_or(false)
     }
 
-    fn last_failure(&self, key: &str) -> Option<Instant> {
-        self.targets.get(key).and_then(|t| t.breaker.last_failure())
+    fn last_failure(&self, target: &Target) -> Option<Instant> {
+        self.breaker(target, Breaker::last_failure).flatten()
     }
 
-    fn latency(&self, key: &str) -> Option<Duration> {
-        self.targets.get(key).and_then(|t| t.latency.get())
+    fn latency(&self, target: &Target) -> Option<Duration> {
+        self.health.cell(target).latency.get()
     }
 
-    fn closed(&self, key: &str) -> bool {
-        self.targets
-            .get(key)
-            .is_none_or(|t| t.breaker.phase(self.now) == Phase::Closed)
+    fn closed(&self, target: &Target) -> bool {
+        !self.troubled(target)
+            || self
+                .breaker(target, |b| b.phase(self.now) == Phase::Closed)
+                .unwrap_or(true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{compile, ConfigSource, Snapshot};
+    use std::collections::HashMap;
+
+    fn snapshot() -> Snapshot {
+        compile(
+            "providers: { p: { kind: relay, base_url: 'http://127.0.0.1:1/v1' } }\nroutes: { r: { relay: { provider: p, model: m } } }",
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .expect("config")
+    }
+
+    fn target(s: &Snapshot) -> &Target {
+        s.route("r").and_then(|r| r.relay.as_ref()).expect("target")
+    }
 
     #[tokio::test(start_paused = true)]
     async fn latency_is_a_moving_average() {
         let health = Health::default();
-        let key: Arc<str> = Arc::from("p/m");
-        health.record_success(&key, Duration::from_millis(100), None);
-        health.record_success(&key, Duration::from_millis(200), None);
-        let latency = health.lookup(Instant::now()).latency("p/m").unwrap();
+        let snap = snapshot();
+        health.record_success(target(&snap), Duration::from_millis(100), None);
+        health.record_success(target(&snap), Duration::from_millis(200), None);
+        let latency = health
+            .lookup(Instant::now())
+            .latency(target(&snap))
+            .unwrap();
         assert!((latency.as_secs_f64() - 0.13).abs() < 1e-9, "{latency:?}");
-        assert_eq!(health.lookup(Instant::now()).latency("other"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_mark_a_target_troubled_until_it_recovers_and_survive_a_reload() {
+        let health = Health::default();
+        let cfg = BreakerConfig::default();
+        let snap = snapshot();
+        let t = target(&snap);
+        assert!(health.lookup(Instant::now()).closed(t));
+        for _ in 0..3 {
+            health.record_failure(t, Instant::now(), &cfg);
+        }
+        // A new snapshot's target finds the same health through the registry.
+        let reloaded = snapshot();
+        let t2 = target(&reloaded);
+        assert!(health.lookup(Instant::now()).blocking(t2));
+        assert_eq!(health.admit(t2, Instant::now(), false), Admission::Rejected);
+        tokio::time::advance(cfg.cooldown).await;
+        assert_eq!(health.admit(t2, Instant::now(), false), Admission::Probe);
+        health.record_success(t2, Duration::from_millis(10), None);
+        assert!(health.lookup(Instant::now()).closed(t));
+        assert_eq!(health.admit(t, Instant::now(), false), Admission::Allowed);
+        assert_eq!(
+            health.phases(Instant::now()),
+            vec![(Arc::from("p/m"), Phase::Closed)]
+        );
     }
 }

@@ -12,12 +12,12 @@ use crate::providers::ProviderKind;
 /// What planning needs to know about target health.
 pub trait HealthLookup {
     /// The target's breaker turns requests away now.
-    fn blocking(&self, key: &str) -> bool;
-    fn last_failure(&self, key: &str) -> Option<Instant>;
+    fn blocking(&self, target: &Target) -> bool;
+    fn last_failure(&self, target: &Target) -> Option<Instant>;
     /// Moving average of the target's latency, when known.
-    fn latency(&self, key: &str) -> Option<Duration>;
+    fn latency(&self, target: &Target) -> Option<Duration>;
     /// The breaker is closed: a first attempt needs no admission.
-    fn closed(&self, key: &str) -> bool;
+    fn closed(&self, target: &Target) -> bool;
 }
 
 /// The request's wishes.
@@ -151,11 +151,6 @@ fn candidates<'a>(
     candidates
 }
 
-// Borrowed, not cloned: shared Arcs touched by every request bounce between cores.
-fn key(r: &Route, side: ProviderKind) -> Option<&str> {
-    r.target(side).map(|t| t.health_key.as_ref())
-}
-
 /// The plan's first step when nothing would be skipped before it (the common case), so the
 /// rest of the chain is planned only if that target fails. `None`: plan the whole chain.
 pub fn first_step(
@@ -166,13 +161,13 @@ pub fn first_step(
 ) -> Option<Step> {
     let chain = chain_refs(snapshot, route, request.prefer);
     let (r, side) = candidates(snapshot, &chain).into_iter().next()?;
-    let key = key(r, side)?;
+    let target = r.target(side)?;
     let fits = r.context_window.is_none_or(|w| request.prompt_tokens <= w);
     let fast = !request.low_latency
         || health
-            .latency(key)
+            .latency(target)
             .is_none_or(|l| l <= snapshot.resilience.low_latency_threshold);
-    (fits && fast && health.closed(key)).then(|| Step {
+    (fits && fast && health.closed(target)).then(|| Step {
         route: r.clone(),
         side,
         forced_probe: false,
@@ -201,8 +196,8 @@ pub fn plan<'a>(
                 reason: SkipReason::ContextTooSmall,
             });
         } else if request.low_latency
-            && key(r, side)
-                .and_then(|k| health.latency(k))
+            && r.target(side)
+                .and_then(|t| health.latency(t))
                 .is_some_and(|l| l > threshold)
         {
             slow.push((r, side));
@@ -225,10 +220,10 @@ pub fn plan<'a>(
     let mut open = Vec::new();
     plan.steps.reserve(usable.len());
     for (r, side) in usable {
-        if key(r, side).is_some_and(|k| health.blocking(k)) {
+        if r.target(side).is_some_and(|t| health.blocking(t)) {
             open.push((r, side));
         } else {
-            let closed = key(r, side).is_some_and(|k| health.closed(k));
+            let closed = r.target(side).is_some_and(|t| health.closed(t));
             plan.steps.push(Step {
                 route: r.clone(),
                 side,
@@ -242,7 +237,7 @@ pub fn plan<'a>(
         let at = open
             .iter()
             .enumerate()
-            .min_by_key(|(_, (r, side))| key(r, *side).and_then(|k| health.last_failure(k)))
+            .min_by_key(|(_, (r, side))| r.target(*side).and_then(|t| health.last_failure(t)))
             .map(|(i, _)| i)
             .unwrap_or(0);
         let (r, side) = open.remove(at);
@@ -297,17 +292,17 @@ routes:
     }
 
     impl HealthLookup for FakeHealth {
-        fn blocking(&self, key: &str) -> bool {
-            self.open.contains(key)
+        fn blocking(&self, target: &Target) -> bool {
+            self.open.contains(target.health_key.as_ref())
         }
-        fn last_failure(&self, key: &str) -> Option<Instant> {
-            self.failed_at.get(key).copied()
+        fn last_failure(&self, target: &Target) -> Option<Instant> {
+            self.failed_at.get(target.health_key.as_ref()).copied()
         }
-        fn latency(&self, key: &str) -> Option<Duration> {
-            self.latency.get(key).copied()
+        fn latency(&self, target: &Target) -> Option<Duration> {
+            self.latency.get(target.health_key.as_ref()).copied()
         }
-        fn closed(&self, key: &str) -> bool {
-            !self.open.contains(key)
+        fn closed(&self, target: &Target) -> bool {
+            !self.open.contains(target.health_key.as_ref())
         }
     }
 
