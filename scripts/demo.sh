@@ -3,17 +3,8 @@
 # config pointed at it; a chat request and a streamed one go through; then the routing flag is
 # flipped in the config file and the next request goes to the official provider.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${LLM_SIDECAR_BIN:-$ROOT/target/release/llm-sidecar}
-PORT=${PORT:-4000}
-ADMIN_PORT=${ADMIN_PORT:-4001}
-WORK=$(mktemp -d)
-. "$ROOT/scripts/lib.sh"
-trap cleanup EXIT
-
-start_fake
-write_config
-start_sidecar
+. "$(dirname "$0")/lib.sh"
+start_all
 URL="http://127.0.0.1:$PORT/v1/chat/completions"
 BODY='{"model":"deepseek-v3.2","messages":[{"role":"user","content":"Say hello."}]}'
 

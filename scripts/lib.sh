@@ -1,5 +1,11 @@
 # Shared by the demo and local-run scripts: start the fake provider and the sidecar on loopback.
-# Expects BIN (the llm-sidecar binary) and WORK (a scratch directory) to be set.
+# Settings: LLM_SIDECAR_BIN (default: the release build), PORT (4000), ADMIN_PORT (4001).
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${LLM_SIDECAR_BIN:-$ROOT/target/release/llm-sidecar}
+PORT=${PORT:-4000}
+ADMIN_PORT=${ADMIN_PORT:-4001}
+WORK=$(mktemp -d)
 
 cleanup() {
   for pid in ${SIDECAR_PID:-} ${FAKE_PID:-}; do kill "$pid" 2>/dev/null || true; done
@@ -40,4 +46,12 @@ start_sidecar() {
     sleep 0.1
   done
   echo "the sidecar did not become ready:" >&2; cat "$WORK/sidecar.log" >&2; return 1
+}
+
+# Everything a script needs: cleanup on exit, the fake provider, the config, the sidecar.
+start_all() {
+  trap cleanup EXIT
+  start_fake
+  write_config
+  start_sidecar
 }

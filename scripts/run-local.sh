@@ -2,17 +2,8 @@
 # Runs the sidecar in the foreground on the embedded default config, every provider pointed at a
 # local fake provider, so it works offline. Ctrl-C stops both.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${LLM_SIDECAR_BIN:-$ROOT/target/release/llm-sidecar}
-PORT=${PORT:-4000}
-ADMIN_PORT=${ADMIN_PORT:-4001}
-WORK=$(mktemp -d)
-. "$ROOT/scripts/lib.sh"
-trap cleanup EXIT
-
-start_fake
-write_config
-start_sidecar
+. "$(dirname "$0")/lib.sh"
+start_all
 cat <<MSG
 llm-sidecar is serving on http://127.0.0.1:$PORT/v1 (admin http://127.0.0.1:$ADMIN_PORT), fake provider at $FAKE_URL.
 Routing config: $WORK/routing.yaml (edit it: changes apply within a second).

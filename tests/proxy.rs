@@ -242,15 +242,7 @@ async fn a_missing_key_fails_over_and_is_reported_instead_of_calling_unauthentic
     let fake = fake().await;
     let text = config(&fake, true).replace("TEST_RELAY_KEY", "UNSET_KEY_VARIABLE");
     let sidecar = sidecar(&text).await;
-    let (status, headers, _) = call_json(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", false),
-        ),
-    )
-    .await;
+    let (status, headers, _) = ask_json(&sidecar, "chat", false).await;
     assert_eq!(
         (status.as_u16(), header(&headers, "x-llm-sidecar-provider")),
         (200, "deep")
@@ -266,15 +258,7 @@ async fn a_missing_key_fails_over_and_is_reported_instead_of_calling_unauthentic
 
     let text = text.replace("TEST_OFFICIAL_KEY", "ANOTHER_UNSET_VARIABLE");
     let sidecar = sidecar_with(test_settings(), &text).await;
-    let (status, headers, body) = call_json(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", false),
-        ),
-    )
-    .await;
+    let (status, headers, body) = ask_json(&sidecar, "chat", false).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(
         header(&headers, "x-llm-sidecar-error"),
@@ -466,15 +450,7 @@ async fn malformed_json_is_a_400() {
 async fn an_unknown_model_is_a_404_listing_the_aliases() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, true)).await;
-    let response = call_json(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("gpt-9", false),
-        ),
-    )
-    .await;
+    let response = ask_json(&sidecar, "gpt-9", false).await;
     let json = assert_error(response, 404, "model_not_found").await;
     let message = json["error"]["message"].as_str().unwrap_or_default();
     assert!(
@@ -507,15 +483,7 @@ async fn unreachable_upstreams_are_a_502_listing_every_attempt() {
         .replace(&fake.base_url("sheep"), &dead)
         .replace(&fake.base_url("deep"), &dead);
     let sidecar = sidecar(&text).await;
-    let (status, headers, body) = call_json(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", false),
-        ),
-    )
-    .await;
+    let (status, headers, body) = ask_json(&sidecar, "chat", false).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(
         header(&headers, "x-llm-sidecar-error"),
@@ -561,15 +529,7 @@ async fn a_silent_upstream_is_a_504_after_one_header_timeout() {
         config_with(&fake, true, extra).replace("response_headers: 2s", "response_headers: 300ms");
     let sidecar = sidecar(&text).await;
     let started = std::time::Instant::now();
-    let (status, headers, body) = call_json(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("quiet", false),
-        ),
-    )
-    .await;
+    let (status, headers, body) = ask_json(&sidecar, "quiet", false).await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(
         header(&headers, "x-llm-sidecar-error"),

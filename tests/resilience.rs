@@ -42,23 +42,6 @@ fn relay_fault(fake: &FakeProvider, relay_model: &str) -> String {
     )
 }
 
-async fn ask(
-    sidecar: &llm_sidecar::Sidecar,
-    model: &str,
-    stream: bool,
-) -> (u16, http::HeaderMap, bytes::Bytes) {
-    let (status, headers, body) = call(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body(model, stream),
-        ),
-    )
-    .await;
-    (status.as_u16(), headers, body)
-}
-
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|_| panic!("JSON body: {}", String::from_utf8_lossy(body)))

@@ -156,15 +156,7 @@ async fn a_provider_without_h2_is_called_over_reused_http1_tls_connections() {
 async fn an_untrusted_certificate_is_refused_with_a_502() {
     let provider = tls_provider(&[b"h2", b"http/1.1"]).await;
     let sidecar = sidecar(&tls_config(&provider)).await;
-    let (status, headers, body) = call_json(
-        &client(),
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", false),
-        ),
-    )
-    .await;
+    let (status, headers, body) = ask_json(&sidecar, "chat", false).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(
         header(&headers, "x-llm-sidecar-error"),

@@ -185,6 +185,38 @@ pub fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
+/// A chat completion through the sidecar, as the app would send it; the status as a number so
+/// tests can compare `(status, provider)` pairs.
+pub async fn ask(sidecar: &Sidecar, model: &str, stream: bool) -> (u16, http::HeaderMap, Bytes) {
+    let (status, headers, body) = call(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body(model, stream),
+        ),
+    )
+    .await;
+    (status.as_u16(), headers, body)
+}
+
+/// [`ask`] with the JSON body parsed, like [`call_json`].
+pub async fn ask_json(
+    sidecar: &Sidecar,
+    model: &str,
+    stream: bool,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    call_json(
+        &client(),
+        post(
+            sidecar.data_addr,
+            "/v1/chat/completions",
+            chat_body(model, stream),
+        ),
+    )
+    .await
+}
+
 /// The `data:` payloads of an SSE body, in order.
 pub fn sse_data(body: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(body)
