@@ -161,6 +161,8 @@ pub struct Target {
     pub health_key: Arc<str>,
     /// This target's health cell, looked up once per config generation.
     pub health_cell: std::sync::OnceLock<Arc<crate::routing::health::HealthCell>>,
+    /// This target's metric handles, looked up once per config generation.
+    pub metrics_cell: std::sync::OnceLock<Arc<crate::telemetry::metrics::TargetMetrics>>,
     pub tags: TargetTags,
 }
 
@@ -201,6 +203,19 @@ impl TargetTags {
 impl Target {
     pub fn path(&self) -> ProviderKind {
         self.provider.kind
+    }
+
+    pub fn metrics(
+        &self,
+        metrics: &crate::telemetry::metrics::Metrics,
+    ) -> &Arc<crate::telemetry::metrics::TargetMetrics> {
+        self.metrics_cell.get_or_init(|| {
+            Arc::new(metrics.for_target(
+                &self.tags.route,
+                &self.tags.provider,
+                self.path().as_str(),
+            ))
+        })
     }
 }
 
@@ -564,6 +579,7 @@ fn compile_raw(
             Some(Target {
                 health_key: Arc::from(format!("{}/{}", provider.name, t.model)),
                 health_cell: std::sync::OnceLock::new(),
+                metrics_cell: std::sync::OnceLock::new(),
                 provider: provider.clone(),
                 model: t.model,
                 supports_prefill: t.supports_prefill,

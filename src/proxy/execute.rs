@@ -596,9 +596,7 @@ impl Exchange {
                         );
                         if self.attempts.is_empty() {
                             // A clean first-try answer needs no attempt log: count it only.
-                            self.core
-                                .metrics
-                                .record_attempt(&target.tags.provider, "ok");
+                            target.metrics(&self.core.metrics).ok_attempts.inc();
                         } else {
                             self.record(step, "ok", Some(200), started);
                         }

@@ -71,16 +71,17 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     limits: Limits,
     in_flight: Arc<Semaphore>,
-    /// Label for requests the sidecar answered itself.
-    none: Arc<str>,
 }
 
 /// What a finished request is counted as.
 struct Record {
     metrics: Arc<Metrics>,
-    route: Arc<str>,
-    provider: Arc<str>,
+    /// Labels for the generic path; `None` is counted as "none" (answered by the sidecar).
+    route: Option<Arc<str>>,
+    provider: Option<Arc<str>>,
     path: &'static str,
+    /// The answering target's metric handles: a successful request needs no label lookup.
+    target: Option<Arc<crate::telemetry::metrics::TargetMetrics>>,
     status: u16,
     start: Instant,
     /// The upstream connection, returned to the pool only when the body was read to the end.
@@ -95,7 +96,7 @@ impl OnFinish for Record {
             lease.release();
         }
         if !completed {
-            tracing::debug!(route = %self.route, provider = %self.provider, status = self.status, "response body ended early");
+            tracing::debug!(status = self.status, "response body ended early");
         }
         let Record {
             metrics,
@@ -103,10 +104,25 @@ impl OnFinish for Record {
             provider,
             path,
             status,
+            target,
             ..
         } = *self;
+        if let (Some(target), 200) = (&target, status) {
+            target.duration.observe(elapsed.as_secs_f64());
+            target.requests_ok.inc();
+            metrics.in_flight.dec();
+            return;
+        }
         // The labels are moved from one lookup to the next: cloning shared Arcs on every request
         // makes their counts bounce between cores.
+        let (route, provider, path) = match target {
+            Some(t) => (t.route.clone(), t.provider.clone(), t.path),
+            None => (
+                route.unwrap_or_else(|| metrics.none_label.clone()),
+                provider.unwrap_or_else(|| metrics.none_label.clone()),
+                path,
+            ),
+        };
         let duration = DurationLabels { route, provider };
         metrics
             .request_duration
@@ -134,7 +150,6 @@ impl Proxy {
             core,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrency)),
             limits,
-            none: Arc::from("none"),
         }
     }
 
@@ -145,8 +160,9 @@ impl Proxy {
         self.metrics.in_flight.inc();
         let mut record = Record {
             metrics: self.metrics.clone(),
-            route: self.none.clone(),
-            provider: self.none.clone(),
+            route: None,
+            provider: None,
+            target: None,
             path: "none",
             status: 0,
             start: Instant::now(),
@@ -305,8 +321,8 @@ impl Proxy {
             })?;
         let (target, reason) = route.choose(&snapshot.flags);
         let provider = &target.provider;
-        record.route = target.tags.route.clone();
-        record.provider = target.tags.provider.clone();
+        record.route = Some(target.tags.route.clone());
+        record.provider = Some(target.tags.provider.clone());
         record.path = target.path().as_str();
 
         let uri = provider
@@ -412,8 +428,7 @@ impl Proxy {
         let committed = exchange.run().await?;
         let target = committed.route.target(committed.side);
         if let Some(target) = target {
-            record.route = target.tags.route.clone();
-            record.provider = target.tags.provider.clone();
+            record.target = Some(target.metrics(&self.metrics).clone());
             record.path = target.path().as_str();
         }
         record.lease = committed.lease;

@@ -49,6 +49,18 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// One target's metric handles for successful requests, looked up once per config generation so
+/// a request increments them directly instead of searching the label families.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    pub route: Arc<str>,
+    pub provider: Arc<str>,
+    pub path: &'static str,
+    pub ok_attempts: Counter,
+    pub requests_ok: Counter,
+    pub duration: Histogram,
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<DurationLabels, Histogram>,
@@ -61,6 +73,8 @@ pub struct Metrics {
     pub retry_budget_exhausted: Counter,
     pub malformed_chunks: Counter,
     pub stream_interruptions: Family<OutcomeLabels, Counter>,
+    /// The label for requests the sidecar answered itself.
+    pub none_label: Arc<str>,
 }
 
 impl Metrics {
@@ -80,6 +94,7 @@ impl Metrics {
             retry_budget_exhausted: Counter::default(),
             malformed_chunks: Counter::default(),
             stream_interruptions: Family::default(),
+            none_label: Arc::from("none"),
         };
         registry.register(
             "requests",
@@ -138,6 +153,42 @@ impl Metrics {
             metrics.stream_interruptions.clone(),
         );
         metrics
+    }
+
+    pub fn for_target(
+        &self,
+        route: &Arc<str>,
+        provider: &Arc<str>,
+        path: &'static str,
+    ) -> TargetMetrics {
+        TargetMetrics {
+            ok_attempts: self
+                .attempts
+                .get_or_create(&AttemptLabels {
+                    provider: provider.clone(),
+                    outcome: "ok",
+                })
+                .clone(),
+            requests_ok: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: route.clone(),
+                    provider: provider.clone(),
+                    path,
+                    status: 200,
+                })
+                .clone(),
+            duration: self
+                .request_duration
+                .get_or_create(&DurationLabels {
+                    route: route.clone(),
+                    provider: provider.clone(),
+                })
+                .clone(),
+            route: route.clone(),
+            provider: provider.clone(),
+            path,
+        }
     }
 
     pub fn record_attempt(&self, provider: &Arc<str>, outcome: &'static str) {
