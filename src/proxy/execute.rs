@@ -140,7 +140,7 @@ pub struct Exchange {
     steps: Vec<Step>,
     skipped: Vec<crate::routing::plan::Skipped>,
     /// The body for the first planned target, rendered while the request was parsed anyway.
-    first_body: Option<(Arc<str>, Bytes)>,
+    first_body: Option<Bytes>,
     /// Only the first step is planned so far.
     partial: bool,
 }
@@ -224,10 +224,7 @@ impl Exchange {
         };
         if let Some(first) = steps.first() {
             let target = first.target();
-            exchange.first_body = Some((
-                target.health_key.clone(),
-                exchange.render_body(parsed, target, None),
-            ));
+            exchange.first_body = Some(exchange.render_body(parsed, target, None));
         }
         exchange.steps = steps;
         exchange.skipped = skipped;
@@ -287,11 +284,10 @@ impl Exchange {
         }
     }
 
-    fn body_for(&self, target: &Target, prefill: Option<&str>) -> Bytes {
-        if let (Some((key, body)), None) = (&self.first_body, prefill) {
-            if *key == target.health_key {
-                return body.clone();
-            }
+    /// The body for `target`; `first` marks the plan's first step, whose body is ready.
+    fn body_for(&self, target: &Target, prefill: Option<&str>, first: bool) -> Bytes {
+        if let (Some(body), None, true) = (&self.first_body, prefill, first) {
+            return body.clone();
         }
         match RequestBody::parse(&self.bytes) {
             Ok(parsed) => self.render_body(&parsed, target, prefill),
@@ -356,12 +352,13 @@ impl Exchange {
         &self,
         target: &Target,
         prefill: Option<&str>,
+        first: bool,
     ) -> Result<Answer, AttemptError> {
         let provider = &target.provider;
         let uri = provider
             .upstream_uri_from(&self.path_and_query)
             .map_err(Failure::Connect)?;
-        let mut request = Request::new(Full::new(self.body_for(target, prefill)));
+        let mut request = Request::new(Full::new(self.body_for(target, prefill, first)));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
         let mut headers = self.headers.clone();
@@ -586,7 +583,7 @@ impl Exchange {
                 }
                 tries += 1;
                 let started = Instant::now();
-                match self.attempt(target, None).await {
+                match self.attempt(target, None, step_index == 0).await {
                     Ok(answer) => {
                         let latency = started.elapsed();
                         self.core.health.record_success(
@@ -999,7 +996,10 @@ impl Exchange {
                     continue;
                 }
                 let started = Instant::now();
-                match self.attempt(step.target(), Some(&pump.state.text)).await {
+                match self
+                    .attempt(step.target(), Some(&pump.state.text), false)
+                    .await
+                {
                     Ok(Answer::Stream {
                         body,
                         parser,
