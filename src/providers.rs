@@ -224,6 +224,20 @@ impl Provider {
         self.authority.host()
     }
 
+    /// Sets the headers that make a request this provider's: `Host` and the provider's key.
+    /// `Err` carries a hint when the key is missing; the request must not be sent then.
+    pub fn authorize(&self, headers: &mut http::HeaderMap) -> Result<(), String> {
+        headers.insert(http::header::HOST, self.host_header.clone());
+        match self.auth() {
+            Auth::Bearer(secret) => {
+                headers.insert(http::header::AUTHORIZATION, secret.header_value().clone());
+                Ok(())
+            }
+            Auth::None => Ok(()),
+            Auth::Missing(hint) => Err(hint),
+        }
+    }
+
     pub fn auth(&self) -> Auth {
         match &self.key {
             KeySource::None => Auth::None,

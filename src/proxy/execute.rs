@@ -24,7 +24,7 @@ use super::{HEADER_GENERATION, HEADER_REASON};
 use crate::config::{Reason, Route, Snapshot, Target};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
-use crate::providers::{Auth, ProviderKind};
+use crate::providers::ProviderKind;
 use crate::routing::backoff::{full_jitter, parse_retry_after, unit_sample};
 use crate::routing::breaker::Admission;
 use crate::routing::budget::RetryBudget;
@@ -362,27 +362,20 @@ impl Exchange {
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
         let mut headers = self.headers.clone();
-        headers.insert(header::HOST, provider.host_header.clone());
-        match provider.auth() {
-            Auth::Bearer(secret) => {
-                headers.insert(header::AUTHORIZATION, secret.header_value().clone());
+        if let Err(hint) = provider.authorize(&mut headers) {
+            return Err(Failure::Status {
+                status: StatusCode::UNAUTHORIZED,
+                retry_after: None,
+                error: UpstreamErrorBody {
+                    message: Some(format!(
+                        "no API key for provider `{}`: {hint}",
+                        provider.name
+                    )),
+                    kind: Some("sidecar_config".into()),
+                    code: Some("provider_key_missing".into()),
+                },
             }
-            Auth::None => {}
-            Auth::Missing(hint) => {
-                return Err(Failure::Status {
-                    status: StatusCode::UNAUTHORIZED,
-                    retry_after: None,
-                    error: UpstreamErrorBody {
-                        message: Some(format!(
-                            "no API key for provider `{}`: {hint}",
-                            provider.name
-                        )),
-                        kind: Some("sidecar_config".into()),
-                        code: Some("provider_key_missing".into()),
-                    },
-                }
-                .into())
-            }
+            .into());
         }
         *request.headers_mut() = headers;
 
@@ -799,8 +792,7 @@ impl Exchange {
         let skipped: Vec<Value> = skipped
             .iter()
             .map(|s| {
-                let step = Step { route: s.route.clone(), side: s.side, forced_probe: false, closed: false };
-                let t = step.target();
+                let t = s.target();
                 json!({ "route": s.route.name, "provider": t.provider.name, "model": t.model, "reason": s.reason.label() })
             })
             .collect();

@@ -21,7 +21,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
 use crate::errors::SidecarError;
 use crate::openai::{self, RequestBody};
-use crate::providers::Auth;
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
 use body::{full, Observed, OnFinish, ProxyBody};
 use execute::{Core, Exchange};
@@ -258,31 +257,21 @@ impl Proxy {
         }
     }
 
-    /// Picks the route from the body's `model` (required on the model endpoints; other `/v1/*`
-    /// paths fall back to the default route) and returns the body to send upstream.
-    fn resolve(
-        snapshot: &Snapshot,
-        bytes: Bytes,
-        model_required: bool,
-    ) -> Result<(Arc<Route>, Bytes), SidecarError> {
-        let parsed = match RequestBody::parse(&bytes) {
-            Ok(parsed) => Some(parsed),
-            Err(why) if model_required => return Err(SidecarError::MalformedRequest(why)),
-            // Multipart uploads and bodiless calls are passed through as they are.
-            Err(_) => None,
-        };
-        let Some(parsed) = parsed.filter(|p| p.model.is_some() || model_required) else {
+    /// Pass-through paths: the route named by the body's `model` when it has one (and the
+    /// body is rewritten for it), else the default route with the body as it is.
+    fn resolve(snapshot: &Snapshot, bytes: Bytes) -> Result<(Arc<Route>, Bytes), SidecarError> {
+        // Multipart uploads and bodiless calls name no model and are passed through as they are.
+        let parsed = RequestBody::parse(&bytes).ok();
+        let Some((parsed, model)) = parsed
+            .as_ref()
+            .and_then(|p| p.model.as_deref().map(|m| (p, m)))
+        else {
             return match &snapshot.default_route {
                 Some(route) => Ok((route.clone(), bytes)),
                 None => Err(SidecarError::NoRoute {
                     path: "this path".into(),
                 }),
             };
-        };
-        let Some(model) = parsed.model.as_deref() else {
-            return Err(SidecarError::MalformedRequest(
-                "the request body has no `model` field".into(),
-            ));
         };
         let Some(route) = snapshot.route(model) else {
             return Err(SidecarError::UnknownModel {
@@ -312,13 +301,12 @@ impl Proxy {
         if model_required {
             return self.exchange(snapshot, parts, bytes, record).await;
         }
-        let (route, upstream_body) =
-            Self::resolve(&snapshot, bytes, model_required).map_err(|err| match err {
-                SidecarError::NoRoute { .. } => SidecarError::NoRoute {
-                    path: parts.uri.path().to_string(),
-                },
-                other => other,
-            })?;
+        let (route, upstream_body) = Self::resolve(&snapshot, bytes).map_err(|err| match err {
+            SidecarError::NoRoute { .. } => SidecarError::NoRoute {
+                path: parts.uri.path().to_string(),
+            },
+            other => other,
+        })?;
         let (target, reason) = route.choose(&snapshot.flags);
         let provider = &target.provider;
         record.route = Some(target.tags.route.clone());
@@ -334,24 +322,13 @@ impl Proxy {
         *upstream.method_mut() = parts.method;
         *upstream.uri_mut() = uri;
         strip_request_headers(&mut parts.headers);
-        parts
-            .headers
-            .insert(header::HOST, provider.host_header.clone());
+        provider.authorize(&mut parts.headers).map_err(|hint| {
+            SidecarError::ProviderKeyMissing {
+                provider: provider.name.clone(),
+                hint,
+            }
+        })?;
         *upstream.headers_mut() = parts.headers;
-        match provider.auth() {
-            Auth::Bearer(secret) => {
-                upstream
-                    .headers_mut()
-                    .insert(header::AUTHORIZATION, secret.header_value().clone());
-            }
-            Auth::None => {}
-            Auth::Missing(hint) => {
-                return Err(SidecarError::ProviderKeyMissing {
-                    provider: provider.name.clone(),
-                    hint,
-                })
-            }
-        }
 
         let timeout = snapshot.timeouts.response_headers;
         let response = match tokio::time::timeout(timeout, self.core.upstream.send(upstream)).await

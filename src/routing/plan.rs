@@ -44,11 +44,7 @@ pub struct Step {
 
 impl Step {
     pub fn target(&self) -> &Target {
-        match self.side {
-            ProviderKind::Relay => self.route.relay.as_ref(),
-            ProviderKind::Official => self.route.official.as_ref(),
-        }
-        .unwrap_or_else(|| unreachable!("plans only name targets that exist"))
+        planned_target(&self.route, self.side)
     }
 }
 
@@ -74,6 +70,19 @@ pub struct Skipped {
     pub route: Arc<Route>,
     pub side: ProviderKind,
     pub reason: SkipReason,
+}
+
+impl Skipped {
+    pub fn target(&self) -> &Target {
+        planned_target(&self.route, self.side)
+    }
+}
+
+/// Plans are built only from targets a route has.
+fn planned_target(route: &Route, side: ProviderKind) -> &Target {
+    route
+        .target(side)
+        .unwrap_or_else(|| unreachable!("plans only name targets that exist"))
 }
 
 #[derive(Clone, Debug, Default)]
