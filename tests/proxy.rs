@@ -51,17 +51,8 @@ async fn non_stream_round_trip_goes_to_the_relay_with_the_upstream_model() {
 async fn stream_round_trip_delivers_every_event_and_done() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, true)).await;
-    let client = client();
 
-    let (status, headers, body) = call(
-        &client,
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", true),
-        ),
-    )
-    .await;
+    let (status, headers, body) = ask(&sidecar, "chat", true).await;
 
     assert_eq!(status, 200);
     assert!(header(&headers, "content-type").starts_with("text/event-stream"));
@@ -140,15 +131,7 @@ async fn the_upstream_sees_the_configured_key_and_never_the_apps() {
         Duration::from_secs(5),
         "routing flips to official",
         || async {
-            let (_, headers, _) = call(
-                &client,
-                post(
-                    sidecar.data_addr,
-                    "/v1/chat/completions",
-                    chat_body("chat", false),
-                ),
-            )
-            .await;
+            let (_, headers, _) = ask(&sidecar, "chat", false).await;
             header(&headers, "x-llm-sidecar-provider") == "deep"
         },
     )
@@ -196,17 +179,8 @@ async fn a_key_file_is_reread_when_the_secret_rotates() {
         &format!("api_key: {{ file: {} }}", key_path.display()),
     );
     let sidecar = sidecar(&text).await;
-    let client = client();
 
-    let (status, _, _) = call(
-        &client,
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", false),
-        ),
-    )
-    .await;
+    let (status, _, _) = ask(&sidecar, "chat", false).await;
     assert_eq!(status, 200);
     assert_eq!(
         fake.requests()[0].authorization.as_deref(),
@@ -218,15 +192,7 @@ async fn a_key_file_is_reread_when_the_secret_rotates() {
         Duration::from_secs(5),
         "the rotated key is used",
         || async {
-            call(
-                &client,
-                post(
-                    sidecar.data_addr,
-                    "/v1/chat/completions",
-                    chat_body("chat", false),
-                ),
-            )
-            .await;
+            ask(&sidecar, "chat", false).await;
             fake.requests()
                 .last()
                 .and_then(|r| r.authorization.clone())
@@ -281,17 +247,9 @@ async fn routing_disabled_sends_every_model_endpoint_to_the_official_provider() 
     let sidecar = sidecar(&config(&fake, false)).await;
     let client = client();
 
-    let (status, headers, _) = call(
-        &client,
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("chat", false),
-        ),
-    )
-    .await;
+    let (status, headers, _) = ask(&sidecar, "chat", false).await;
     assert_eq!(
-        (status.as_u16(), header(&headers, "x-llm-sidecar-path")),
+        (status, header(&headers, "x-llm-sidecar-path")),
         (200, "official")
     );
     assert_eq!(header(&headers, "x-llm-sidecar-reason"), "routing_disabled");
@@ -561,25 +519,9 @@ async fn admin_port_reports_liveness_readiness_metrics_and_config() {
     let sidecar = sidecar(&config(&fake, true)).await;
     let client = client();
     for _ in 0..3 {
-        call(
-            &client,
-            post(
-                sidecar.data_addr,
-                "/v1/chat/completions",
-                chat_body("chat", false),
-            ),
-        )
-        .await;
+        ask(&sidecar, "chat", false).await;
     }
-    call(
-        &client,
-        post(
-            sidecar.data_addr,
-            "/v1/chat/completions",
-            chat_body("nope", false),
-        ),
-    )
-    .await;
+    ask(&sidecar, "nope", false).await;
 
     let (status, _, _) = call(&client, get(sidecar.admin_addr, "/live")).await;
     assert_eq!(status, 200);

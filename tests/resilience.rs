@@ -517,15 +517,7 @@ async fn a_primary_down_for_a_while_is_routed_around_and_gets_traffic_back_after
     let mut back_at = None;
     // Bounded: one request every 100 ms for at most 6 s.
     for _ in 0..60 {
-        let (status, headers, _) = call(
-            &client,
-            post(
-                sidecar.data_addr,
-                "/v1/chat/completions",
-                chat_body("chat", false),
-            ),
-        )
-        .await;
+        let (status, headers, _) = ask(&sidecar, "chat", false).await;
         assert_eq!(status, 200, "every request is served during the outage");
         if header(&headers, "x-llm-sidecar-provider") == "sheep" {
             back_at = Some(started.elapsed());
