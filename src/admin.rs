@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
+use crate::config::configmap::WatchStatus;
 use crate::config::{unix_seconds, ConfigStore};
 use crate::errors::SidecarError;
 use crate::proxy::body::{full, ProxyBody};
@@ -21,8 +22,10 @@ pub struct Admin {
     pub store: Arc<ConfigStore>,
     pub core: Arc<crate::proxy::execute::Core>,
     pub registry: Registry,
-    /// True once a snapshot is loaded and the data port is serving; false again while draining.
-    pub ready: AtomicBool,
+    /// True once the data port is serving; false again while draining.
+    pub serving: AtomicBool,
+    /// The ConfigMap watch, when there is one: ready waits for its first snapshot.
+    pub configmap: Option<Arc<WatchStatus>>,
 }
 
 impl Admin {
@@ -32,13 +35,27 @@ impl Admin {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let response = match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-            "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/ready" => self.ready(),
             "/metrics" => self.metrics(),
             "/config" => self.config(),
             other => SidecarError::NotFound(other.to_string()).into_response(),
         };
         Ok(response)
+    }
+
+    /// Ready once serving and, with a ConfigMap, once its first snapshot applied (or the
+    /// start-up wait fell back). API server outages later never make the sidecar unready.
+    fn ready(&self) -> Response<ProxyBody> {
+        if !self.serving.load(Ordering::Acquire) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n");
+        }
+        match &self.configmap {
+            Some(watch) if !watch.is_ready() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: waiting for the routing ConfigMap\n",
+            ),
+            _ => text(StatusCode::OK, "ready\n"),
+        }
     }
 
     fn metrics(&self) -> Response<ProxyBody> {
@@ -81,6 +98,8 @@ impl Admin {
             &json!({
                 "generation": snapshot.generation,
                 "last_rejection": rejection,
+                "precedence": ["env HOLY_SHEEP_ENABLED", "configmap", "file", "embedded"],
+                "configmap": self.configmap.as_ref().map(|w| w.view()),
                 "config": snapshot.redacted_view(),
             }),
         )

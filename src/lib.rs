@@ -43,6 +43,45 @@ pub enum StartError {
     },
     #[error("cannot build the upstream client: {0}")]
     Client(std::io::Error),
+    #[error("cannot set up the Kubernetes client for the ConfigMap watch ({hint}): {error}")]
+    Kube { hint: String, error: String },
+}
+
+/// The Kubernetes client: the kubeconfig named by `KUBECONFIG`, else in-cluster config. The
+/// namespace is `POD_NAMESPACE`, else the service-account namespace (in cluster) or the
+/// kubeconfig context's namespace.
+async fn kube_client(
+    kube: &settings::KubeSettings,
+) -> Result<(kube::Client, config::configmap::ConfigMapRef), StartError> {
+    let hint = "set LLM_SIDECAR_CONFIGMAP=off to run without it";
+    let fail = |error: String| StartError::Kube {
+        hint: hint.to_string(),
+        error,
+    };
+    let mut config = match &kube.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| fail(format!("kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| fail(format!("kubeconfig {}: {e}", path.display())))?
+        }
+        None => kube::Config::incluster().map_err(|e| fail(format!("in-cluster config: {e}")))?,
+    };
+    // Reconnects after an API server restart should not wait on a long TCP connect timeout.
+    config.connect_timeout = Some(std::time::Duration::from_secs(5));
+    let namespace = kube
+        .namespace
+        .clone()
+        .unwrap_or_else(|| config.default_namespace.clone());
+    let client = kube::Client::try_from(config).map_err(|e| fail(e.to_string()))?;
+    Ok((
+        client,
+        config::configmap::ConfigMapRef {
+            namespace,
+            name: kube.configmap.clone(),
+        },
+    ))
 }
 
 /// Reads the config named by the settings, or the embedded default.
@@ -77,12 +116,18 @@ impl Sidecar {
     ) -> Result<Sidecar, StartError> {
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
-        let store = ConfigStore::new(config_text, source.clone(), env, metrics.clone())
-            .map(Arc::new)
-            .map_err(|error| StartError::Config {
-                source_name: source.to_string(),
-                error,
-            })?;
+        let store = ConfigStore::with_override(
+            config_text,
+            source.clone(),
+            settings.holy_sheep_enabled,
+            env,
+            metrics.clone(),
+        )
+        .map(Arc::new)
+        .map_err(|error| StartError::Config {
+            source_name: source.to_string(),
+            error,
+        })?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -112,7 +157,7 @@ impl Sidecar {
             upstream,
             health: Default::default(),
             budget: routing::budget::RetryBudget::new(std::time::Duration::from_secs(10)),
-            metrics,
+            metrics: metrics.clone(),
         });
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),
@@ -123,14 +168,34 @@ impl Sidecar {
                 max_concurrency: settings.max_concurrency,
             },
         ));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let configmap = match &settings.kube {
+            None => None,
+            Some(kube) => {
+                let (client, target) = kube_client(kube).await?;
+                tracing::info!(namespace = %target.namespace, name = %target.name, "watching the routing ConfigMap");
+                let status = config::configmap::WatchStatus::new(target, metrics.clone());
+                config::configmap::spawn(
+                    client,
+                    store.clone(),
+                    status.clone(),
+                    kube.instance.clone(),
+                    shutdown_rx.clone(),
+                );
+                let waiting = status.clone();
+                let timeout = kube.startup_timeout;
+                tokio::spawn(async move { waiting.wait_ready_or_fall_back(timeout).await });
+                Some(status)
+            }
+        };
         let admin = Arc::new(admin::Admin {
             store: store.clone(),
             core,
             registry,
-            ready: Default::default(),
+            serving: Default::default(),
+            configmap,
         });
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let (admin_stop, admin_stop_rx) = watch::channel(false);
         let builder = proxy::server::builder(settings.header_read_timeout);
         let grace = settings.shutdown_grace;
@@ -156,7 +221,7 @@ impl Sidecar {
             settings.config_poll,
             shutdown_rx.clone(),
         );
-        admin.ready.store(true, Ordering::Release);
+        admin.serving.store(true, Ordering::Release);
         tracing::info!(%data_addr, %admin_addr, source = %source, "llm-sidecar serving");
 
         let mut draining = shutdown_rx;
@@ -164,7 +229,7 @@ impl Sidecar {
             // Readiness drops as soon as draining starts; the admin port stays up until the
             // data port has drained so probes keep answering.
             let _ = draining.wait_for(|stop| *stop).await;
-            admin.ready.store(false, Ordering::Release);
+            admin.serving.store(false, Ordering::Release);
             let drained = data.await.unwrap_or(false);
             let _ = admin_stop.send(true);
             let _ = admin_server.await;

@@ -19,6 +19,17 @@ pub const ENV_CONNECT_TIMEOUT: &str = "LLM_SIDECAR_CONNECT_TIMEOUT";
 pub const ENV_SHUTDOWN_GRACE: &str = "LLM_SIDECAR_SHUTDOWN_GRACE";
 pub const ENV_LOG_FORMAT: &str = "LLM_SIDECAR_LOG_FORMAT";
 pub const ENV_EXTRA_CA_FILE: &str = "LLM_SIDECAR_EXTRA_CA_FILE";
+pub const ENV_CONFIGMAP: &str = "LLM_SIDECAR_CONFIGMAP";
+pub const ENV_CONFIGMAP_STARTUP_TIMEOUT: &str = "LLM_SIDECAR_CONFIGMAP_STARTUP_TIMEOUT";
+/// Set by the Downward API (`fieldRef: metadata.namespace`).
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// Set by the Downward API (`fieldRef: metadata.name`); names this sidecar in Events.
+pub const ENV_POD_NAME: &str = "POD_NAME";
+pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
+/// Present in every pod: the sign that the sidecar runs in a cluster.
+pub const ENV_KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
+/// The ConfigMap watched in a pod when `LLM_SIDECAR_CONFIGMAP` is not set.
+pub const DEFAULT_CONFIGMAP: &str = "llm-sidecar";
 
 /// Where settings come from: the process environment, or a map in tests.
 pub trait Env {
@@ -59,6 +70,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// The ConfigMap to watch, when there is one.
+    pub kube: Option<KubeSettings>,
+    /// `HOLY_SHEEP_ENABLED`: forces the routing flag over every config source.
+    pub holy_sheep_enabled: Option<bool>,
     /// PEM certificates trusted for provider TLS in addition to the bundled web roots.
     pub extra_ca_file: Option<PathBuf>,
 }
@@ -78,8 +93,72 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Text,
             extra_ca_file: None,
+            kube: None,
+            holy_sheep_enabled: None,
         }
     }
+}
+
+/// Where the routing ConfigMap is and how to reach the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeSettings {
+    pub configmap: String,
+    /// From `POD_NAMESPACE`; otherwise the service-account namespace file or the kubeconfig
+    /// context decides.
+    pub namespace: Option<String>,
+    /// From `KUBECONFIG` (local development); otherwise in-cluster config.
+    pub kubeconfig: Option<PathBuf>,
+    /// How long `/ready` waits for the first ConfigMap snapshot before the file or embedded
+    /// config serves instead.
+    pub startup_timeout: Duration,
+    /// This sidecar's name in Events: the pod name, else the host name.
+    pub instance: String,
+}
+
+/// The ConfigMap watch is on in a pod (`KUBERNETES_SERVICE_HOST` is set) or when
+/// `LLM_SIDECAR_CONFIGMAP` names a ConfigMap; `LLM_SIDECAR_CONFIGMAP=off` turns it off.
+fn kube_settings(env: &dyn Env, errors: &mut Vec<String>) -> Option<KubeSettings> {
+    let named = env.get(ENV_CONFIGMAP).map(|v| v.trim().to_string());
+    let configmap = match named.as_deref() {
+        Some("off") | Some("") => return None,
+        Some(name) => {
+            let valid = name.len() <= 253
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
+            if !valid {
+                errors.push(format!(
+                    "{ENV_CONFIGMAP}={name:?}: not a ConfigMap name (lowercase letters, digits, '-' and '.'), or `off`"
+                ));
+                return None;
+            }
+            name.to_string()
+        }
+        None if env.get(ENV_KUBERNETES_SERVICE_HOST).is_some() => DEFAULT_CONFIGMAP.to_string(),
+        None => return None,
+    };
+    let mut startup_timeout = Duration::from_secs(10);
+    read(
+        env,
+        ENV_CONFIGMAP_STARTUP_TIMEOUT,
+        errors,
+        parse_duration,
+        &mut startup_timeout,
+    );
+    let nonempty = |key: &str| {
+        env.get(key)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    Some(KubeSettings {
+        configmap,
+        namespace: nonempty(ENV_POD_NAMESPACE),
+        kubeconfig: nonempty(ENV_KUBECONFIG).map(PathBuf::from),
+        startup_timeout,
+        instance: nonempty(ENV_POD_NAME)
+            .or_else(|| nonempty("HOSTNAME"))
+            .unwrap_or_else(|| "llm-sidecar".to_string()),
+    })
 }
 
 impl Settings {
@@ -147,6 +226,11 @@ impl Settings {
             parse_duration,
             &mut s.shutdown_grace,
         );
+        s.kube = kube_settings(env, &mut errors);
+        match crate::config::layers::env_override(env) {
+            Ok(v) => s.holy_sheep_enabled = v,
+            Err(why) => errors.push(why),
+        }
         read(
             env,
             ENV_LOG_FORMAT,

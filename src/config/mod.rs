@@ -1,6 +1,8 @@
 //! Routing config: parse, validate (every error names its field path), and compile into one
 //! immutable [`Snapshot`] that a request loads once and uses throughout.
 
+pub mod configmap;
+pub mod layers;
 pub mod reload;
 pub mod schema;
 pub mod store;
@@ -30,6 +32,7 @@ const DEFAULT_RESPONSE_HEADERS_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum ConfigSource {
     Embedded,
     File(PathBuf),
+    ConfigMap { namespace: String, name: String },
 }
 
 impl ConfigSource {
@@ -38,6 +41,7 @@ impl ConfigSource {
         match self {
             ConfigSource::Embedded => "embedded",
             ConfigSource::File(_) => "file",
+            ConfigSource::ConfigMap { .. } => "configmap",
         }
     }
 }
@@ -47,6 +51,9 @@ impl fmt::Display for ConfigSource {
         match self {
             ConfigSource::Embedded => f.write_str("embedded default"),
             ConfigSource::File(path) => write!(f, "file {}", path.display()),
+            ConfigSource::ConfigMap { namespace, name } => {
+                write!(f, "ConfigMap {namespace}/{name}")
+            }
         }
     }
 }
@@ -285,6 +292,8 @@ pub struct Snapshot {
     pub source: ConfigSource,
     pub loaded_at: SystemTime,
     pub flags: Flags,
+    /// Which layer set each flag (`embedded`, `file`, `configmap`, `env`).
+    pub flag_origins: layers::FlagOrigins,
     pub timeouts: Timeouts,
     pub resilience: Resilience,
     pub providers: BTreeMap<String, Arc<Provider>>,
@@ -354,6 +363,12 @@ impl Snapshot {
             "holy_sheep_fallback_only": self.flags.holy_sheep_fallback_only,
             "rollout_percent": self.flags.rollout_percent,
             "shadow_percent": self.flags.shadow_percent,
+            "flag_origins": {
+                "holy_sheep_routing_enabled": self.flag_origins.holy_sheep_routing_enabled,
+                "holy_sheep_fallback_only": self.flag_origins.holy_sheep_fallback_only,
+                "rollout_percent": self.flag_origins.rollout_percent,
+                "shadow_percent": self.flag_origins.shadow_percent,
+            },
             "timeouts": { "response_headers_ms": self.timeouts.response_headers.as_millis() as u64 },
             "default_route": self.default_route.as_ref().map(|r| r.name.clone()),
             "providers": providers,
@@ -415,7 +430,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
 }
 
-fn compile_raw(
+pub(crate) fn compile_raw(
     raw: RawConfig,
     source: ConfigSource,
     generation: u64,
@@ -665,11 +680,13 @@ fn compile_raw(
     if !errors.0.is_empty() {
         return Err(ConfigError(errors.0));
     }
+    let flag_origins = layers::FlagOrigins::all(source.kind());
     Ok(Snapshot {
         generation,
         source,
         loaded_at: SystemTime::now(),
         flags,
+        flag_origins,
         timeouts: Timeouts { response_headers },
         resilience,
         providers,

@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use super::{compile, ConfigError, ConfigSource, Snapshot};
+use super::layers::{ConfigMapLayer, Layers};
+use super::{ConfigError, ConfigSource, Snapshot};
 use crate::settings::Env;
 use crate::telemetry::metrics::Metrics;
 
@@ -21,9 +22,23 @@ pub struct Rejection {
 pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     // Serialises updates so generations are handed out in order and never skipped.
-    apply_lock: Mutex<Option<Rejection>>,
+    state: Mutex<State>,
     env: Arc<dyn Env + Send + Sync>,
     metrics: Arc<Metrics>,
+}
+
+struct State {
+    layers: Layers,
+    last_rejection: Option<Rejection>,
+}
+
+/// What an accepted update did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// A new snapshot with this generation is serving.
+    Swapped(u64),
+    /// The update had the same content as the current layer: nothing changed.
+    Unchanged,
 }
 
 impl ConfigStore {
@@ -34,12 +49,39 @@ impl ConfigStore {
         env: Arc<dyn Env + Send + Sync>,
         metrics: Arc<Metrics>,
     ) -> Result<ConfigStore, ConfigError> {
-        let snapshot = compile(text, source.clone(), 1, env.as_ref())?;
+        Self::with_override(text, source, None, env, metrics)
+    }
+
+    /// Like [`ConfigStore::new`], with the `HOLY_SHEEP_ENABLED` override applied to every
+    /// snapshot, whatever the file or ConfigMap say.
+    pub fn with_override(
+        text: &str,
+        source: ConfigSource,
+        env_override: Option<bool>,
+        env: Arc<dyn Env + Send + Sync>,
+        metrics: Arc<Metrics>,
+    ) -> Result<ConfigStore, ConfigError> {
+        let layers = Layers {
+            base_text: text.to_string(),
+            base_source: source.clone(),
+            configmap: None,
+            env_override,
+        };
+        let snapshot = layers.compile(1, env.as_ref())?;
         metrics.config_generation.set(1);
         metrics.record_reload(source.kind());
+        if env_override.is_some() {
+            tracing::warn!(
+                holy_sheep_routing_enabled = env_override,
+                "HOLY_SHEEP_ENABLED is set: it overrides the routing flag of every config source"
+            );
+        }
         Ok(ConfigStore {
             current: ArcSwap::from_pointee(snapshot),
-            apply_lock: Mutex::new(None),
+            state: Mutex::new(State {
+                layers,
+                last_rejection: None,
+            }),
             env,
             metrics,
         })
@@ -50,39 +92,99 @@ impl ConfigStore {
         self.current.load_full()
     }
 
-    /// Validates and swaps in a new config, or keeps the current one and records why not.
-    pub fn apply(&self, text: &str, source: ConfigSource) -> Result<u64, ConfigError> {
-        let mut last_rejection = self
-            .apply_lock
+    fn locked(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new file (or embedded) text: validated and swapped in, or rejected with the previous
+    /// config still serving. While a ConfigMap supplies the routing YAML the file only matters
+    /// if that key is removed, but it is still validated now.
+    pub fn apply(&self, text: &str, source: ConfigSource) -> Result<u64, ConfigError> {
+        let mut state = self.locked();
+        let mut layers = state.layers.clone();
+        layers.base_text = text.to_string();
+        layers.base_source = source.clone();
+        let shadowed = layers
+            .configmap
+            .as_ref()
+            .is_some_and(|cm| cm.routing.is_some());
+        let checked = if shadowed {
+            super::compile(text, source.clone(), 0, self.env.as_ref()).map(|_| ())
+        } else {
+            Ok(())
+        };
+        let result = checked.and_then(|()| self.swap(&mut state, layers, &source));
+        result.map(|applied| match applied {
+            Applied::Swapped(generation) => generation,
+            Applied::Unchanged => self.current.load().generation,
+        })
+    }
+
+    /// A new ConfigMap content, already read from the API. Identical content (a relist, a
+    /// metadata-only change) is acknowledged without a new generation.
+    pub fn apply_configmap(&self, layer: ConfigMapLayer) -> Result<Applied, ConfigError> {
+        let mut state = self.locked();
+        if let Some(current) = state.layers.configmap.as_mut() {
+            if current.same_content(&layer) {
+                current.resource_version = layer.resource_version;
+                return Ok(Applied::Unchanged);
+            }
+        }
+        let source = layer.source();
+        let mut layers = state.layers.clone();
+        layers.configmap = Some(layer);
+        self.swap(&mut state, layers, &source)
+    }
+
+    /// Records a rejection that happened before the store saw the update (a ConfigMap whose
+    /// keys are invalid), so it is counted and shown like any other.
+    pub fn reject(&self, source: &ConfigSource, err: &ConfigError) {
+        let mut state = self.locked();
+        self.record_rejection(&mut state, source, err);
+    }
+
+    fn swap(
+        &self,
+        state: &mut State,
+        layers: Layers,
+        source: &ConfigSource,
+    ) -> Result<Applied, ConfigError> {
         let generation = self.current.load().generation + 1;
-        match compile(text, source.clone(), generation, self.env.as_ref()) {
+        match layers.compile(generation, self.env.as_ref()) {
             Ok(snapshot) => {
+                state.layers = layers;
                 self.current.store(Arc::new(snapshot));
                 self.metrics.config_generation.set(generation as i64);
                 self.metrics.record_reload(source.kind());
                 tracing::info!(generation, %source, "routing config applied");
-                Ok(generation)
+                Ok(Applied::Swapped(generation))
             }
             Err(err) => {
-                self.metrics.record_rejection(source.kind());
-                tracing::warn!(%source, reason = %err, "routing config rejected; the previous config keeps serving");
-                *last_rejection = Some(Rejection {
-                    source: source.to_string(),
-                    reason: err.to_string(),
-                    at: SystemTime::now(),
-                });
+                self.record_rejection(state, source, &err);
                 Err(err)
             }
         }
     }
 
+    fn record_rejection(&self, state: &mut State, source: &ConfigSource, err: &ConfigError) {
+        self.metrics.record_rejection(source.kind());
+        tracing::warn!(%source, reason = %err, "routing config rejected; the previous config keeps serving");
+        state.last_rejection = Some(Rejection {
+            source: source.to_string(),
+            reason: err.to_string(),
+            at: SystemTime::now(),
+        });
+    }
+
     pub fn last_rejection(&self) -> Option<Rejection> {
-        self.apply_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.locked().last_rejection.clone()
+    }
+
+    /// The ConfigMap layer in effect (the last good one), if any.
+    pub fn configmap_layer(&self) -> Option<ConfigMapLayer> {
+        self.locked().layers.configmap.clone()
     }
 }
 

@@ -40,6 +40,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -73,6 +78,11 @@ pub struct Metrics {
     pub retry_budget_exhausted: Counter,
     pub malformed_chunks: Counter,
     pub stream_interruptions: Family<OutcomeLabels, Counter>,
+    /// 1 while the ConfigMap list/watch works, 0 from an error until it works again.
+    pub configmap_watch_up: Gauge,
+    pub configmap_watch_errors: Family<ReasonLabels, Counter>,
+    /// 1 when the watched ConfigMap exists, 0 when it is absent or deleted.
+    pub configmap_present: Gauge,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
 }
@@ -94,6 +104,9 @@ impl Metrics {
             retry_budget_exhausted: Counter::default(),
             malformed_chunks: Counter::default(),
             stream_interruptions: Family::default(),
+            configmap_watch_up: Gauge::default(),
+            configmap_watch_errors: Family::default(),
+            configmap_present: Gauge::default(),
             none_label: Arc::from("none"),
         };
         registry.register(
@@ -126,6 +139,21 @@ impl Metrics {
             "config_rejections",
             "Routing config updates rejected as invalid, by source",
             metrics.config_rejections.clone(),
+        );
+        registry.register(
+            "configmap_watch_up",
+            "1 while the watch on the routing ConfigMap works, 0 while it is failing and retrying",
+            metrics.configmap_watch_up.clone(),
+        );
+        registry.register(
+            "configmap_watch_errors",
+            "Errors of the ConfigMap watch, by reason (unreachable, forbidden, gone, server_error, other)",
+            metrics.configmap_watch_errors.clone(),
+        );
+        registry.register(
+            "configmap_present",
+            "1 when the watched ConfigMap exists, 0 when it is absent or was deleted (the last good config keeps serving)",
+            metrics.configmap_present.clone(),
         );
         registry.register(
             "upstream_attempts",
