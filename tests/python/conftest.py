@@ -46,30 +46,54 @@ def _wait_for(q, predicate, what, timeout=30):
             return found
 
 
-@pytest.fixture(scope="session")
-def sidecar(tmp_path_factory):
+# Settings from the caller's environment that would change what the sidecar does.
+SCRUBBED = ("KUBERNETES_SERVICE_HOST", "KUBECONFIG", "HOLY_SHEEP_ENABLED", "POD_NAMESPACE", "LLM_SIDECAR_CONFIG")
+
+
+def start_fake():
+    """The fake provider on a free port: (process, base URL)."""
     fake = subprocess.Popen(
         [BIN, "fake-provider", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    fake_url = _wait_for(
+    url = _wait_for(
         _lines(fake.stdout),
         lambda l: l.strip().split("listening on ", 1)[1] if "listening on " in l else None,
         "the fake provider",
     )
-    config = tmp_path_factory.mktemp("config") / "routing.yaml"
-    config.write_text(subprocess.check_output([BIN, "default-config", "--upstream", fake_url], text=True))
-    env = dict(os.environ, **KEYS)
+    return fake, url
+
+
+class Sidecar:
+    """A running sidecar process: its data and admin URLs, and its log lines."""
+
+    def __init__(self, proc, event, log):
+        self.proc = proc
+        self.base_url = f"http://{event['data_addr']}/v1"
+        self.admin = f"http://{event['admin_addr']}"
+        self.log = log
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def start_sidecar(config_path, extra_env=None):
+    """Starts `llm-sidecar run` on free ports and waits until it serves."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
+    env.update(KEYS)
     env.update(
         LLM_SIDECAR_LISTEN="127.0.0.1:0",
         LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:0",
         LLM_SIDECAR_LOG_FORMAT="json",
+        LLM_SIDECAR_CONFIGMAP="off",
         RUST_LOG="info",
     )
+    env.update(extra_env or {})
     proc = subprocess.Popen(
-        [BIN, "run", "--config", str(config)],
+        [BIN, "run", "--config", str(config_path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -83,8 +107,29 @@ def sidecar(tmp_path_factory):
             return None
         return event if event.get("message") == "llm-sidecar serving" else None
 
-    event = _wait_for(_lines(proc.stderr), serving, "the sidecar to serve")
-    yield {"base_url": f"http://{event['data_addr']}/v1", "admin": f"http://{event['admin_addr']}"}
-    for p in (proc, fake):
-        p.terminate()
-        p.wait(timeout=30)
+    log = _lines(proc.stderr)
+    event = _wait_for(log, serving, "the sidecar to serve")
+    return Sidecar(proc, event, log)
+
+
+@pytest.fixture(scope="session")
+def fake_provider():
+    fake, url = start_fake()
+    yield url
+    fake.terminate()
+    fake.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def routing_config(tmp_path_factory, fake_provider):
+    """The embedded default config with every provider pointed at the fake provider."""
+    config = tmp_path_factory.mktemp("config") / "routing.yaml"
+    config.write_text(subprocess.check_output([BIN, "default-config", "--upstream", fake_provider], text=True))
+    return config
+
+
+@pytest.fixture(scope="session")
+def sidecar(routing_config):
+    proc = start_sidecar(routing_config)
+    yield {"base_url": proc.base_url, "admin": proc.admin}
+    proc.stop()
