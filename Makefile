@@ -6,7 +6,7 @@ VENV := .venv
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= llm-sidecar:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench image clean
+.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback image clean
 
 build:
 	$(CARGO) build --release
@@ -43,8 +43,14 @@ demo: build
 run: build
 	bash scripts/run-local.sh
 
-bench:
+## bench: throughput against nginx (wrk), then rollback propagation across 20 sidecars.
+bench: bench-throughput bench-rollback
+
+bench-throughput:
 	bash bench/run.sh
+
+bench-rollback:
+	$(PYTHON) bench/rollback.py
 
 image:
 	docker build -t $(IMAGE) .
