@@ -119,7 +119,7 @@ python3 "$UTIL" wait-tcp "$NGINX_PORT" "$READY_TIMEOUT" ||
 # A streaming route for the stream case: 20 chunks, 10 ms apart (routes are the last section).
 STREAM_MODEL='tokens=20+chunk-delay=10'
 printf '  bench-stream:\n    relay: { provider: holysheep, model: "%s" }\n' "$STREAM_MODEL" >>"$TMP/sidecar.yaml"
-env ${SIDECAR_ENV:-} LLM_SIDECAR_LISTEN="127.0.0.1:$SIDECAR_PORT" \
+env ${SIDECAR_ENV:-} LLM_SIDECAR_CONFIGMAP=off LLM_SIDECAR_LISTEN="127.0.0.1:$SIDECAR_PORT" \
     LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
     RUST_LOG=warn \
     HOLYSHEEP_API_KEY=bench-key DEEPSEEK_API_KEY=bench-key MOONSHOT_API_KEY=bench-key \

@@ -37,7 +37,7 @@ export HOLYSHEEP_API_KEY=demo-relay-key DEEPSEEK_API_KEY=demo-deepseek-key \
 
 # Starts the sidecar on $PORT/$ADMIN_PORT with $WORK/routing.yaml and waits until it is ready.
 start_sidecar() {
-  LLM_SIDECAR_LISTEN="127.0.0.1:$PORT" LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
+  LLM_SIDECAR_CONFIGMAP=off LLM_SIDECAR_LISTEN="127.0.0.1:$PORT" LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
     "$BIN" run --config "$WORK/routing.yaml" 2>"$WORK/sidecar.log" &
   SIDECAR_PID=$!
   for _ in $(seq 100); do

@@ -131,11 +131,16 @@ fn check_config(path: &PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match config::compile(&text, ConfigSource::File(path.clone()), 1, &ProcessEnv) {
+    match config::layers::check(&text, ConfigSource::File(path.clone()), &ProcessEnv) {
         Ok(snapshot) => {
             println!(
-                "{}: valid ({} providers, {} routes)",
+                "{}: valid{} ({} providers, {} routes)",
                 path.display(),
+                match snapshot.source {
+                    ConfigSource::Embedded => " ConfigMap, on top of the embedded routing",
+                    ConfigSource::ConfigMap { .. } => " ConfigMap",
+                    ConfigSource::File(_) => "",
+                },
                 snapshot.providers.len(),
                 snapshot.routes.len()
             );

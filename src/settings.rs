@@ -340,6 +340,57 @@ mod tests {
     }
 
     #[test]
+    fn configmap_watch_is_on_in_a_pod_or_when_named_and_off_on_request() {
+        assert_eq!(Settings::from_env(&env(&[])).unwrap().kube, None);
+        let in_pod = Settings::from_env(&env(&[
+            (ENV_KUBERNETES_SERVICE_HOST, "10.0.0.1"),
+            (ENV_POD_NAMESPACE, "apps"),
+            (ENV_POD_NAME, "app-1"),
+        ]))
+        .unwrap()
+        .kube
+        .unwrap();
+        assert_eq!(in_pod.configmap, DEFAULT_CONFIGMAP);
+        assert_eq!(in_pod.namespace.as_deref(), Some("apps"));
+        assert_eq!(in_pod.instance, "app-1");
+        assert_eq!(in_pod.kubeconfig, None);
+        assert_eq!(in_pod.startup_timeout, Duration::from_secs(10));
+
+        let named = Settings::from_env(&env(&[
+            (ENV_CONFIGMAP, "routing"),
+            (ENV_KUBECONFIG, "dev.kubeconfig"),
+            (ENV_CONFIGMAP_STARTUP_TIMEOUT, "2s"),
+        ]))
+        .unwrap()
+        .kube
+        .unwrap();
+        assert_eq!(named.configmap, "routing");
+        assert_eq!(named.namespace, None, "left to the kubeconfig context");
+        assert_eq!(named.startup_timeout, Duration::from_secs(2));
+
+        let off = Settings::from_env(&env(&[
+            (ENV_KUBERNETES_SERVICE_HOST, "10.0.0.1"),
+            (ENV_CONFIGMAP, "off"),
+        ]))
+        .unwrap();
+        assert_eq!(off.kube, None);
+    }
+
+    #[test]
+    fn bad_configmap_name_and_bad_override_stop_the_start() {
+        let errors = Settings::from_env(&env(&[
+            (ENV_CONFIGMAP, "Routing_Config"),
+            ("HOLY_SHEEP_ENABLED", "perhaps"),
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with(ENV_CONFIGMAP)));
+        assert!(errors.iter().any(|e| e.starts_with("HOLY_SHEEP_ENABLED")));
+        let forced = Settings::from_env(&env(&[("HOLY_SHEEP_ENABLED", "false")])).unwrap();
+        assert_eq!(forced.holy_sheep_enabled, Some(false));
+    }
+
+    #[test]
     fn durations_need_units() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));

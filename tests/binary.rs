@@ -24,6 +24,8 @@ async fn sigterm_drains_a_stream_and_logs_never_show_a_key() {
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config_path)
+        .env("LLM_SIDECAR_CONFIGMAP", "off")
+        .env_remove("HOLY_SHEEP_ENABLED")
         .env("LLM_SIDECAR_LISTEN", "127.0.0.1:0")
         .env("LLM_SIDECAR_ADMIN_LISTEN", "127.0.0.1:0")
         .env("LLM_SIDECAR_LOG_FORMAT", "json")

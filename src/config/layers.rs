@@ -230,6 +230,60 @@ fn prefix_routing_errors(err: ConfigError, configmap: Option<&ConfigMapLayer>) -
     }
 }
 
+/// What `check-config` validates: a routing config, or a ConfigMap manifest (`kind: ConfigMap`)
+/// whose keys and routing YAML are checked as the sidecar would apply them (a flags-only
+/// ConfigMap on top of the embedded default).
+pub fn check(text: &str, source: ConfigSource, env: &dyn Env) -> Result<Snapshot, ConfigError> {
+    let manifest: Option<serde_yaml::Value> = serde_yaml::from_str(text).ok();
+    let is_configmap = manifest
+        .as_ref()
+        .and_then(|m| m.get("kind"))
+        .and_then(|k| k.as_str())
+        == Some("ConfigMap");
+    let Some(manifest) = manifest.filter(|_| is_configmap) else {
+        return super::compile(text, source, 1, env);
+    };
+    let meta = |field: &str| {
+        manifest
+            .get("metadata")
+            .and_then(|m| m.get(field))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut data = BTreeMap::new();
+    let mut errors = Vec::new();
+    if let Some(map) = manifest.get("data").and_then(|d| d.as_mapping()) {
+        for (key, value) in map {
+            let key = key.as_str().unwrap_or("").to_string();
+            match value.as_str() {
+                Some(v) => {
+                    data.insert(key, v.to_string());
+                }
+                None => errors.push(FieldError {
+                    path: format!("data.{key}"),
+                    message: "ConfigMap values must be strings: quote it".into(),
+                }),
+            }
+        }
+    }
+    let layer = ConfigMapLayer::from_data(&meta("namespace"), &meta("name"), None, &data);
+    match layer {
+        Err(ConfigError(mut more)) => {
+            errors.append(&mut more);
+            Err(ConfigError(errors))
+        }
+        Ok(_) if !errors.is_empty() => Err(ConfigError(errors)),
+        Ok(layer) => Layers {
+            base_text: super::EMBEDDED_DEFAULT.to_string(),
+            base_source: ConfigSource::Embedded,
+            configmap: Some(layer),
+            env_override: None,
+        }
+        .compile(1, env),
+    }
+}
+
 /// Reads `HOLY_SHEEP_ENABLED`; unset or empty means no override.
 pub fn env_override(env: &dyn Env) -> Result<Option<bool>, String> {
     match env.get(ENV_OVERRIDE) {
@@ -366,6 +420,21 @@ mod tests {
             err.0[0].path.starts_with("data.config.yaml: routes."),
             "{err}"
         );
+    }
+
+    #[test]
+    fn check_validates_configmap_manifests_as_the_watch_would() {
+        let env = HashMap::<String, String>::new();
+        let good = "apiVersion: v1\nkind: ConfigMap\nmetadata: { name: llm-sidecar, namespace: apps }\ndata:\n  holy_sheep_routing_enabled: \"false\"\n";
+        let snap = check(good, ConfigSource::Embedded, &env).unwrap();
+        assert!(!snap.flags.holy_sheep_routing_enabled);
+        let bad = "kind: ConfigMap\nmetadata: { name: x }\ndata:\n  rollout_percent: 25\n  shadow_percent: \"150\"\n";
+        let err = check(bad, ConfigSource::Embedded, &env).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        assert!(err.0[0].message.contains("must be strings"), "{err}");
+        assert!(err.0[1].message.contains("out of range"), "{err}");
+        // Anything else is a routing config.
+        assert!(check(EMBEDDED_DEFAULT, ConfigSource::Embedded, &env).is_ok());
     }
 
     #[test]
