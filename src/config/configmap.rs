@@ -150,14 +150,19 @@ impl WatchStatus {
 
     fn absent(&self) {
         let mut s = self.locked();
-        let was_present = s.present == Some(true);
+        let before = s.present;
         s.present = Some(false);
         self.metrics.configmap_present.set(0);
-        if was_present {
-            s.deleted_at = Some(SystemTime::now());
-            tracing::warn!(configmap = %self.name(), "the ConfigMap was deleted: the last good config keeps serving until it is recreated");
-        } else if s.state == "starting" || s.deleted_at.is_none() {
-            tracing::warn!(configmap = %self.name(), "the ConfigMap does not exist: serving the file or embedded config until it is created");
+        match before {
+            Some(true) => {
+                s.deleted_at = Some(SystemTime::now());
+                tracing::warn!(configmap = %self.name(), "the ConfigMap was deleted: the last good config keeps serving until it is recreated");
+            }
+            None => {
+                tracing::warn!(configmap = %self.name(), "the ConfigMap does not exist: serving the file or embedded config until it is created");
+            }
+            // Still absent (a relist after a reconnect): already said.
+            Some(false) => {}
         }
         drop(s);
         // Nothing to wait for: the API server answered that there is no ConfigMap.
