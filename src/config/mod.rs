@@ -17,6 +17,7 @@ use http::{HeaderName, HeaderValue};
 use serde_json::json;
 
 use crate::providers::{KeySource, Provider, ProviderKind, Secret, SecretFile};
+use crate::routing::rollout::Decision;
 use crate::settings::{parse_duration, Env};
 use schema::{FlagValue, RawConfig, RawKeySource, RawTarget};
 
@@ -239,28 +240,6 @@ pub struct Route {
     pub official: Option<Target>,
 }
 
-/// Why a request went to the side it went to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    RoutingEnabled,
-    RoutingDisabled,
-    /// The preferred side has no target on this route, so the other side serves.
-    OnlyTarget,
-    /// Earlier targets failed; a later one of the plan answered.
-    Fallback,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::RoutingEnabled => "routing_enabled",
-            Reason::RoutingDisabled => "routing_disabled",
-            Reason::OnlyTarget => "only_target",
-            Reason::Fallback => "fallback",
-        }
-    }
-}
-
 impl Route {
     pub fn target(&self, side: ProviderKind) -> Option<&Target> {
         match side {
@@ -269,21 +248,26 @@ impl Route {
         }
     }
 
-    /// The target this request goes to under the given flags.
-    pub fn choose(&self, flags: &Flags) -> (&Target, Reason) {
-        let (preferred, other, reason) = if flags.holy_sheep_routing_enabled {
-            (&self.relay, &self.official, Reason::RoutingEnabled)
-        } else {
-            (&self.official, &self.relay, Reason::RoutingDisabled)
+    /// The target a request starts on under `decision`, and the reason header's value: the
+    /// decision's reason, or `only_target` when the route lacks the side it asks for.
+    pub fn choose(&self, decision: &Decision) -> (&Target, &'static str) {
+        let (preferred, other) = match decision.order.first_side() {
+            ProviderKind::Relay => (&self.relay, &self.official),
+            ProviderKind::Official => (&self.official, &self.relay),
         };
         match (preferred, other) {
-            (Some(t), _) => (t, reason),
-            (None, Some(t)) => (t, Reason::OnlyTarget),
+            (Some(t), _) => (t, decision.why.as_str()),
+            (None, Some(t)) => (t, ONLY_TARGET),
             // Compilation guarantees every route has at least one target.
             (None, None) => unreachable!("route without targets passed validation"),
         }
     }
 }
+
+/// The reason header when a route has only the other side.
+pub const ONLY_TARGET: &str = "only_target";
+/// The reason header when earlier targets failed and a later one of the plan answered.
+pub const FALLBACK: &str = "fallback";
 
 /// One validated, immutable routing config.
 #[derive(Debug)]
@@ -842,6 +826,7 @@ pub fn parse_percent_flag(value: &FlagValue) -> Result<u8, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::rollout::decide;
 
     fn no_env() -> HashMap<String, String> {
         HashMap::new()
@@ -885,17 +870,11 @@ routes:
     fn routing_flag_picks_the_side() {
         let mut snap = compile(&minimal(""), ConfigSource::Embedded, 1, &no_env()).unwrap();
         let route = snap.route("chat-latest").unwrap().clone();
-        let (t, why) = route.choose(&snap.flags);
-        assert_eq!(
-            (t.model.as_str(), why),
-            ("up-relay", Reason::RoutingEnabled)
-        );
+        let (t, why) = route.choose(&decide(&snap.flags, false, || 0));
+        assert_eq!((t.model.as_str(), why), ("up-relay", "routing_enabled"));
         snap.flags.holy_sheep_routing_enabled = false;
-        let (t, why) = route.choose(&snap.flags);
-        assert_eq!(
-            (t.model.as_str(), why),
-            ("up-official", Reason::RoutingDisabled)
-        );
+        let (t, why) = route.choose(&decide(&snap.flags, false, || 0));
+        assert_eq!((t.model.as_str(), why), ("up-official", "routing_disabled"));
     }
 
     #[test]
@@ -908,8 +887,9 @@ routes:
   only-relay: { relay: { provider: sheep, model: m } }
 ";
         let snap = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap();
-        let (t, why) = snap.route("only-relay").unwrap().choose(&snap.flags);
-        assert_eq!((t.model.as_str(), why), ("m", Reason::OnlyTarget));
+        let decision = decide(&snap.flags, false, || 0);
+        let (t, why) = snap.route("only-relay").unwrap().choose(&decision);
+        assert_eq!((t.model.as_str(), why), ("m", ONLY_TARGET));
     }
 
     #[test]

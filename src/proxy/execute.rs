@@ -21,7 +21,7 @@ use super::body::{full, BoxError, ChannelBody, ProxyBody};
 use super::sse::{inspect, Chunk, RawEvent, SseParser};
 use super::upstream::{Lease, Upstream, UpstreamError};
 use super::{HEADER_GENERATION, HEADER_REASON};
-use crate::config::{Reason, Route, Snapshot, Target};
+use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
 use crate::providers::ProviderKind;
@@ -31,6 +31,7 @@ use crate::routing::budget::RetryBudget;
 use crate::routing::classify::{classify, Class, Failure, UpstreamErrorBody};
 use crate::routing::health::Health;
 use crate::routing::plan::{plan, PlanRequest, Step};
+use crate::routing::rollout::Decision;
 use crate::routing::tokens;
 use crate::telemetry::metrics::Metrics;
 
@@ -121,6 +122,8 @@ impl From<Failure> for AttemptError {
 pub struct Exchange {
     core: Arc<Core>,
     snapshot: Arc<Snapshot>,
+    /// The side order and its reason (flags, guard, rollout bucket).
+    decision: Decision,
     method: Method,
     path_and_query: String,
     headers: HeaderMap,
@@ -150,6 +153,7 @@ impl Exchange {
     pub fn new(
         core: Arc<Core>,
         snapshot: Arc<Snapshot>,
+        decision: Decision,
         method: Method,
         path_and_query: String,
         headers: HeaderMap,
@@ -181,6 +185,7 @@ impl Exchange {
         let mut exchange = Exchange {
             core,
             snapshot,
+            decision,
             method,
             path_and_query,
             headers,
@@ -207,6 +212,7 @@ impl Exchange {
                 prefer: exchange.prefer.as_deref(),
                 low_latency: exchange.low_latency,
                 prompt_tokens: exchange.prompt_tokens,
+                order: exchange.decision.order,
             };
             crate::routing::plan::first_step(
                 &exchange.snapshot,
@@ -236,6 +242,7 @@ impl Exchange {
             prefer: self.prefer.as_deref(),
             low_latency: self.low_latency,
             prompt_tokens: self.prompt_tokens,
+            order: self.decision.order,
         };
         let plan = plan(
             &self.snapshot,
@@ -727,15 +734,25 @@ impl Exchange {
             headers.insert(name.clone(), value.clone());
         }
         let reason = if self.attempts.iter().any(|a| a.outcome != "ok") {
-            Reason::Fallback
-        } else if !self.snapshot.flags.holy_sheep_routing_enabled {
-            Reason::RoutingDisabled
-        } else if step.side == ProviderKind::Official && self.route.relay.is_none() {
-            Reason::OnlyTarget
+            FALLBACK
+        } else if step.side != self.decision.order.first_side() {
+            // Either the route lacks that side, or the plan skipped it (an open breaker).
+            if step
+                .route
+                .target(self.decision.order.first_side())
+                .is_none()
+            {
+                ONLY_TARGET
+            } else {
+                FALLBACK
+            }
         } else {
-            Reason::RoutingEnabled
+            self.decision.why.as_str()
         };
-        headers.insert(HEADER_REASON, HeaderValue::from_static(reason.as_str()));
+        headers.insert(HEADER_REASON, HeaderValue::from_static(reason));
+        if let Some(bucket) = self.decision.bucket {
+            headers.insert(super::HEADER_ROLLOUT_BUCKET, HeaderValue::from(bucket));
+        }
         headers.insert(HEADER_GENERATION, self.snapshot.generation_header.clone());
         headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len().max(1)));
         // Fallbacks: how many times the request moved on to another target.

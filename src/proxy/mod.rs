@@ -21,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
 use crate::errors::SidecarError;
 use crate::openai::{self, RequestBody};
+use crate::routing::rollout::{self, Decision};
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
 use body::{full, Observed, OnFinish, ProxyBody};
 use execute::{Core, Exchange};
@@ -259,15 +260,20 @@ impl Proxy {
 
     /// Pass-through paths: the route named by the body's `model` when it has one (and the
     /// body is rewritten for it), else the default route with the body as it is.
-    fn resolve(snapshot: &Snapshot, bytes: Bytes) -> Result<(Arc<Route>, Bytes), SidecarError> {
+    fn resolve(
+        snapshot: &Snapshot,
+        headers: &HeaderMap,
+        bytes: Bytes,
+    ) -> Result<(Arc<Route>, Bytes, Decision), SidecarError> {
         // Multipart uploads and bodiless calls name no model and are passed through as they are.
         let parsed = RequestBody::parse(&bytes).ok();
+        let decision = decide_side(snapshot, headers, parsed.as_ref());
         let Some((parsed, model)) = parsed
             .as_ref()
             .and_then(|p| p.model.as_deref().map(|m| (p, m)))
         else {
             return match &snapshot.default_route {
-                Some(route) => Ok((route.clone(), bytes)),
+                Some(route) => Ok((route.clone(), bytes, decision)),
                 None => Err(SidecarError::NoRoute {
                     path: "this path".into(),
                 }),
@@ -279,13 +285,13 @@ impl Proxy {
                 available: snapshot.model_ids(),
             });
         };
-        let (target, _) = route.choose(&snapshot.flags);
+        let (target, _) = route.choose(&decision);
         let body = if target.model.as_str() == model {
             bytes.clone()
         } else {
             parsed.with_model(&target.model)
         };
-        Ok((route.clone(), body))
+        Ok((route.clone(), body, decision))
     }
 
     async fn forward(
@@ -301,13 +307,14 @@ impl Proxy {
         if model_required {
             return self.exchange(snapshot, parts, bytes, record).await;
         }
-        let (route, upstream_body) = Self::resolve(&snapshot, bytes).map_err(|err| match err {
-            SidecarError::NoRoute { .. } => SidecarError::NoRoute {
-                path: parts.uri.path().to_string(),
-            },
-            other => other,
-        })?;
-        let (target, reason) = route.choose(&snapshot.flags);
+        let (route, upstream_body, decision) = Self::resolve(&snapshot, &parts.headers, bytes)
+            .map_err(|err| match err {
+                SidecarError::NoRoute { .. } => SidecarError::NoRoute {
+                    path: parts.uri.path().to_string(),
+                },
+                other => other,
+            })?;
+        let (target, reason) = route.choose(&decision);
         let provider = &target.provider;
         record.route = Some(target.tags.route.clone());
         record.provider = Some(target.tags.provider.clone());
@@ -360,7 +367,10 @@ impl Proxy {
         for (name, value) in &target.tags.headers {
             headers.insert(name.clone(), value.clone());
         }
-        headers.insert(HEADER_REASON, HeaderValue::from_static(reason.as_str()));
+        headers.insert(HEADER_REASON, HeaderValue::from_static(reason));
+        if let Some(bucket) = decision.bucket {
+            headers.insert(HEADER_ROLLOUT_BUCKET, HeaderValue::from(bucket));
+        }
         headers.insert(HEADER_GENERATION, snapshot.generation_header.clone());
         Ok(out)
     }
@@ -392,9 +402,11 @@ impl Proxy {
             .path_and_query()
             .map(|pq| pq.as_str().to_string())
             .unwrap_or_else(|| parts.uri.path().to_string());
+        let decision = decide_side(&snapshot, &parts.headers, Some(&parsed));
         let exchange = Exchange::new(
             self.core.clone(),
             snapshot,
+            decision,
             parts.method,
             path_and_query,
             parts.headers,
@@ -429,6 +441,35 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
 /// headers (including those the `Connection` header names) and the sidecar's own controls.
+/// The app's rollout key header: the same key always lands on the same side.
+pub const HEADER_ROLLOUT_KEY: HeaderName = HeaderName::from_static("x-llm-sidecar-rollout-key");
+/// The request's rollout bucket (0..10000), when the rollout decided its side.
+pub const HEADER_ROLLOUT_BUCKET: HeaderName =
+    HeaderName::from_static("x-llm-sidecar-rollout-bucket");
+
+/// The side a request starts on. The rollout key is `x-llm-sidecar-rollout-key`, else the
+/// body's OpenAI `user` field; without either the bucket is random.
+pub(crate) fn decide_side(
+    snapshot: &Snapshot,
+    headers: &HeaderMap,
+    parsed: Option<&RequestBody<'_>>,
+) -> Decision {
+    rollout::decide(&snapshot.flags, false, || {
+        if let Some(key) = headers
+            .get(HEADER_ROLLOUT_KEY)
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.is_empty())
+        {
+            return rollout::bucket_for_key(key);
+        }
+        parsed
+            .and_then(|p| p.field("user"))
+            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+            .filter(|k| !k.is_empty())
+            .map_or_else(rollout::random_bucket, |k| rollout::bucket_for_key(&k))
+    })
+}
+
 pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
     let mut extra: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -7,4 +7,5 @@ pub mod budget;
 pub mod classify;
 pub mod health;
 pub mod plan;
+pub mod rollout;
 pub mod tokens;

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use crate::config::{Route, Snapshot, Target};
 use crate::providers::ProviderKind;
+use crate::routing::rollout::SideOrder;
 
 /// What planning needs to know about target health.
 pub trait HealthLookup {
@@ -28,6 +29,8 @@ pub struct PlanRequest<'a> {
     /// `x-llm-sidecar-low-latency: true`: skip targets slower than the threshold.
     pub low_latency: bool,
     pub prompt_tokens: u64,
+    /// Which side each model of the chain starts on (flags, guard and rollout decide).
+    pub order: SideOrder,
 }
 
 /// One target to try.
@@ -123,12 +126,11 @@ fn chain_refs<'a>(
     chain
 }
 
-/// Every target of the chain in the order the flags give, before any filtering.
+/// Every target of the chain in the order the request's side order gives, before any filtering.
 fn candidates<'a>(
-    snapshot: &Snapshot,
+    order: SideOrder,
     chain: &[&'a Arc<Route>],
 ) -> Vec<(&'a Arc<Route>, ProviderKind)> {
-    let flags = &snapshot.flags;
     let mut candidates: Vec<(&'a Arc<Route>, ProviderKind)> = Vec::with_capacity(chain.len() * 2);
     let push_side = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, side: ProviderKind| {
         for r in chain.iter().copied() {
@@ -137,25 +139,37 @@ fn candidates<'a>(
             }
         }
     };
-    if !flags.holy_sheep_routing_enabled {
-        // The kill switch: official only; the relay serves only a chain that has nothing else.
-        push_side(&mut candidates, ProviderKind::Official);
-        if candidates.is_empty() {
-            push_side(&mut candidates, ProviderKind::Relay);
-        }
-    } else if flags.holy_sheep_fallback_only {
-        push_side(&mut candidates, ProviderKind::Official);
-        push_side(&mut candidates, ProviderKind::Relay);
-    } else {
-        // Dual link per model: the relay first, then the same model's official API, then the
-        // next model of the chain.
+    let per_model = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, sides: [ProviderKind; 2]| {
         for r in chain.iter().copied() {
-            for side in [ProviderKind::Relay, ProviderKind::Official] {
+            for side in sides {
                 if r.target(side).is_some() {
-                    candidates.push((r, side));
+                    c.push((r, side));
                 }
             }
         }
+    };
+    match order {
+        SideOrder::OfficialOnly => {
+            // The kill switch: official only; the relay serves only a chain that has nothing else.
+            push_side(&mut candidates, ProviderKind::Official);
+            if candidates.is_empty() {
+                push_side(&mut candidates, ProviderKind::Relay);
+            }
+        }
+        SideOrder::FallbackOnly => {
+            push_side(&mut candidates, ProviderKind::Official);
+            push_side(&mut candidates, ProviderKind::Relay);
+        }
+        // Dual link per model: one side, then the same model on the other side, then the next
+        // model of the chain.
+        SideOrder::RelayFirst => per_model(
+            &mut candidates,
+            [ProviderKind::Relay, ProviderKind::Official],
+        ),
+        SideOrder::OfficialFirst => per_model(
+            &mut candidates,
+            [ProviderKind::Official, ProviderKind::Relay],
+        ),
     }
     candidates
 }
@@ -169,7 +183,7 @@ pub fn first_step(
     health: &dyn HealthLookup,
 ) -> Option<Step> {
     let chain = chain_refs(snapshot, route, request.prefer);
-    let (r, side) = candidates(snapshot, &chain).into_iter().next()?;
+    let (r, side) = candidates(request.order, &chain).into_iter().next()?;
     let target = r.target(side)?;
     let fits = r.context_window.is_none_or(|w| request.prompt_tokens <= w);
     let fast = !request.low_latency
@@ -191,7 +205,7 @@ pub fn plan<'a>(
     health: &dyn HealthLookup,
 ) -> Plan {
     let chain = chain_refs(snapshot, route, request.prefer);
-    let candidates = candidates(snapshot, &chain);
+    let candidates = candidates(request.order, &chain);
     let mut plan = Plan::default();
     let threshold = snapshot.resilience.low_latency_threshold;
     // Pass 1: drop what cannot serve this prompt; set aside what is too slow.
@@ -325,9 +339,12 @@ routes:
         .expect("config compiles")
     }
 
+    /// The plan's targets, with the side order the snapshot's flags give.
     fn order(snapshot: &Snapshot, request: &PlanRequest<'_>, health: &FakeHealth) -> Vec<String> {
         let route = snapshot.route("deepseek").expect("route").clone();
-        plan(snapshot, &route, request, health)
+        let mut request = request.clone();
+        request.order = crate::routing::rollout::decide(&snapshot.flags, false, || 0).order;
+        plan(snapshot, &route, &request, health)
             .steps
             .iter()
             .map(|s| {
@@ -403,6 +420,31 @@ routes:
         assert_eq!(
             order(&snap, &PlanRequest::default(), &FakeHealth::default()),
             ["ds/ds-official", "ms/kimi-official", "gm/gemini-official"]
+        );
+    }
+
+    #[test]
+    fn a_rollout_bucket_outside_the_percentage_starts_each_model_on_its_official_api() {
+        let snap = snapshot("rollout_percent: 30");
+        let route = snap.route("deepseek").unwrap().clone();
+        let request = PlanRequest {
+            order: SideOrder::OfficialFirst,
+            ..Default::default()
+        };
+        let steps: Vec<String> = plan(&snap, &route, &request, &FakeHealth::default())
+            .steps
+            .iter()
+            .map(|s| s.target().health_key.to_string())
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "ds/ds-official",
+                "sheep/ds-relay",
+                "ms/kimi-official",
+                "sheep/kimi-relay",
+                "gm/gemini-official"
+            ]
         );
     }
 
