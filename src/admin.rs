@@ -100,6 +100,7 @@ impl Admin {
                 "last_rejection": rejection,
                 "precedence": ["env HOLY_SHEEP_ENABLED", "configmap", "file", "embedded"],
                 "configmap": self.configmap.as_ref().map(|w| w.view()),
+                "guard": self.core.guard.view(&snapshot),
                 "config": snapshot.redacted_view(),
             }),
         )

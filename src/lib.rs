@@ -158,6 +158,7 @@ impl Sidecar {
             health: Default::default(),
             budget: routing::budget::RetryBudget::new(std::time::Duration::from_secs(10)),
             metrics: metrics.clone(),
+            guard: routing::guard::Guard::new(metrics.clone()),
         });
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),
@@ -174,12 +175,18 @@ impl Sidecar {
             Some(kube) => {
                 let (client, target) = kube_client(kube).await?;
                 tracing::info!(namespace = %target.namespace, name = %target.name, "watching the routing ConfigMap");
-                let status = config::configmap::WatchStatus::new(target, metrics.clone());
+                let status = config::configmap::WatchStatus::new(target.clone(), metrics.clone());
+                let events = Arc::new(config::configmap::KubeEvents::new(
+                    client.clone(),
+                    target,
+                    kube.instance.clone(),
+                ));
+                core.guard.set_sink(events.clone());
                 config::configmap::spawn(
                     client,
                     store.clone(),
                     status.clone(),
-                    kube.instance.clone(),
+                    events,
                     shutdown_rx.clone(),
                 );
                 let waiting = status.clone();

@@ -199,3 +199,118 @@ async fn the_kill_switch_beats_the_rollout_and_says_so() {
         ("official", "routing_disabled", "")
     );
 }
+
+fn guarded(fake: &fake_provider::FakeProvider, flags: &str, relay_model: &str) -> String {
+    let extra = format!(
+        "  guarded:
+    relay: {{ provider: sheep, model: \"{relay_model}\" }}
+    official: {{ provider: deep, model: official-ok }}
+"
+    );
+    format!(
+        "{flags}
+guard: {{ enabled: true, min_requests: 5, max_error_rate: 0.5, window: 60s }}
+# The breaker would take the relay out after 3 failures: keep it out of the way.
+resilience: {{ attempts_per_target: 1, breaker_failures: 10 }}
+{}",
+        config_with(fake, true, &extra)
+    )
+}
+
+#[tokio::test]
+async fn the_guard_trips_on_an_error_burst_stays_tripped_and_clears_when_the_flags_change() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("routing.yaml");
+    let text = guarded(&fake, "rollout_percent: 100", "error=503");
+    write_atomically(&path, &text);
+    let mut settings = test_settings();
+    settings.config_path = Some(path.clone());
+    let sidecar = sidecar_with(settings, &text).await;
+    let client = client();
+
+    // The relay fails every time; each request still succeeds on the official side.
+    for _ in 0..5 {
+        let (status, headers, _) = ask(&sidecar, "guarded", false).await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "x-llm-sidecar-reason"), "fallback");
+    }
+    let relay_calls = fake.requests_for("sheep").len();
+    assert_eq!(relay_calls, 5);
+
+    // Tripped: official at once, the relay left alone, and it stays that way.
+    for _ in 0..10 {
+        let (status, headers, _) = ask(&sidecar, "guarded", false).await;
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "x-llm-sidecar-path"), "official");
+        assert_eq!(header(&headers, "x-llm-sidecar-reason"), "guard_tripped");
+        assert_eq!(header(&headers, "x-llm-sidecar-attempts"), "1");
+    }
+    assert_eq!(fake.requests_for("sheep").len(), relay_calls);
+    let metrics = metrics_text(&client, sidecar.admin_addr).await;
+    assert_eq!(
+        metric_value(&metrics, "llm_sidecar_guard_tripped "),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "llm_sidecar_guard_trips_total "),
+        Some(1.0)
+    );
+    let (_, _, view) = call_json(&client, get(sidecar.admin_addr, "/config")).await;
+    assert_eq!(view["guard"]["tripped"], true);
+    assert!(view["guard"]["trip"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("error rate 100%"));
+
+    // A config edit that leaves the flags alone does not clear it.
+    write_atomically(&path, &guarded(&fake, "rollout_percent: 100", "relay-ok"));
+    let store = sidecar.store.clone();
+    let generation = store.load().generation;
+    eventually(Duration::from_secs(5), "the edit to apply", || {
+        let store = store.clone();
+        async move { store.load().generation > generation }
+    })
+    .await;
+    let (_, headers, _) = ask(&sidecar, "guarded", false).await;
+    assert_eq!(header(&headers, "x-llm-sidecar-reason"), "guard_tripped");
+
+    // An operator changes a flag: routing follows the flags again, from the next request.
+    write_atomically(&path, &guarded(&fake, "rollout_percent: 99", "relay-ok"));
+    eventually(Duration::from_secs(5), "the flag change to apply", || {
+        let store = store.clone();
+        async move { store.load().flags.rollout_percent == 99 }
+    })
+    .await;
+    let (path_taken, reason, _) = side_for_model(&sidecar, "guarded", "user-1").await;
+    assert_eq!(
+        (path_taken.as_str(), reason.as_str()),
+        ("relay", "rollout_relay")
+    );
+    let metrics = metrics_text(&client, sidecar.admin_addr).await;
+    assert_eq!(
+        metric_value(&metrics, "llm_sidecar_guard_tripped "),
+        Some(0.0)
+    );
+}
+
+async fn side_for_model(
+    sidecar: &llm_sidecar::Sidecar,
+    model: &str,
+    key: &str,
+) -> (String, String, String) {
+    let mut req = post(
+        sidecar.data_addr,
+        "/v1/chat/completions",
+        chat_body(model, false),
+    );
+    req.headers_mut()
+        .insert("x-llm-sidecar-rollout-key", key.parse().expect("header"));
+    let (status, headers, body) = call(&client(), req).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    (
+        header(&headers, "x-llm-sidecar-path").to_string(),
+        header(&headers, "x-llm-sidecar-reason").to_string(),
+        header(&headers, "x-llm-sidecar-rollout-bucket").to_string(),
+    )
+}

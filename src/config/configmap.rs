@@ -343,45 +343,53 @@ impl Follower {
 /// the failure is logged once and nothing else changes.
 pub struct KubeEvents {
     api: Api<KubeEvent>,
+    target: ConfigMapRef,
     instance: String,
     /// Whether a failure to create an Event was already logged at warn level.
     failure_reported: Arc<AtomicBool>,
 }
 
 impl KubeEvents {
-    pub fn new(client: Client, namespace: &str, instance: String) -> KubeEvents {
+    pub fn new(client: Client, target: ConfigMapRef, instance: String) -> KubeEvents {
         KubeEvents {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client, &target.namespace),
+            target,
             instance,
             failure_reported: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn event_for(&self, cm: &ConfigMap, reason: &str) -> KubeEvent {
+    /// A Warning Event on the ConfigMap (`cm` when the object is at hand, for its uid and
+    /// version; else by name).
+    fn warning(
+        &self,
+        cm: Option<&ConfigMap>,
+        reason: &str,
+        action: &str,
+        message: String,
+    ) -> KubeEvent {
         let now = timestamp_now();
-        let name = cm.metadata.name.clone().unwrap_or_default();
+        let name = self.target.name.clone();
+        let namespace = Some(self.target.namespace.clone());
         KubeEvent {
             metadata: ObjectMeta {
                 generate_name: Some(format!("{name}.llm-sidecar.")),
-                namespace: cm.metadata.namespace.clone(),
+                namespace: namespace.clone(),
                 ..Default::default()
             },
             involved_object: ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("ConfigMap".into()),
                 name: Some(name),
-                namespace: cm.metadata.namespace.clone(),
-                uid: cm.metadata.uid.clone(),
-                resource_version: cm.metadata.resource_version.clone(),
+                namespace,
+                uid: cm.and_then(|c| c.metadata.uid.clone()),
+                resource_version: cm.and_then(|c| c.metadata.resource_version.clone()),
                 ..Default::default()
             },
-            reason: Some("InvalidRoutingConfig".into()),
-            message: Some(truncate(
-                &format!("llm-sidecar rejected this ConfigMap; the last good config keeps serving: {reason}"),
-                1000,
-            )),
+            reason: Some(reason.into()),
+            message: Some(truncate(&message, 1000)),
             type_: Some("Warning".into()),
-            action: Some("Reject".into()),
+            action: Some(action.into()),
             count: Some(1),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),
@@ -418,14 +426,40 @@ fn truncate(text: &str, max: usize) -> String {
 
 impl RejectionSink for KubeEvents {
     fn rejected(&self, cm: &ConfigMap, reason: &str) {
-        let event = self.event_for(cm, reason);
+        let event = self.warning(
+            Some(cm),
+            "InvalidRoutingConfig",
+            "Reject",
+            format!(
+                "llm-sidecar rejected this ConfigMap; the last good config keeps serving: {reason}"
+            ),
+        );
+        self.post(event);
+    }
+}
+
+impl crate::routing::guard::TripSink for KubeEvents {
+    fn tripped(&self, message: &str) {
+        let event = self.warning(
+            None,
+            "RollbackGuardTripped",
+            "RouteOfficial",
+            message.to_string(),
+        );
+        self.post(event);
+    }
+}
+
+impl KubeEvents {
+    /// Creates the Event in the background; failures are logged (once at warn), never fatal.
+    fn post(&self, event: KubeEvent) {
         let api = self.api.clone();
         let failure_reported = self.failure_reported.clone();
         tokio::spawn(async move {
             match api.create(&PostParams::default(), &event).await {
-                Ok(_) => tracing::debug!("rejection recorded as a Kubernetes Event"),
+                Ok(_) => tracing::debug!("recorded a Kubernetes Event"),
                 Err(err) if !failure_reported.swap(true, Ordering::Relaxed) => {
-                    tracing::warn!(error = %err, "cannot record the rejection as a Kubernetes Event (is `create` on events granted?); carrying on")
+                    tracing::warn!(error = %err, "cannot record a Kubernetes Event (is `create` on events granted?); carrying on")
                 }
                 Err(err) => tracing::debug!(error = %err, "cannot record a Kubernetes Event"),
             }
@@ -438,12 +472,11 @@ pub fn spawn(
     client: Client,
     store: Arc<ConfigStore>,
     status: Arc<WatchStatus>,
-    instance: String,
+    events: Arc<KubeEvents>,
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let target = status.target.clone();
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &target.namespace);
-    let events = Arc::new(KubeEvents::new(client, &target.namespace, instance));
+    let api: Api<ConfigMap> = Api::namespaced(client, &target.namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={}", target.name));
     let stream = watcher(api, config).default_backoff();
     let follower = Follower {

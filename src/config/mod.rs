@@ -114,6 +114,76 @@ impl Default for Flags {
     }
 }
 
+/// The automatic rollback guard: when the relay's error rate or p95 latency over `window`
+/// passes a threshold (with at least `min_requests` relay attempts in the window), the sidecar
+/// routes to the official providers until an operator changes the flags, or `hold` passes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuardConfig {
+    pub enabled: bool,
+    pub window: Duration,
+    pub min_requests: u32,
+    pub max_error_rate: f64,
+    pub max_p95_latency: Duration,
+    /// Zero: stay tripped until the flags change.
+    pub hold: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            enabled: false,
+            window: Duration::from_secs(60),
+            min_requests: 20,
+            max_error_rate: 0.25,
+            max_p95_latency: Duration::from_secs(30),
+            hold: Duration::ZERO,
+        }
+    }
+}
+
+fn compile_guard(raw: &schema::RawGuard, errors: &mut Errors) -> GuardConfig {
+    let d = GuardConfig::default();
+    let mut duration =
+        |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| match value
+            .as_deref()
+            .map(|v| parse_duration(v.trim()))
+        {
+            None => default,
+            Some(Ok(v)) if v.is_zero() && !allow_zero => {
+                errors.push(format!("guard.{field}"), "must be greater than 0");
+                default
+            }
+            Some(Ok(v)) => v,
+            Some(Err(why)) => {
+                errors.push(format!("guard.{field}"), why);
+                default
+            }
+        };
+    let g = GuardConfig {
+        enabled: raw.enabled,
+        window: duration("window", &raw.window, d.window, false),
+        min_requests: raw.min_requests.unwrap_or(d.min_requests),
+        max_error_rate: raw.max_error_rate.unwrap_or(d.max_error_rate),
+        max_p95_latency: duration(
+            "max_p95_latency",
+            &raw.max_p95_latency,
+            d.max_p95_latency,
+            false,
+        ),
+        hold: duration("hold", &raw.hold, d.hold, true),
+    };
+    if g.min_requests == 0 {
+        errors.push("guard.min_requests", "must be at least 1");
+    }
+    if !(g.max_error_rate > 0.0 && g.max_error_rate <= 1.0) {
+        errors.push(
+            "guard.max_error_rate",
+            "must be a share above 0 and at most 1",
+        );
+    }
+    g
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
     pub response_headers: Duration,
@@ -280,6 +350,7 @@ pub struct Snapshot {
     pub flag_origins: layers::FlagOrigins,
     pub timeouts: Timeouts,
     pub resilience: Resilience,
+    pub guard: GuardConfig,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
@@ -469,6 +540,7 @@ pub(crate) fn compile_raw(
     };
 
     let resilience = compile_resilience(&raw.resilience, &mut errors);
+    let guard = compile_guard(&raw.guard, &mut errors);
 
     if raw.providers.is_empty() {
         errors.push("providers", "at least one provider is required");
@@ -673,6 +745,7 @@ pub(crate) fn compile_raw(
         flag_origins,
         timeouts: Timeouts { response_headers },
         resilience,
+        guard,
         providers,
         routes,
         default_route,

@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub default_route: Option<String>,
     #[serde(default)]
     pub resilience: RawResilience,
+    #[serde(default)]
+    pub guard: RawGuard,
     pub providers: BTreeMap<String, RawProvider>,
     pub routes: BTreeMap<String, RawRoute>,
 }
@@ -80,6 +82,24 @@ pub struct RawResilience {
     pub retry_budget_ratio: Option<f64>,
     #[serde(default)]
     pub retry_budget_min_per_second: Option<u32>,
+}
+
+/// The automatic rollback guard. Off unless `enabled: true`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuard {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub min_requests: Option<u32>,
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    #[serde(default)]
+    pub max_p95_latency: Option<String>,
+    #[serde(default)]
+    pub hold: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

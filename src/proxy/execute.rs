@@ -52,6 +52,7 @@ pub struct Core {
     pub health: Health,
     pub budget: RetryBudget,
     pub metrics: Arc<Metrics>,
+    pub guard: crate::routing::guard::Guard,
 }
 
 /// One attempt, for the attempt log and the final error.
@@ -591,6 +592,11 @@ impl Exchange {
                             latency,
                             self.stream.then_some(latency),
                         );
+                        if step.side == ProviderKind::Relay {
+                            self.core
+                                .guard
+                                .record(&self.snapshot, false, latency, Instant::now());
+                        }
                         if self.attempts.is_empty() {
                             // A clean first-try answer needs no attempt log: count it only.
                             target.metrics(&self.core.metrics).ok_attempts.inc();
@@ -617,6 +623,14 @@ impl Exchange {
                             _ => None,
                         };
                         self.record(step, class.label(), status, started);
+                        if step.side == ProviderKind::Relay && class.counts_against_target() {
+                            self.core.guard.record(
+                                &self.snapshot,
+                                true,
+                                started.elapsed(),
+                                Instant::now(),
+                            );
+                        }
                         if class.counts_against_target() {
                             self.core
                                 .health

@@ -262,12 +262,13 @@ impl Proxy {
     /// body is rewritten for it), else the default route with the body as it is.
     fn resolve(
         snapshot: &Snapshot,
+        guard_tripped: bool,
         headers: &HeaderMap,
         bytes: Bytes,
     ) -> Result<(Arc<Route>, Bytes, Decision), SidecarError> {
         // Multipart uploads and bodiless calls name no model and are passed through as they are.
         let parsed = RequestBody::parse(&bytes).ok();
-        let decision = decide_side(snapshot, headers, parsed.as_ref());
+        let decision = decide_side(snapshot, guard_tripped, headers, parsed.as_ref());
         let Some((parsed, model)) = parsed
             .as_ref()
             .and_then(|p| p.model.as_deref().map(|m| (p, m)))
@@ -307,8 +308,12 @@ impl Proxy {
         if model_required {
             return self.exchange(snapshot, parts, bytes, record).await;
         }
-        let (route, upstream_body, decision) = Self::resolve(&snapshot, &parts.headers, bytes)
-            .map_err(|err| match err {
+        let tripped = self
+            .core
+            .guard
+            .is_tripped(&snapshot, tokio::time::Instant::now());
+        let (route, upstream_body, decision) =
+            Self::resolve(&snapshot, tripped, &parts.headers, bytes).map_err(|err| match err {
                 SidecarError::NoRoute { .. } => SidecarError::NoRoute {
                     path: parts.uri.path().to_string(),
                 },
@@ -402,7 +407,11 @@ impl Proxy {
             .path_and_query()
             .map(|pq| pq.as_str().to_string())
             .unwrap_or_else(|| parts.uri.path().to_string());
-        let decision = decide_side(&snapshot, &parts.headers, Some(&parsed));
+        let tripped = self
+            .core
+            .guard
+            .is_tripped(&snapshot, tokio::time::Instant::now());
+        let decision = decide_side(&snapshot, tripped, &parts.headers, Some(&parsed));
         let exchange = Exchange::new(
             self.core.clone(),
             snapshot,
@@ -451,10 +460,11 @@ pub const HEADER_ROLLOUT_BUCKET: HeaderName =
 /// body's OpenAI `user` field; without either the bucket is random.
 pub(crate) fn decide_side(
     snapshot: &Snapshot,
+    guard_tripped: bool,
     headers: &HeaderMap,
     parsed: Option<&RequestBody<'_>>,
 ) -> Decision {
-    rollout::decide(&snapshot.flags, false, || {
+    rollout::decide(&snapshot.flags, guard_tripped, || {
         if let Some(key) = headers
             .get(HEADER_ROLLOUT_KEY)
             .and_then(|v| v.to_str().ok())

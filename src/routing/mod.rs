@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod budget;
 pub mod classify;
+pub mod guard;
 pub mod health;
 pub mod plan;
 pub mod rollout;

@@ -83,6 +83,9 @@ pub struct Metrics {
     pub configmap_watch_errors: Family<ReasonLabels, Counter>,
     /// 1 when the watched ConfigMap exists, 0 when it is absent or deleted.
     pub configmap_present: Gauge,
+    /// 1 while the automatic rollback guard holds every request on the official providers.
+    pub guard_tripped: Gauge,
+    pub guard_trips: Counter,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
 }
@@ -107,6 +110,8 @@ impl Metrics {
             configmap_watch_up: Gauge::default(),
             configmap_watch_errors: Family::default(),
             configmap_present: Gauge::default(),
+            guard_tripped: Gauge::default(),
+            guard_trips: Counter::default(),
             none_label: Arc::from("none"),
         };
         registry.register(
@@ -154,6 +159,16 @@ impl Metrics {
             "configmap_present",
             "1 when the watched ConfigMap exists, 0 when it is absent or was deleted (the last good config keeps serving)",
             metrics.configmap_present.clone(),
+        );
+        registry.register(
+            "guard_tripped",
+            "1 while the automatic rollback guard sends every request to the official providers",
+            metrics.guard_tripped.clone(),
+        );
+        registry.register(
+            "guard_trips",
+            "Times the automatic rollback guard tripped",
+            metrics.guard_trips.clone(),
         );
         registry.register(
             "upstream_attempts",

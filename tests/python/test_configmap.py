@@ -287,7 +287,7 @@ def test_no_event_permission_changes_nothing_else(kube, start):
     eventually(lambda: ready(sidecar), "/ready")
     kube.patch({"shadow_percent": "-5"})
     eventually(lambda: config_view(sidecar)["last_rejection"], "the rejection")
-    _wait_for(sidecar.log, lambda l: "cannot record the rejection as a Kubernetes Event" in l, "the Event failure log")
+    _wait_for(sidecar.log, lambda l: "cannot record a Kubernetes Event" in l, "the Event failure log")
     assert kube.events() == []
     kube.patch({"shadow_percent": "0", "holy_sheep_routing_enabled": "true"})
     eventually(lambda: served_path(sidecar) == "relay", "later valid updates")
@@ -387,3 +387,36 @@ def test_env_override_beats_the_configmap(kube, start):
     view = config_view(sidecar)
     assert view["config"]["flag_origins"]["holy_sheep_routing_enabled"] == "env"
     assert view["precedence"][0] == "env HOLY_SHEEP_ENABLED"
+
+
+def test_guard_trip_is_recorded_as_an_event(kube, start, routing_config):
+    # The relay fails every call: the guard trips after 5 relay attempts and says so on the
+    # ConfigMap, while every request is still answered by the official provider.
+    yaml = routing_config.read_text().replace(
+        "relay: { provider: holysheep, model: deepseek-v3.2 }",
+        'relay: { provider: holysheep, model: "error=503" }',
+    )
+    yaml = (
+        yaml.replace("attempts_per_target: 2", "attempts_per_target: 1")
+        .replace("breaker_failures: 3", "breaker_failures: 10")
+        .replace("enabled: false\n  window: 60s\n  min_requests: 20", "enabled: true\n  window: 60s\n  min_requests: 5")
+    )
+    assert '"error=503"' in yaml and "min_requests: 5" in yaml and "breaker_failures: 10" in yaml
+    kube.create({"config.yaml": yaml})
+    sidecar = start()
+    eventually(lambda: ready(sidecar), "/ready")
+    for _ in range(5):
+        assert served_path(sidecar) == "official"
+    status, headers, _ = http(
+        "POST",
+        f"{sidecar.base_url}/chat/completions",
+        {"model": "deepseek-v3.2", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert status == 200 and headers["x-llm-sidecar-reason"] == "guard_tripped"
+    event = eventually(
+        lambda: [e for e in kube.events() if e["reason"] == "RollbackGuardTripped"], "the guard's Event"
+    )[0]
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["name"] == NAME
+    assert "error rate" in event["message"]
+    assert config_view(sidecar)["guard"]["tripped"] is True
