@@ -11,6 +11,7 @@ pub mod providers;
 pub mod proxy;
 pub mod routing;
 pub mod settings;
+pub mod shadow;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -159,6 +160,7 @@ impl Sidecar {
             budget: routing::budget::RetryBudget::new(std::time::Duration::from_secs(10)),
             metrics: metrics.clone(),
             guard: routing::guard::Guard::new(metrics.clone()),
+            shadows: Arc::new(shadow::Shadows::new(metrics.clone())),
         });
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),

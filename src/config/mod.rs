@@ -114,6 +114,80 @@ impl Default for Flags {
     }
 }
 
+/// A target's price in USD per million tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+impl Price {
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.input + completion_tokens as f64 * self.output) / 1_000_000.0
+    }
+}
+
+/// Shadow traffic limits and comparison settings (`shadow_percent` says how much).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShadowConfig {
+    pub max_concurrency: u32,
+    pub daily_budget_usd: f64,
+    pub equivalence_threshold: f64,
+    pub timeout: Duration,
+    pub log: Option<String>,
+    pub log_content: bool,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            max_concurrency: 8,
+            daily_budget_usd: 5.0,
+            equivalence_threshold: 0.6,
+            timeout: Duration::from_secs(120),
+            log: None,
+            log_content: false,
+        }
+    }
+}
+
+fn compile_shadow(raw: &schema::RawShadow, errors: &mut Errors) -> ShadowConfig {
+    let d = ShadowConfig::default();
+    let timeout = match raw.timeout.as_deref().map(|t| parse_duration(t.trim())) {
+        None => d.timeout,
+        Some(Ok(t)) if !t.is_zero() => t,
+        Some(Ok(_)) => {
+            errors.push("shadow.timeout", "must be greater than 0");
+            d.timeout
+        }
+        Some(Err(why)) => {
+            errors.push("shadow.timeout", why);
+            d.timeout
+        }
+    };
+    let s = ShadowConfig {
+        max_concurrency: raw.max_concurrency.unwrap_or(d.max_concurrency),
+        daily_budget_usd: raw.daily_budget_usd.unwrap_or(d.daily_budget_usd),
+        equivalence_threshold: raw.equivalence_threshold.unwrap_or(d.equivalence_threshold),
+        timeout,
+        log: raw.log.clone().filter(|l| !l.trim().is_empty()),
+        log_content: raw.log_content,
+    };
+    if s.max_concurrency == 0 || s.max_concurrency > 1024 {
+        errors.push("shadow.max_concurrency", "must be from 1 to 1024");
+    }
+    if !(s.daily_budget_usd.is_finite() && s.daily_budget_usd > 0.0) {
+        errors.push(
+            "shadow.daily_budget_usd",
+            "must be more than 0 (USD per UTC day)",
+        );
+    }
+    if !(0.0..=1.0).contains(&s.equivalence_threshold) {
+        errors.push("shadow.equivalence_threshold", "must be from 0 to 1");
+    }
+    s
+}
+
 /// The automatic rollback guard: when the relay's error rate or p95 latency over `window`
 /// passes a threshold (with at least `min_requests` relay attempts in the window), the sidecar
 /// routes to the official providers until an operator changes the flags, or `hold` passes.
@@ -235,6 +309,8 @@ pub struct Target {
     pub provider: Arc<Provider>,
     pub model: String,
     pub supports_prefill: bool,
+    /// USD per million tokens, when known.
+    pub price: Option<Price>,
     /// `provider/model`: the key of this target's health (breaker, latency), kept across reloads.
     pub health_key: Arc<str>,
     /// This target's health cell, looked up once per config generation.
@@ -351,6 +427,7 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     pub resilience: Resilience,
     pub guard: GuardConfig,
+    pub shadow: ShadowConfig,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
@@ -541,6 +618,7 @@ pub(crate) fn compile_raw(
 
     let resilience = compile_resilience(&raw.resilience, &mut errors);
     let guard = compile_guard(&raw.guard, &mut errors);
+    let shadow = compile_shadow(&raw.shadow, &mut errors);
 
     if raw.providers.is_empty() {
         errors.push("providers", "at least one provider is required");
@@ -643,6 +721,22 @@ pub(crate) fn compile_raw(
                 );
                 return None;
             }
+            let price = t.price.map(|p| Price {
+                input: p.input,
+                output: p.output,
+            });
+            if let Some(p) = price {
+                if !(p.input.is_finite()
+                    && p.input >= 0.0
+                    && p.output.is_finite()
+                    && p.output >= 0.0)
+                {
+                    errors.push(
+                        format!("{tpath}.price"),
+                        "input and output must be USD per million tokens, 0 or more",
+                    );
+                }
+            }
             let Some(tags) = TargetTags::new(&name, provider, &t.model) else {
                 errors.push(format!("{tpath}.model"), "must be printable ASCII");
                 return None;
@@ -654,6 +748,7 @@ pub(crate) fn compile_raw(
                 provider: provider.clone(),
                 model: t.model,
                 supports_prefill: t.supports_prefill,
+                price,
                 tags,
             })
         };
@@ -746,6 +841,7 @@ pub(crate) fn compile_raw(
         timeouts: Timeouts { response_headers },
         resilience,
         guard,
+        shadow,
         providers,
         routes,
         default_route,

@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub resilience: RawResilience,
     #[serde(default)]
     pub guard: RawGuard,
+    #[serde(default)]
+    pub shadow: RawShadow,
     pub providers: BTreeMap<String, RawProvider>,
     pub routes: BTreeMap<String, RawRoute>,
 }
@@ -148,4 +150,36 @@ pub struct RawTarget {
     /// The target continues an answer from a trailing assistant message (prefill).
     #[serde(default)]
     pub supports_prefill: bool,
+    /// USD per million tokens, for the cost of each call.
+    #[serde(default)]
+    pub price: Option<RawPrice>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    /// USD per million prompt tokens.
+    pub input: f64,
+    /// USD per million completion tokens.
+    pub output: f64,
+}
+
+/// Shadow traffic: how the mirrored calls are bounded, compared and logged.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShadow {
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub daily_budget_usd: Option<f64>,
+    #[serde(default)]
+    pub equivalence_threshold: Option<f64>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// `-` for stdout, or a file path: one JSON line per compared pair.
+    #[serde(default)]
+    pub log: Option<String>,
+    /// Put prompts and answers in the log lines (off: only numbers and labels).
+    #[serde(default)]
+    pub log_content: bool,
 }

@@ -53,6 +53,7 @@ pub struct Core {
     pub budget: RetryBudget,
     pub metrics: Arc<Metrics>,
     pub guard: crate::routing::guard::Guard,
+    pub shadows: Arc<crate::shadow::Shadows>,
 }
 
 /// One attempt, for the attempt log and the final error.

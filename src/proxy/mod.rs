@@ -412,6 +412,16 @@ impl Proxy {
             .guard
             .is_tripped(&snapshot, tokio::time::Instant::now());
         let decision = decide_side(&snapshot, tripped, &parts.headers, Some(&parsed));
+        // Shadow: decided now, launched only if the primary answer is a success.
+        let shadow = crate::shadow::Shadows::picked(&snapshot, parts.uri.path()).then(|| {
+            (
+                snapshot.clone(),
+                parts.method.clone(),
+                path_and_query.clone(),
+                parsed.stream,
+                tokio::time::Instant::now(),
+            )
+        });
         let exchange = Exchange::new(
             self.core.clone(),
             snapshot,
@@ -430,7 +440,28 @@ impl Proxy {
             record.path = target.path().as_str();
         }
         record.lease = committed.lease;
-        Ok(committed.response)
+        match shadow {
+            Some((snapshot, method, path_and_query, stream, started))
+                if committed.response.status().is_success() =>
+            {
+                let request = crate::shadow::ShadowRequest {
+                    snapshot,
+                    route: committed.route.clone(),
+                    primary_side: committed.side,
+                    method,
+                    path_and_query,
+                    body: bytes,
+                    stream,
+                    started,
+                };
+                Ok(self.core.shadows.launch(
+                    self.core.upstream.clone(),
+                    request,
+                    committed.response,
+                ))
+            }
+            _ => Ok(committed.response),
+        }
     }
 }
 

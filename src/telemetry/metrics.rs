@@ -54,6 +54,11 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// Shadow minus primary latency, seconds: negative when the shadow side was faster.
+const LATENCY_DELTA_BUCKETS: [f64; 15] = [
+    -10.0, -5.0, -2.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
 /// One target's metric handles for successful requests, looked up once per config generation so
 /// a request increments them directly instead of searching the label families.
 #[derive(Debug)]
@@ -86,6 +91,11 @@ pub struct Metrics {
     /// 1 while the automatic rollback guard holds every request on the official providers.
     pub guard_tripped: Gauge,
     pub guard_trips: Counter,
+    pub shadow_requests: Family<OutcomeLabels, Counter>,
+    pub shadow_latency_delta: Histogram,
+    pub shadow_equivalence: Histogram,
+    pub shadow_spend: Counter<f64, std::sync::atomic::AtomicU64>,
+    pub shadow_in_flight: Gauge,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
 }
@@ -112,6 +122,13 @@ impl Metrics {
             configmap_present: Gauge::default(),
             guard_tripped: Gauge::default(),
             guard_trips: Counter::default(),
+            shadow_requests: Family::default(),
+            shadow_latency_delta: Histogram::new(LATENCY_DELTA_BUCKETS.iter().copied()),
+            shadow_equivalence: Histogram::new([
+                0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99,
+            ]),
+            shadow_spend: Counter::default(),
+            shadow_in_flight: Gauge::default(),
             none_label: Arc::from("none"),
         };
         registry.register(
@@ -169,6 +186,32 @@ impl Metrics {
             "guard_trips",
             "Times the automatic rollback guard tripped",
             metrics.guard_trips.clone(),
+        );
+        registry.register(
+            "shadow_requests",
+            "Shadow calls by outcome: equivalent, different, shadow_error, primary_incomplete, no_target, dropped_concurrency, dropped_budget",
+            metrics.shadow_requests.clone(),
+        );
+        registry.register_with_unit(
+            "shadow_latency_delta",
+            "Shadow minus primary total latency of each compared pair (negative: the shadow side was faster)",
+            Unit::Seconds,
+            metrics.shadow_latency_delta.clone(),
+        );
+        registry.register(
+            "shadow_equivalence_score",
+            "Equivalence score (normalised token overlap, 0 to 1) of each compared pair's answers",
+            metrics.shadow_equivalence.clone(),
+        );
+        registry.register(
+            "shadow_spend_usd",
+            "Spend of shadow calls in USD (priced targets only)",
+            metrics.shadow_spend.clone(),
+        );
+        registry.register(
+            "shadow_in_flight",
+            "Shadow calls running now",
+            metrics.shadow_in_flight.clone(),
         );
         registry.register(
             "upstream_attempts",

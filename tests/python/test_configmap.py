@@ -393,8 +393,8 @@ def test_guard_trip_is_recorded_as_an_event(kube, start, routing_config):
     # The relay fails every call: the guard trips after 5 relay attempts and says so on the
     # ConfigMap, while every request is still answered by the official provider.
     yaml = routing_config.read_text().replace(
-        "relay: { provider: holysheep, model: deepseek-v3.2 }",
-        'relay: { provider: holysheep, model: "error=503" }',
+        "provider: holysheep, model: deepseek-v3.2",
+        'provider: holysheep, model: "error=503"',
     )
     yaml = (
         yaml.replace("attempts_per_target: 2", "attempts_per_target: 1")
