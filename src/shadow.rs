@@ -44,6 +44,8 @@ const MAX_CAPTURE: usize = 2 * 1024 * 1024;
 
 pub struct Shadows {
     in_flight: AtomicUsize,
+    /// (equivalent, compared) pairs since start.
+    compared: Mutex<(u64, u64)>,
     /// (UTC day number, USD spent that day)
     spend: Mutex<(u64, f64)>,
     log: Mutex<Option<(String, std::fs::File)>>,
@@ -81,6 +83,7 @@ impl Shadows {
     pub fn new(metrics: Arc<Metrics>) -> Shadows {
         Shadows {
             in_flight: AtomicUsize::new(0),
+            compared: Mutex::new((0, 0)),
             spend: Mutex::new((0, 0.0)),
             log: Mutex::new(None),
             metrics,
@@ -214,6 +217,14 @@ impl Shadows {
             "different"
         };
         self.count(outcome);
+        {
+            let mut c = self.compared.lock().unwrap_or_else(|p| p.into_inner());
+            c.0 += u64::from(equivalent);
+            c.1 += 1;
+            self.metrics
+                .shadow_equivalence_rate
+                .set(c.0 as f64 / c.1 as f64);
+        }
         self.metrics.shadow_equivalence.observe(score);
         self.metrics
             .shadow_latency_delta

@@ -133,6 +133,13 @@ async fn streams_are_shadowed_and_read_to_the_end_with_content_logged_only_when_
 
     // "Hello from sheep." and "Hello from deep." differ in one word: not equivalent at 0.99.
     wait_for_outcome(&sidecar, "different", 1.0).await;
+    assert_eq!(
+        metric_value(
+            &metrics(&sidecar).await,
+            "llm_sidecar_shadow_equivalence_rate "
+        ),
+        Some(0.0)
+    );
     let line = std::fs::read_to_string(&log).expect("log written");
     let entry: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON line");
     assert_eq!(entry["stream"], true);

@@ -96,6 +96,8 @@ pub struct Metrics {
     pub shadow_equivalence: Histogram,
     pub shadow_spend: Counter<f64, std::sync::atomic::AtomicU64>,
     pub shadow_in_flight: Gauge,
+    /// Equivalent pairs over compared pairs since start.
+    pub shadow_equivalence_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
 }
@@ -129,6 +131,7 @@ impl Metrics {
             ]),
             shadow_spend: Counter::default(),
             shadow_in_flight: Gauge::default(),
+            shadow_equivalence_rate: Gauge::default(),
             none_label: Arc::from("none"),
         };
         registry.register(
@@ -207,6 +210,11 @@ impl Metrics {
             "shadow_spend_usd",
             "Spend of shadow calls in USD (priced targets only)",
             metrics.shadow_spend.clone(),
+        );
+        registry.register(
+            "shadow_equivalence_rate",
+            "Share of compared shadow pairs that were equivalent, since start",
+            metrics.shadow_equivalence_rate.clone(),
         );
         registry.register(
             "shadow_in_flight",
