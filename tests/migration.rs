@@ -10,12 +10,21 @@ use std::time::Duration;
 use llm_sidecar::fake_provider;
 use support::*;
 
-/// One chat request with a rollout key header (or none); returns (path, reason, bucket).
+/// One request to the `chat` route with a rollout key header (or none).
 async fn side_for(sidecar: &llm_sidecar::Sidecar, key: Option<&str>) -> (String, String, String) {
+    side_for_model(sidecar, "chat", key).await
+}
+
+/// One chat request with a rollout key header (or none); returns (path, reason, bucket).
+async fn side_for_model(
+    sidecar: &llm_sidecar::Sidecar,
+    model: &str,
+    key: Option<&str>,
+) -> (String, String, String) {
     let mut req = post(
         sidecar.data_addr,
         "/v1/chat/completions",
-        chat_body("chat", false),
+        chat_body(model, false),
     );
     if let Some(key) = key {
         req.headers_mut().insert(
@@ -282,7 +291,7 @@ async fn the_guard_trips_on_an_error_burst_stays_tripped_and_clears_when_the_fla
         async move { store.load().flags.rollout_percent == 99 }
     })
     .await;
-    let (path_taken, reason, _) = side_for_model(&sidecar, "guarded", "user-1").await;
+    let (path_taken, reason, _) = side_for_model(&sidecar, "guarded", Some("user-1")).await;
     assert_eq!(
         (path_taken.as_str(), reason.as_str()),
         ("relay", "rollout_relay")
@@ -292,25 +301,4 @@ async fn the_guard_trips_on_an_error_burst_stays_tripped_and_clears_when_the_fla
         metric_value(&metrics, "llm_sidecar_guard_tripped "),
         Some(0.0)
     );
-}
-
-async fn side_for_model(
-    sidecar: &llm_sidecar::Sidecar,
-    model: &str,
-    key: &str,
-) -> (String, String, String) {
-    let mut req = post(
-        sidecar.data_addr,
-        "/v1/chat/completions",
-        chat_body(model, false),
-    );
-    req.headers_mut()
-        .insert("x-llm-sidecar-rollout-key", key.parse().expect("header"));
-    let (status, headers, body) = call(&client(), req).await;
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    (
-        header(&headers, "x-llm-sidecar-path").to_string(),
-        header(&headers, "x-llm-sidecar-reason").to_string(),
-        header(&headers, "x-llm-sidecar-rollout-bucket").to_string(),
-    )
 }

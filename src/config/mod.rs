@@ -153,18 +153,7 @@ impl Default for ShadowConfig {
 
 fn compile_shadow(raw: &schema::RawShadow, errors: &mut Errors) -> ShadowConfig {
     let d = ShadowConfig::default();
-    let timeout = match raw.timeout.as_deref().map(|t| parse_duration(t.trim())) {
-        None => d.timeout,
-        Some(Ok(t)) if !t.is_zero() => t,
-        Some(Ok(_)) => {
-            errors.push("shadow.timeout", "must be greater than 0");
-            d.timeout
-        }
-        Some(Err(why)) => {
-            errors.push("shadow.timeout", why);
-            d.timeout
-        }
-    };
+    let timeout = section_duration(errors, "shadow", "timeout", &raw.timeout, d.timeout, false);
     let s = ShadowConfig {
         max_concurrency: raw.max_concurrency.unwrap_or(d.max_concurrency),
         daily_budget_usd: raw.daily_budget_usd.unwrap_or(d.daily_budget_usd),
@@ -215,23 +204,35 @@ impl Default for GuardConfig {
     }
 }
 
+/// A duration field of a config section (`resilience.deadline`): the default when unset, an
+/// error at its path when it does not parse or is zero where zero makes no sense.
+fn section_duration(
+    errors: &mut Errors,
+    section: &str,
+    field: &str,
+    value: &Option<String>,
+    default: Duration,
+    allow_zero: bool,
+) -> Duration {
+    match value.as_deref().map(|v| parse_duration(v.trim())) {
+        None => default,
+        Some(Ok(v)) if v.is_zero() && !allow_zero => {
+            errors.push(format!("{section}.{field}"), "must be greater than 0");
+            default
+        }
+        Some(Ok(v)) => v,
+        Some(Err(why)) => {
+            errors.push(format!("{section}.{field}"), why);
+            default
+        }
+    }
+}
+
 fn compile_guard(raw: &schema::RawGuard, errors: &mut Errors) -> GuardConfig {
     let d = GuardConfig::default();
     let mut duration =
-        |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| match value
-            .as_deref()
-            .map(|v| parse_duration(v.trim()))
-        {
-            None => default,
-            Some(Ok(v)) if v.is_zero() && !allow_zero => {
-                errors.push(format!("guard.{field}"), "must be greater than 0");
-                default
-            }
-            Some(Ok(v)) => v,
-            Some(Err(why)) => {
-                errors.push(format!("guard.{field}"), why);
-                default
-            }
+        |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| {
+            section_duration(errors, "guard", field, value, default, allow_zero)
         };
     let g = GuardConfig {
         enabled: raw.enabled,
@@ -853,20 +854,8 @@ pub(crate) fn compile_raw(
 fn compile_resilience(raw: &schema::RawResilience, errors: &mut Errors) -> Resilience {
     let d = Resilience::default();
     let mut duration =
-        |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| match value
-            .as_deref()
-            .map(|v| parse_duration(v.trim()))
-        {
-            None => default,
-            Some(Ok(v)) if v.is_zero() && !allow_zero => {
-                errors.push(format!("resilience.{field}"), "must be greater than 0");
-                default
-            }
-            Some(Ok(v)) => v,
-            Some(Err(why)) => {
-                errors.push(format!("resilience.{field}"), why);
-                default
-            }
+        |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| {
+            section_duration(errors, "resilience", field, value, default, allow_zero)
         };
     let mut r = Resilience {
         deadline: duration("deadline", &raw.deadline, d.deadline, false),
