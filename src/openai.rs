@@ -99,6 +99,18 @@ impl<'a> RequestBody<'a> {
         self.render(model, &[])
     }
 
+    /// The request's `stream_options` with `include_usage: true` added, as raw JSON: the override
+    /// that makes a stream end with its usage.
+    pub fn stream_options_with_usage(&self) -> String {
+        let mut options = self
+            .field("stream_options")
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(o.get()).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({}));
+        options["include_usage"] = serde_json::Value::Bool(true);
+        options.to_string()
+    }
+
     /// The raw JSON of a top-level field.
     pub fn field(&self, name: &str) -> Option<&'a RawValue> {
         self.fields

@@ -25,6 +25,14 @@ impl ProviderKind {
             ProviderKind::Official => "official",
         }
     }
+
+    /// The other side: relay ↔ official.
+    pub fn other(self) -> ProviderKind {
+        match self {
+            ProviderKind::Relay => ProviderKind::Official,
+            ProviderKind::Official => ProviderKind::Relay,
+        }
+    }
 }
 
 /// A ready `Authorization` header value. Its Debug output never shows the key.

@@ -15,16 +15,13 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -33,7 +30,7 @@ use tokio::time::Instant;
 use crate::config::{unix_seconds, Route, Snapshot, Target};
 use crate::openai::RequestBody;
 use crate::providers::ProviderKind;
-use crate::proxy::body::{BoxError, ProxyBody};
+use crate::proxy::body::{Observed, OnFinish, ProxyBody};
 use crate::proxy::upstream::Upstream;
 use crate::routing::rollout::random_u64;
 use crate::routing::tokens;
@@ -114,10 +111,7 @@ impl Shadows {
         primary: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let cfg = &request.snapshot.shadow;
-        let other = match request.primary_side {
-            ProviderKind::Relay => ProviderKind::Official,
-            ProviderKind::Official => ProviderKind::Relay,
-        };
+        let other = request.primary_side.other();
         if request.route.target(other).is_none() {
             self.count("no_target");
             return primary;
@@ -144,13 +138,12 @@ impl Shadows {
 
         let (tx, rx) = oneshot::channel();
         let (parts, body) = primary.into_parts();
-        let teed = Tee {
-            inner: body,
+        let capture = Capture {
             captured: Vec::new(),
             started: request.started,
             first_byte: None,
             status: parts.status.as_u16(),
-            tx: Some(tx),
+            tx,
         };
         let shadows = self.clone();
         tokio::spawn(async move {
@@ -158,7 +151,7 @@ impl Shadows {
             shadows.in_flight.fetch_sub(1, Ordering::AcqRel);
             shadows.metrics.shadow_in_flight.dec();
         });
-        Response::from_parts(parts, teed.boxed_unsync())
+        Response::from_parts(parts, Observed::new(body, Box::new(capture)).boxed_unsync())
     }
 
     async fn run(
@@ -194,8 +187,11 @@ impl Shadows {
             self.count("primary_incomplete");
             return;
         };
-        let primary = with_estimates(primary, &request.body);
-        let shadow = with_estimates(shadow, &request.body);
+        // The prompt is estimated once, and only when a side reported no usage.
+        let estimated_prompt = (primary.prompt_tokens.is_none() || shadow.prompt_tokens.is_none())
+            .then(|| estimate_prompt_tokens(&request.body));
+        let primary = with_estimates(primary, estimated_prompt);
+        let shadow = with_estimates(shadow, estimated_prompt);
         if !(200..300).contains(&shadow.status) || !shadow.complete {
             self.count("shadow_error");
             self.log(
@@ -273,10 +269,6 @@ impl Shadows {
             }
             v
         };
-        let other = match request.primary_side {
-            ProviderKind::Relay => ProviderKind::Official,
-            ProviderKind::Official => ProviderKind::Relay,
-        };
         let mut line = json!({
             "at_unix": unix_seconds(SystemTime::now()),
             "route": request.route.name,
@@ -285,7 +277,7 @@ impl Shadows {
             "equivalence": score,
             "equivalence_threshold": cfg.equivalence_threshold,
             "primary": side(request.primary_side, primary_target, primary),
-            "shadow": side(other, Some(shadow_target), shadow),
+            "shadow": side(request.primary_side.other(), Some(shadow_target), shadow),
         });
         if cfg.log_content {
             line["request"] = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
@@ -327,22 +319,12 @@ async fn call(upstream: &Arc<Upstream>, request: &ShadowRequest, target: &Target
         ..Default::default()
     };
     let body = match RequestBody::parse(&request.body) {
-        Ok(parsed) => {
-            let mut overrides = Vec::new();
-            let options;
-            if request.stream {
-                // Usage is part of the comparison: ask for it in the stream.
-                let mut o = parsed
-                    .field("stream_options")
-                    .and_then(|o| serde_json::from_str::<Value>(o.get()).ok())
-                    .filter(Value::is_object)
-                    .unwrap_or_else(|| json!({}));
-                o["include_usage"] = Value::Bool(true);
-                options = o.to_string();
-                overrides.push(("stream_options", options.as_str()));
-            }
-            parsed.render(&target.model, &overrides)
+        Ok(parsed) if request.stream => {
+            // Usage is part of the comparison: ask for it in the stream.
+            let options = parsed.stream_options_with_usage();
+            parsed.render(&target.model, &[("stream_options", options.as_str())])
         }
+        Ok(parsed) => parsed.with_model(&target.model),
         Err(_) => return failed(0),
     };
     let Ok(uri) = target.provider.upstream_uri_from(&request.path_and_query) else {
@@ -436,18 +418,19 @@ pub fn parse_answer(body: &[u8]) -> Answer {
 
 /// Fills missing token counts with estimates (a stream whose usage chunk the client did not ask
 /// for has none on the primary side).
-fn with_estimates(mut a: Answer, request: &Bytes) -> Answer {
+fn with_estimates(mut a: Answer, estimated_prompt: Option<u64>) -> Answer {
     if a.completion_tokens.is_none() {
         a.completion_tokens = Some(tokens::estimate_text(&a.text));
     }
     if a.prompt_tokens.is_none() {
-        let body: Value = serde_json::from_slice(request).unwrap_or(Value::Null);
-        a.prompt_tokens = Some(tokens::estimate_prompt(
-            body.get("messages"),
-            body.get("prompt"),
-        ));
+        a.prompt_tokens = estimated_prompt;
     }
     a
+}
+
+fn estimate_prompt_tokens(request: &Bytes) -> u64 {
+    let body: Value = serde_json::from_slice(request).unwrap_or(Value::Null);
+    tokens::estimate_prompt(body.get("messages"), body.get("prompt"))
 }
 
 fn cost(target: &Target, a: &Answer) -> Option<f64> {
@@ -487,71 +470,31 @@ pub fn equivalence(a: &str, b: &str) -> f64 {
     2.0 * overlap as f64 / (na + nb) as f64
 }
 
-/// The primary's response body, passed through untouched while a copy (up to a cap) is kept
-/// for the comparison; the copy is handed over when the body ends or is dropped.
-struct Tee {
-    inner: ProxyBody,
+/// A copy (up to a cap) of the primary's response body as it passes to the client untouched,
+/// handed to the comparison when the body ends or is dropped.
+struct Capture {
     captured: Vec<u8>,
     started: Instant,
     first_byte: Option<Duration>,
     status: u16,
-    tx: Option<oneshot::Sender<Answer>>,
+    tx: oneshot::Sender<Answer>,
 }
 
-impl Tee {
-    fn finish(&mut self, complete: bool) {
-        if let Some(tx) = self.tx.take() {
-            let mut answer = parse_answer(&self.captured);
-            answer.status = self.status;
-            answer.latency = self.started.elapsed();
-            answer.first_byte = self.first_byte;
-            answer.complete = complete;
-            let _ = tx.send(answer);
-        }
-    }
-}
-
-impl Body for Tee {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let elapsed = self.started.elapsed();
-                    self.first_byte.get_or_insert(elapsed);
-                    let room = MAX_CAPTURE.saturating_sub(self.captured.len());
-                    let take = data.len().min(room);
-                    self.captured.extend_from_slice(&data[..take]);
-                }
-                if self.inner.is_end_stream() {
-                    self.finish(true);
-                }
-            }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Pending => {}
-        }
-        polled
+impl OnFinish for Capture {
+    fn data(&mut self, data: &Bytes) {
+        self.first_byte.get_or_insert(self.started.elapsed());
+        let room = MAX_CAPTURE.saturating_sub(self.captured.len());
+        self.captured
+            .extend_from_slice(&data[..data.len().min(room)]);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tee {
-    fn drop(&mut self) {
-        self.finish(false);
+    fn finish(self: Box<Self>, complete: bool) {
+        let mut answer = parse_answer(&self.captured);
+        answer.status = self.status;
+        answer.latency = self.started.elapsed();
+        answer.first_byte = self.first_byte;
+        answer.complete = complete;
+        let _ = self.tx.send(answer);
     }
 }
 

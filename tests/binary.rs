@@ -130,11 +130,7 @@ fn check_config_accepts_the_default_and_lists_every_problem_of_a_bad_file() {
         .expect("runs");
     assert!(out.status.success());
     std::fs::write(&good, &out.stdout).expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .expect("runs");
+    let out = check_config(&good);
     assert!(
         out.status.success(),
         "{}",
@@ -148,11 +144,7 @@ fn check_config_accepts_the_default_and_lists_every_problem_of_a_bad_file() {
         .replace("rollout_percent: 100", "rollout_percent: 150")
         .replace("provider: moonshot", "provider: moonshoot");
     std::fs::write(&bad, text).expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("runs");
+    let out = check_config(&bad);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

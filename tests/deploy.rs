@@ -2,10 +2,11 @@
 //! ConfigMap is one the sidecar accepts (checked by `llm-sidecar check-config`, as an operator
 //! would before `kubectl apply`).
 
-use std::path::Path;
-use std::process::Command;
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-sidecar");
+use std::path::Path;
+
+use support::check_config;
 
 fn documents(file: &str) -> Vec<serde_yaml::Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -56,11 +57,7 @@ fn role_grants_read_and_watch_on_one_configmap_and_event_creation_only() {
 #[test]
 fn example_configmap_passes_check_config_and_a_bad_one_names_its_keys() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/configmap.yaml");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&path)
-        .output()
-        .expect("runs");
+    let out = check_config(&path);
     assert!(
         out.status.success(),
         "{}",
@@ -75,11 +72,7 @@ fn example_configmap_passes_check_config_and_a_bad_one_names_its_keys() {
         .replace("rollout_percent: \"100\"", "rollout_percent: \"150\"")
         .replace("shadow_percent: \"0\"", "shadow_percent: 0");
     std::fs::write(&bad, text).expect("write");
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .expect("runs");
+    let out = check_config(&bad);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

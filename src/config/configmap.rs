@@ -223,13 +223,6 @@ pub trait RejectionSink: Send + Sync {
     fn rejected(&self, configmap: &ConfigMap, reason: &str);
 }
 
-/// Records nothing (unit tests, or no Event permission wanted).
-pub struct NoEvents;
-
-impl RejectionSink for NoEvents {
-    fn rejected(&self, _: &ConfigMap, _: &str) {}
-}
-
 /// Applies what the watcher reports. Generic over the stream so the apply path is tested with
 /// plain streams of events.
 pub struct Follower {
@@ -403,6 +396,21 @@ impl KubeEvents {
             ..Default::default()
         }
     }
+
+    /// Creates the Event in the background; failures are logged (once at warn), never fatal.
+    fn post(&self, event: KubeEvent) {
+        let api = self.api.clone();
+        let failure_reported = self.failure_reported.clone();
+        tokio::spawn(async move {
+            match api.create(&PostParams::default(), &event).await {
+                Ok(_) => tracing::debug!("recorded a Kubernetes Event"),
+                Err(err) if !failure_reported.swap(true, Ordering::Relaxed) => {
+                    tracing::warn!(error = %err, "cannot record a Kubernetes Event (is `create` on events granted?); carrying on")
+                }
+                Err(err) => tracing::debug!(error = %err, "cannot record a Kubernetes Event"),
+            }
+        });
+    }
 }
 
 fn timestamp_now() -> k8s_openapi::jiff::Timestamp {
@@ -447,23 +455,6 @@ impl crate::routing::guard::TripSink for KubeEvents {
             message.to_string(),
         );
         self.post(event);
-    }
-}
-
-impl KubeEvents {
-    /// Creates the Event in the background; failures are logged (once at warn), never fatal.
-    fn post(&self, event: KubeEvent) {
-        let api = self.api.clone();
-        let failure_reported = self.failure_reported.clone();
-        tokio::spawn(async move {
-            match api.create(&PostParams::default(), &event).await {
-                Ok(_) => tracing::debug!("recorded a Kubernetes Event"),
-                Err(err) if !failure_reported.swap(true, Ordering::Relaxed) => {
-                    tracing::warn!(error = %err, "cannot record a Kubernetes Event (is `create` on events granted?); carrying on")
-                }
-                Err(err) => tracing::debug!(error = %err, "cannot record a Kubernetes Event"),
-            }
-        });
     }
 }
 

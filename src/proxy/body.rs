@@ -1,5 +1,6 @@
 //! Response body types: a boxed body for everything the sidecar sends, and a wrapper that passes
-//! upstream frames through one by one and records the request when the body ends or is dropped.
+//! upstream frames through one by one, lets a watcher see them, and tells it when the body ends
+//! or is dropped.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -22,9 +23,12 @@ pub fn empty() -> ProxyBody {
 }
 
 /// Something to run exactly once when a response body is finished: `completed` is false when the
-/// body failed or the client went away before the end.
+/// body failed or the client went away before the end. It may also look at each data frame as
+/// it passes.
 pub trait OnFinish: Send + 'static {
     fn finish(self: Box<Self>, completed: bool);
+
+    fn data(&mut self, _data: &Bytes) {}
 }
 
 /// Passes the inner body through untouched, frame by frame, and calls the guard once at the end.
@@ -63,8 +67,15 @@ where
         match &polled {
             Poll::Ready(None) => self.finish(true),
             Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(true),
-            _ => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(guard)) = (frame.data_ref(), self.guard.as_mut()) {
+                    guard.data(data);
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }

@@ -312,13 +312,7 @@ impl Exchange {
     ) -> Bytes {
         let mut overrides: Vec<(&str, String)> = Vec::new();
         if self.usage_added {
-            let mut options = parsed
-                .field("stream_options")
-                .and_then(|o| serde_json::from_str::<Value>(o.get()).ok())
-                .filter(Value::is_object)
-                .unwrap_or_else(|| json!({}));
-            options["include_usage"] = Value::Bool(true);
-            overrides.push(("stream_options", options.to_string()));
+            overrides.push(("stream_options", parsed.stream_options_with_usage()));
         }
         let messages = match (&self.messages_override, prefill) {
             (_, Some(text)) => {

@@ -281,3 +281,12 @@ pub fn closed_port() -> u16 {
     drop(listener);
     port
 }
+
+/// Runs `llm-sidecar check-config PATH` and returns what it printed and its exit status.
+pub fn check_config(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llm-sidecar"))
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .expect("llm-sidecar runs")
+}
