@@ -1,5 +1,6 @@
-//! The admin port: `/live`, `/ready`, `/metrics` (Prometheus text) and `/config` (the effective
-//! snapshot with secrets redacted, its generation, and the last rejected update).
+//! The admin port: `/live`, `/ready`, `/metrics` (Prometheus text), `/config` (the effective
+//! snapshot with secrets redacted, its generation, and the last rejected update) and `/stats`
+//! (requests, failover, latency percentiles, tokens, cost and savings since start).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ impl Admin {
             "/ready" => self.ready(),
             "/metrics" => self.metrics(),
             "/config" => self.config(),
+            "/stats" => json_response(StatusCode::OK, &self.core.metrics.stats.view()),
             other => SidecarError::NotFound(other.to_string()).into_response(),
         };
         Ok(response)

@@ -394,7 +394,20 @@ fn route(method: &Method, labelled: Option<(&str, &str)>) -> Route {
     }
 }
 
+/// Answers one request; the W3C `traceparent` it carried comes back as `x-fake-traceparent`, so
+/// tests see what a provider received.
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
+    let traceparent = req.headers().get("traceparent").cloned();
+    let mut response = answer(shared, req).await?;
+    if let Some(value) = traceparent {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-fake-traceparent"), value);
+    }
+    Ok(response)
+}
+
+async fn answer(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
     let (parts, body) = req.into_parts();
     let (bytes, too_large) = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => (collected.to_bytes(), false),

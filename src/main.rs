@@ -194,7 +194,6 @@ fn run(config_flag: Option<PathBuf>) -> ExitCode {
     if config_flag.is_some() {
         settings.config_path = config_flag;
     }
-    telemetry::init_logging(settings.log_format);
     // One crypto provider for the whole process, before any TLS is set up.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match runtime() {
@@ -205,6 +204,22 @@ fn run(config_flag: Option<PathBuf>) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Trace export runs on the runtime, so logging and tracing start inside it.
+        let traces = match telemetry::init(
+            settings.log_format,
+            settings.otel.as_ref(),
+            settings.connect_timeout,
+            settings.extra_ca_file.as_deref(),
+        ) {
+            Ok(t) => t,
+            Err(err) => {
+                eprintln!("llm-sidecar: {err}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
+        if let Some(otel) = &settings.otel {
+            tracing::info!(endpoint = %otel.endpoint, protocol = ?otel.protocol, "exporting traces over OTLP");
+        }
         let (text, source) = match llm_sidecar::initial_config(&settings) {
             Ok(pair) => pair,
             Err(err) => {
@@ -222,7 +237,12 @@ fn run(config_flag: Option<PathBuf>) -> ExitCode {
         wait_for_signal().await;
         tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
         sidecar.shutdown();
-        if sidecar.wait().await {
+        let drained = sidecar.wait().await;
+        if let Some(traces) = traces {
+            // Spans of the last requests are sent before the process exits.
+            traces.shutdown(std::time::Duration::from_secs(3)).await;
+        }
+        if drained {
             tracing::info!("drained; bye");
         } else {
             tracing::warn!("shutdown grace period ended with requests still in flight");

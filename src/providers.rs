@@ -232,6 +232,17 @@ impl Provider {
         self.authority.host()
     }
 
+    /// The port requests go to: the base URL's, else the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
+    }
+
     /// Sets the headers that make a request this provider's: `Host` and the provider's key.
     /// `Err` carries a hint when the key is missing; the request must not be sent then.
     pub fn authorize(&self, headers: &mut http::HeaderMap) -> Result<(), String> {

@@ -74,6 +74,8 @@ pub struct Settings {
     pub kube: Option<KubeSettings>,
     /// `HOLY_SHEEP_ENABLED`: forces the routing flag over every config source.
     pub holy_sheep_enabled: Option<bool>,
+    /// Trace export, from the standard `OTEL_*` variables; `None` when no endpoint is set.
+    pub otel: Option<crate::telemetry::otel::OtelSettings>,
     /// PEM certificates trusted for provider TLS in addition to the bundled web roots.
     pub extra_ca_file: Option<PathBuf>,
 }
@@ -95,6 +97,7 @@ impl Default for Settings {
             extra_ca_file: None,
             kube: None,
             holy_sheep_enabled: None,
+            otel: None,
         }
     }
 }
@@ -227,6 +230,7 @@ impl Settings {
             &mut s.shutdown_grace,
         );
         s.kube = kube_settings(env, &mut errors);
+        s.otel = crate::telemetry::otel::from_env(env, &mut errors);
         match crate::config::layers::env_override(env) {
             Ok(v) => s.holy_sheep_enabled = v,
             Err(why) => errors.push(why),

@@ -435,10 +435,11 @@ fn estimate_prompt_tokens(request: &Bytes) -> u64 {
 
 fn cost(target: &Target, a: &Answer) -> Option<f64> {
     let price = target.price?;
-    Some(price.cost(
-        a.prompt_tokens.unwrap_or(0),
-        a.completion_tokens.unwrap_or(0),
-    ))
+    Some(price.cost(crate::telemetry::cost::Usage {
+        input: a.prompt_tokens.unwrap_or(0),
+        output: a.completion_tokens.unwrap_or(0),
+        cached_input: 0,
+    }))
 }
 
 /// How alike two answers are, from 0 to 1: the F1 score of their word multisets. Words are

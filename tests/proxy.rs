@@ -532,7 +532,7 @@ async fn admin_port_reports_liveness_readiness_metrics_and_config() {
     assert_eq!(
         metric_value(
             &text,
-            r#"llm_sidecar_requests_total{route="chat",provider="sheep",path="relay",status="200"}"#
+            r#"llm_sidecar_requests_total{route="chat",provider="sheep",model="relay-model",path="relay",status="200",outcome="success"}"#
         ),
         Some(3.0),
         "{text}"
@@ -540,7 +540,7 @@ async fn admin_port_reports_liveness_readiness_metrics_and_config() {
     assert_eq!(
         metric_value(
             &text,
-            r#"llm_sidecar_requests_total{route="none",provider="none",path="none",status="404"}"#
+            r#"llm_sidecar_requests_total{route="none",provider="none",model="none",path="none",status="404",outcome="rejected"}"#
         ),
         Some(1.0),
         "{text}"
@@ -548,7 +548,7 @@ async fn admin_port_reports_liveness_readiness_metrics_and_config() {
     assert_eq!(
         metric_value(
             &text,
-            r#"llm_sidecar_request_duration_seconds_count{route="chat",provider="sheep"}"#
+            r#"llm_sidecar_request_duration_seconds_count{route="chat",provider="sheep",model="relay-model"}"#
         ),
         Some(3.0),
         "{text}"

@@ -119,12 +119,8 @@ impl Default for Flags {
 pub struct Price {
     pub input: f64,
     pub output: f64,
-}
-
-impl Price {
-    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-        (prompt_tokens as f64 * self.input + completion_tokens as f64 * self.output) / 1_000_000.0
-    }
+    /// Input tokens served from the provider's prompt cache, when it bills them apart.
+    pub cached_input: Option<f64>,
 }
 
 /// Shadow traffic limits and comparison settings (`shadow_percent` says how much).
@@ -368,6 +364,7 @@ impl Target {
             Arc::new(metrics.for_target(
                 &self.tags.route,
                 &self.tags.provider,
+                &Arc::from(self.model.as_str()),
                 self.path().as_str(),
             ))
         })
@@ -470,8 +467,17 @@ impl Snapshot {
             })
             .collect();
         let target = |t: &Option<Target>| {
-            t.as_ref()
-                .map(|t| json!({ "provider": t.provider.name, "model": t.model }))
+            t.as_ref().map(|t| {
+                json!({
+                    "provider": t.provider.name,
+                    "model": t.model,
+                    "price": t.price.map(|p| json!({
+                        "input": p.input,
+                        "output": p.output,
+                        "cached_input": p.cached_input,
+                    })),
+                })
+            })
         };
         let routes: serde_json::Map<String, serde_json::Value> = self
             .routes
@@ -725,16 +731,14 @@ pub(crate) fn compile_raw(
             let price = t.price.map(|p| Price {
                 input: p.input,
                 output: p.output,
+                cached_input: p.cached_input,
             });
             if let Some(p) = price {
-                if !(p.input.is_finite()
-                    && p.input >= 0.0
-                    && p.output.is_finite()
-                    && p.output >= 0.0)
-                {
+                let valid = |v: f64| v.is_finite() && v >= 0.0;
+                if !(valid(p.input) && valid(p.output) && p.cached_input.is_none_or(valid)) {
                     errors.push(
                         format!("{tpath}.price"),
-                        "input and output must be USD per million tokens, 0 or more",
+                        "input, output and cached_input must be USD per million tokens, 0 or more",
                     );
                 }
             }

@@ -162,6 +162,9 @@ pub struct RawPrice {
     pub input: f64,
     /// USD per million completion tokens.
     pub output: f64,
+    /// USD per million input tokens served from the provider's prompt cache (default: `input`).
+    #[serde(default)]
+    pub cached_input: Option<f64>,
 }
 
 /// Shadow traffic: how the mirrored calls are bounded, compared and logged.

@@ -4,7 +4,7 @@
 //! a cut, stall or broken chunk is never passed off as success: the answer is continued on a
 //! prefill-capable target or the stream ends with an explicit error event and no `[DONE]`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,7 +33,10 @@ use crate::routing::health::Health;
 use crate::routing::plan::{plan, PlanRequest, Step};
 use crate::routing::rollout::Decision;
 use crate::routing::tokens;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::cost::{format_usd, Bill, Usage};
+use crate::telemetry::metrics::{Metrics, TargetMetrics};
+use crate::telemetry::{otel, Operation};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub const HEADER_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-sidecar-attempts");
 pub const HEADER_FALLBACKS: HeaderName = HeaderName::from_static("x-llm-sidecar-fallbacks");
@@ -42,6 +45,148 @@ pub const HEADER_TRUNCATED: HeaderName =
     HeaderName::from_static("x-llm-sidecar-truncated-messages");
 pub const HEADER_PREFER: HeaderName = HeaderName::from_static("x-llm-sidecar-prefer");
 pub const HEADER_LOW_LATENCY: HeaderName = HeaderName::from_static("x-llm-sidecar-low-latency");
+pub const HEADER_COST: HeaderName = HeaderName::from_static("x-llm-sidecar-cost-usd");
+
+/// A plain answer is read whole before it is sent, up to this size, so a cut body is retried
+/// and its cost is known for the response header. Larger answers stream through unpriced.
+const MAX_BUFFERED_ANSWER: usize = 8 * 1024 * 1024;
+/// Message content recorded on a span (when enabled) is cut to this many bytes.
+const MAX_CONTENT_ATTRIBUTE: usize = 16 * 1024;
+
+/// What the request's answer was, for its log line, metrics, `/stats` and server span. The
+/// exchange fills it; a committed stream keeps filling it until its end.
+#[derive(Default)]
+pub struct Outcome {
+    /// Upstream attempts, the attempt header's number.
+    pub attempts: u32,
+    /// Moves from one target to another.
+    pub fallbacks: u32,
+    /// The answer came after at least one failed attempt.
+    pub fell_back: bool,
+    /// The last target tried, for a request that got no answer.
+    pub last: Option<Arc<TargetMetrics>>,
+    /// Reported usage of the answer, summed over a continued stream's parts.
+    pub usage: Option<Usage>,
+    pub bill: Bill,
+    pub ttft: Option<Duration>,
+    /// A committed stream broke and ended with an error event.
+    pub interrupted: bool,
+    /// The whole answer was handed over: a client that closes right after a stream's `[DONE]`
+    /// did not cancel anything.
+    pub complete: bool,
+}
+
+pub type SharedOutcome = Arc<Mutex<Outcome>>;
+
+pub fn lock(outcome: &SharedOutcome) -> MutexGuard<'_, Outcome> {
+    outcome.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The request fields attempt spans show.
+#[derive(Default)]
+struct RequestMeta {
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    /// The request's messages (or prompt/input), only when content recording is on.
+    content: Option<String>,
+}
+
+impl RequestMeta {
+    fn read(parsed: &RequestBody<'_>) -> RequestMeta {
+        let number = |key: &str| parsed.field(key).and_then(|v| v.get().parse::<f64>().ok());
+        RequestMeta {
+            max_tokens: number("max_tokens")
+                .or_else(|| number("max_completion_tokens"))
+                .map(|v| v as i64),
+            temperature: number("temperature"),
+            content: otel::record_content()
+                .then(|| {
+                    parsed
+                        .field("messages")
+                        .or_else(|| parsed.field("prompt"))
+                        .or_else(|| parsed.field("input"))
+                        .map(|raw| cut(raw.get()))
+                })
+                .flatten(),
+        }
+    }
+}
+
+fn cut(text: &str) -> String {
+    if text.len() <= MAX_CONTENT_ATTRIBUTE {
+        return text.to_string();
+    }
+    let mut end = MAX_CONTENT_ATTRIBUTE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// Why an attempt is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AttemptKind {
+    Initial,
+    Retry,
+    Fallback,
+    RateLimitWait,
+    Continuation,
+}
+
+impl AttemptKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttemptKind::Initial => "initial",
+            AttemptKind::Retry => "retry",
+            AttemptKind::Fallback => "fallback",
+            AttemptKind::RateLimitWait => "rate_limit_wait",
+            AttemptKind::Continuation => "continuation",
+        }
+    }
+}
+
+/// What a plain answer's body says about itself.
+#[derive(Default, serde::Deserialize)]
+struct PlainAnswer {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    choices: Vec<PlainChoice>,
+}
+
+#[derive(serde::Deserialize)]
+struct PlainChoice {
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+/// What one answer (or one part of a continued stream) reported.
+#[derive(Default)]
+struct Reported {
+    usage: Option<Usage>,
+    model: Option<String>,
+    finish_reasons: Vec<String>,
+    /// The answer text, only when content recording is on.
+    content: Option<String>,
+}
+
+impl Reported {
+    fn from_plain(bytes: &[u8]) -> Reported {
+        let answer: PlainAnswer = serde_json::from_slice(bytes).unwrap_or_default();
+        Reported {
+            usage: answer.usage.as_ref().and_then(Usage::from_json),
+            model: answer.model,
+            finish_reasons: answer
+                .choices
+                .into_iter()
+                .filter_map(|c| c.finish_reason)
+                .collect(),
+            content: otel::record_content().then(|| cut(&String::from_utf8_lossy(bytes))),
+        }
+    }
+}
 
 /// Error bodies are read to classify them, up to this size.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -96,14 +241,70 @@ pub struct Committed {
 
 /// What an attempt produced before anything was sent to the client.
 enum Answer {
-    Plain(Response<Incoming>, Option<Lease>),
+    Plain {
+        head: http::response::Parts,
+        body: PlainBody,
+        lease: Option<Lease>,
+    },
     Stream {
         head: http::response::Parts,
         body: Incoming,
         parser: SseParser,
         prefix: Vec<RawEvent>,
         lease: Option<Lease>,
+        /// From the request to the upstream to its first content chunk.
+        ttft: Duration,
     },
+}
+
+enum PlainBody {
+    /// Read to the end: the connection is free again.
+    Whole(Bytes),
+    /// Too large to hold: what was read, then the rest as it comes.
+    Large { read: Vec<Bytes>, rest: Incoming },
+}
+
+/// Reads a plain answer; every frame must come within `idle` (providers that keep the
+/// connection alive with blank lines while they generate pass), all of it before `deadline`.
+async fn read_answer(
+    mut body: Incoming,
+    idle: Duration,
+    deadline: Instant,
+) -> Result<PlainBody, Failure> {
+    let mut read: Vec<Bytes> = Vec::new();
+    let mut size = 0;
+    loop {
+        let until = (Instant::now() + idle).min(deadline);
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => {
+                return Err(Failure::ConnectionLost(format!(
+                    "the answer body stalled (no data for {idle:?}, or the deadline passed)"
+                )))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                return Err(Failure::ConnectionLost(format!(
+                    "the answer body broke: {}",
+                    super::upstream::describe(&err)
+                )))
+            }
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                size += data.len();
+                read.push(data);
+                if size > MAX_BUFFERED_ANSWER {
+                    return Ok(PlainBody::Large { read, rest: body });
+                }
+            }
+        }
+    }
+    Ok(PlainBody::Whole(match read.len() {
+        0 => Bytes::new(),
+        1 => read.pop().unwrap_or_default(),
+        _ => read.concat().into(),
+    }))
 }
 
 /// A failed attempt; `passthrough` keeps a provider's own error to return as it is.
@@ -148,6 +349,11 @@ pub struct Exchange {
     first_body: Option<Bytes>,
     /// Only the first step is planned so far.
     partial: bool,
+    /// The request's server span, parent of the attempt spans (disabled without tracing).
+    trace: tracing::Span,
+    operation: Operation,
+    meta: RequestMeta,
+    outcome: SharedOutcome,
 }
 
 impl Exchange {
@@ -162,6 +368,8 @@ impl Exchange {
         bytes: Bytes,
         parsed: &RequestBody<'_>,
         route: Arc<Route>,
+        trace: tracing::Span,
+        outcome: SharedOutcome,
     ) -> Exchange {
         let prefer = headers
             .get(HEADER_PREFER)
@@ -184,7 +392,17 @@ impl Exchange {
                 .is_some_and(|o| o["include_usage"] == Value::Bool(true));
         let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
         let deadline = Instant::now() + snapshot.resilience.deadline;
+        let operation = Operation::from_path(&path_and_query);
+        let meta = if otel::enabled() {
+            RequestMeta::read(parsed)
+        } else {
+            RequestMeta::default()
+        };
         let mut exchange = Exchange {
+            trace,
+            operation,
+            meta,
+            outcome,
             core,
             snapshot,
             decision,
@@ -356,6 +574,7 @@ impl Exchange {
         target: &Target,
         prefill: Option<&str>,
         first: bool,
+        span: &tracing::Span,
     ) -> Result<Answer, AttemptError> {
         let provider = &target.provider;
         let uri = provider
@@ -379,6 +598,9 @@ impl Exchange {
                 },
             }
             .into());
+        }
+        if !span.is_disabled() {
+            otel::inject(span, &mut headers);
         }
         *request.headers_mut() = headers;
 
@@ -421,7 +643,10 @@ impl Exchange {
             });
         }
         if !self.stream {
-            return Ok(Answer::Plain(response, lease));
+            let (head, body) = response.into_parts();
+            let idle = self.snapshot.resilience.stream_idle_timeout;
+            let body = read_answer(body, idle, self.deadline).await?;
+            return Ok(Answer::Plain { head, body, lease });
         }
 
         // Streams are committed on the first content chunk: until then everything is retryable.
@@ -471,12 +696,17 @@ impl Exchange {
                 prefix.push(event);
             }
             if first {
+                let ttft = sent.elapsed();
+                if !span.is_disabled() {
+                    span.set_attribute("llm_sidecar.time_to_first_token", ttft.as_secs_f64());
+                }
                 return Ok(Answer::Stream {
                     head,
                     body,
                     parser,
                     prefix,
                     lease,
+                    ttft,
                 });
             }
         }
@@ -490,15 +720,183 @@ impl Exchange {
         started: Instant,
     ) {
         let target = step.target();
+        let duration = started.elapsed();
         self.attempts.push(AttemptRecord {
             step: step.clone(),
             outcome,
             status,
-            duration: started.elapsed(),
+            duration,
         });
-        self.core
-            .metrics
-            .record_attempt(&target.tags.provider, outcome);
+        let metrics = &self.core.metrics;
+        metrics.record_attempt(&target.tags.provider, outcome);
+        if outcome != "ok" && outcome != "breaker_open" {
+            let handles = target.metrics(metrics);
+            let tally = &handles.stats.tally;
+            tally
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tally
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics
+                .gen_ai_duration
+                .get_or_create(&crate::telemetry::metrics::GenAiLabels {
+                    gen_ai_operation_name: self.operation.name(),
+                    gen_ai_provider_name: handles.gen_ai_provider.clone(),
+                    gen_ai_request_model: handles.model.clone(),
+                    error_type: Some(outcome),
+                })
+                .observe(duration.as_secs_f64());
+        }
+    }
+
+    /// The CLIENT span of one attempt, child of the request's span; disabled without tracing.
+    fn attempt_span(
+        &self,
+        step: &Step,
+        kind: AttemptKind,
+        after: Option<&'static str>,
+        admission: Admission,
+    ) -> tracing::Span {
+        if !otel::enabled() {
+            return tracing::Span::none();
+        }
+        let target = step.target();
+        let span = tracing::info_span!(
+            target: otel::SPAN_TARGET,
+            parent: &self.trace,
+            "attempt",
+            otel.name = %format_args!("{} {}", self.operation.name(), target.model),
+            otel.kind = "client",
+        );
+        let provider = &target.provider;
+        let number = self
+            .attempts
+            .iter()
+            .filter(|a| a.outcome != "breaker_open")
+            .count()
+            + 1;
+        span.set_attribute("gen_ai.operation.name", self.operation.name());
+        span.set_attribute(
+            "gen_ai.provider.name",
+            crate::telemetry::gen_ai_provider_name(&provider.name).to_string(),
+        );
+        span.set_attribute("gen_ai.request.model", target.model.clone());
+        span.set_attribute("gen_ai.request.stream", self.stream);
+        if let Some(max) = self.meta.max_tokens {
+            span.set_attribute("gen_ai.request.max_tokens", max);
+        }
+        if let Some(t) = self.meta.temperature {
+            span.set_attribute("gen_ai.request.temperature", t);
+        }
+        if let Some(content) = &self.meta.content {
+            span.set_attribute("gen_ai.input.messages", content.clone());
+        }
+        span.set_attribute("server.address", provider.host().to_string());
+        span.set_attribute("server.port", i64::from(provider.port()));
+        span.set_attribute("llm_sidecar.route", step.route.name.clone());
+        span.set_attribute("llm_sidecar.provider", provider.name.clone());
+        span.set_attribute("llm_sidecar.path", target.path().as_str());
+        span.set_attribute("llm_sidecar.attempt", number as i64);
+        span.set_attribute("llm_sidecar.attempt.kind", kind.as_str());
+        if let Some(after) = after {
+            span.set_attribute("llm_sidecar.attempt.reason", after);
+        }
+        span.set_attribute(
+            "llm_sidecar.breaker_state",
+            match admission {
+                Admission::Probe => "half_open",
+                _ => "closed",
+            },
+        );
+        span
+    }
+
+    /// Prices what one answer (or one part of a continued stream) reported, counts it, and
+    /// puts it on the attempt span.
+    fn settle(
+        &self,
+        target: &Target,
+        route: &Route,
+        span: &tracing::Span,
+        started: Instant,
+        reported: Reported,
+    ) -> Bill {
+        let metrics = &self.core.metrics;
+        let handles = target.metrics(metrics);
+        let gen_ai = metrics.gen_ai(handles, self.operation);
+        gen_ai.duration.observe(started.elapsed().as_secs_f64());
+        let official = route.official.as_ref().and_then(|t| t.price.as_ref());
+        let bill = match reported.usage {
+            Some(usage) => {
+                let bill = Bill::new(usage, target.price.as_ref(), official);
+                handles.input_tokens.inc_by(usage.input);
+                handles.output_tokens.inc_by(usage.output);
+                handles.cached_input_tokens.inc_by(usage.cached_input);
+                if let Some(cost) = bill.cost {
+                    handles.cost.inc_by(cost);
+                }
+                if let Some(official) = bill.official {
+                    handles.official_cost.inc_by(official);
+                }
+                if let Some(savings) = bill.savings().filter(|s| *s > 0.0) {
+                    handles.savings.inc_by(savings);
+                }
+                gen_ai.input_tokens.observe(usage.input as f64);
+                gen_ai.output_tokens.observe(usage.output as f64);
+                bill
+            }
+            None => {
+                metrics.usage_missing.inc();
+                Bill::default()
+            }
+        };
+        handles.stats.tally.add_usage(reported.usage, bill);
+        {
+            let mut outcome = lock(&self.outcome);
+            if let Some(usage) = reported.usage {
+                outcome.usage.get_or_insert_with(Usage::default).add(usage);
+            }
+            outcome.bill.add(bill);
+        }
+        if !span.is_disabled() {
+            if let Some(model) = reported.model {
+                span.set_attribute("gen_ai.response.model", model);
+            }
+            if !reported.finish_reasons.is_empty() {
+                span.set_attribute(
+                    "gen_ai.response.finish_reasons",
+                    opentelemetry::Value::Array(
+                        reported
+                            .finish_reasons
+                            .into_iter()
+                            .map(opentelemetry::StringValue::from)
+                            .collect::<Vec<_>>()
+                            .into(),
+                    ),
+                );
+            }
+            if let Some(usage) = reported.usage {
+                span.set_attribute("gen_ai.usage.input_tokens", usage.input as i64);
+                span.set_attribute("gen_ai.usage.output_tokens", usage.output as i64);
+                if usage.cached_input > 0 {
+                    span.set_attribute(
+                        "gen_ai.usage.cache_read.input_tokens",
+                        usage.cached_input as i64,
+                    );
+                }
+            }
+            if let Some(cost) = bill.cost {
+                span.set_attribute("llm_sidecar.cost_usd", cost);
+            }
+            if let Some(savings) = bill.savings() {
+                span.set_attribute("llm_sidecar.savings_usd", savings);
+            }
+            if let Some(content) = reported.content {
+                span.set_attribute("gen_ai.output.messages", content);
+            }
+        }
+        bill
     }
 
     /// Runs the request to a committed answer, or to one error that keeps the most meaningful
@@ -514,6 +912,8 @@ impl Exchange {
         let mut waits = 0;
         let mut index = 0;
         let mut requeued: Option<usize> = None;
+        // The target of the last failed attempt, and why it failed.
+        let mut last_failed: Option<(Arc<TargetMetrics>, Arc<str>, &'static str)> = None;
 
         loop {
             let was_requeued = requeued.is_some();
@@ -578,8 +978,30 @@ impl Exchange {
                     break;
                 }
                 tries += 1;
+                let kind = match &last_failed {
+                    _ if was_requeued && first_try => AttemptKind::RateLimitWait,
+                    None => AttemptKind::Initial,
+                    Some((_, key, _)) if *key == target.health_key => AttemptKind::Retry,
+                    Some(_) => AttemptKind::Fallback,
+                };
+                if let (AttemptKind::Fallback, Some((left, _, reason))) = (kind, &last_failed) {
+                    self.core
+                        .metrics
+                        .fallbacks
+                        .get_or_create(&crate::telemetry::metrics::FallbackLabels {
+                            provider: left.provider.clone(),
+                            model: left.model.clone(),
+                            reason,
+                        })
+                        .inc();
+                }
+                let span =
+                    self.attempt_span(step, kind, last_failed.as_ref().map(|l| l.2), admission);
+                if kind != AttemptKind::Initial {
+                    lock(&self.outcome).last = Some(target.metrics(&self.core.metrics).clone());
+                }
                 let started = Instant::now();
-                match self.attempt(target, None, step_index == 0).await {
+                match self.attempt(target, None, step_index == 0, &span).await {
                     Ok(answer) => {
                         let latency = started.elapsed();
                         self.core.health.record_success(
@@ -606,7 +1028,7 @@ impl Exchange {
                         } else {
                             Vec::new()
                         };
-                        return Ok(self.commit(&steps[step_index], answer, rest));
+                        return Ok(self.commit(&steps[step_index], answer, rest, span, started));
                     }
                     Err(AttemptError {
                         failure,
@@ -618,6 +1040,13 @@ impl Exchange {
                             _ => None,
                         };
                         self.record(step, class.label(), status, started);
+                        fail_span(&span, class.label(), status);
+                        drop(span);
+                        last_failed = Some((
+                            target.metrics(&self.core.metrics).clone(),
+                            target.health_key.clone(),
+                            class.label(),
+                        ));
                         if step.side == ProviderKind::Relay && class.counts_against_target() {
                             self.core.guard.record(
                                 &self.snapshot,
@@ -635,9 +1064,9 @@ impl Exchange {
                         }
                         let describe = format!("{}/{}", target.provider.name, target.model);
                         if class == Class::Misconfigured {
-                            tracing::error!(provider = %target.provider.name, model = %target.model, ?status, "provider rejected the sidecar's credentials or model: check the target's key and model name");
+                            tracing::error!(provider = %target.provider.name, model = %target.model, status, "provider rejected the sidecar's credentials or model: check the target's key and model name");
                         } else {
-                            tracing::warn!(provider = %target.provider.name, model = %target.model, outcome = class.label(), ?status, "upstream attempt failed");
+                            tracing::warn!(provider = %target.provider.name, model = %target.model, outcome = class.label(), status, "upstream attempt failed");
                         }
                         if class == Class::ClientError {
                             if let Some((status, headers, body)) = passthrough {
@@ -736,6 +1165,14 @@ impl Exchange {
         }
     }
 
+    /// Fallbacks: how many times the request moved on to another target.
+    fn moves(&self) -> usize {
+        self.attempts
+            .windows(2)
+            .filter(|w| w[0].step.target().health_key != w[1].step.target().health_key)
+            .count()
+    }
+
     fn add_headers(&self, headers: &mut HeaderMap, step: &Step) {
         let target = step.target();
         headers.reserve(10);
@@ -764,13 +1201,7 @@ impl Exchange {
         }
         headers.insert(HEADER_GENERATION, self.snapshot.generation_header.clone());
         headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len().max(1)));
-        // Fallbacks: how many times the request moved on to another target.
-        let moves = self
-            .attempts
-            .windows(2)
-            .filter(|w| w[0].step.target().health_key != w[1].step.target().health_key)
-            .count();
-        headers.insert(HEADER_FALLBACKS, small_number(moves));
+        headers.insert(HEADER_FALLBACKS, small_number(self.moves()));
         if self.attempts.len() > 1 {
             let log: Vec<String> = self
                 .attempts
@@ -801,6 +1232,7 @@ impl Exchange {
                 .insert(header::CONTENT_TYPE, ct.clone());
         }
         self.add_headers(response.headers_mut(), step);
+        self.close_outcome();
         Committed {
             response,
             route: step.route.clone(),
@@ -814,6 +1246,7 @@ impl Exchange {
         worst: Option<Worst>,
         skipped: &[crate::routing::plan::Skipped],
     ) -> SidecarError {
+        self.close_outcome();
         let attempts: Vec<Value> = self.attempts.iter().map(AttemptRecord::json).collect();
         let skipped: Vec<Value> = skipped
             .iter()
@@ -887,14 +1320,71 @@ impl Exchange {
         }
     }
 
-    fn commit(self, step: &Step, answer: Answer, rest: Vec<Step>) -> Committed {
+    /// Fills the request's outcome with the attempt count and failover.
+    fn close_outcome(&self) -> bool {
+        let fell_back = self.attempts.iter().any(|a| a.outcome != "ok");
+        let mut outcome = lock(&self.outcome);
+        outcome.attempts = self.attempts.len().max(1) as u32;
+        outcome.fallbacks = self.moves() as u32;
+        outcome.fell_back = fell_back;
+        fell_back
+    }
+
+    fn commit(
+        self,
+        step: &Step,
+        answer: Answer,
+        rest: Vec<Step>,
+        span: tracing::Span,
+        started: Instant,
+    ) -> Committed {
+        let fell_back = self.close_outcome();
+        let target = step.target();
+        let tally = &target.metrics(&self.core.metrics).stats.tally;
+        tally
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match answer {
-            Answer::Plain(response, lease) => {
-                let mut response = response.map(|b| b.map_err(BoxError::from).boxed_unsync());
+            Answer::Plain { head, body, lease } => {
+                let counter = if fell_back {
+                    &tally.fallbacks
+                } else {
+                    &tally.successes
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                lock(&self.outcome).complete = matches!(body, PlainBody::Whole(_));
+                let mut response = Response::from_parts(head, ());
                 super::strip_hop_by_hop(response.headers_mut());
                 self.add_headers(response.headers_mut(), step);
+                let (body, lease) = match body {
+                    PlainBody::Whole(bytes) => {
+                        if let Some(lease) = lease {
+                            lease.release();
+                        }
+                        let reported = Reported::from_plain(&bytes);
+                        let bill = self.settle(target, &step.route, &span, started, reported);
+                        if let Some(cost) = bill.cost {
+                            if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
+                                response.headers_mut().insert(HEADER_COST, value);
+                            }
+                        }
+                        (full(bytes), None)
+                    }
+                    PlainBody::Large { read, rest } => {
+                        self.settle(target, &step.route, &span, started, Reported::default());
+                        let read = futures_util::stream::iter(
+                            read.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))),
+                        );
+                        let rest = http_body_util::BodyStream::new(rest.map_err(BoxError::from));
+                        let stream = futures_util::StreamExt::chain(read, rest);
+                        (
+                            http_body_util::StreamBody::new(stream).boxed_unsync(),
+                            lease,
+                        )
+                    }
+                };
                 Committed {
-                    response,
+                    response: response.map(|()| body),
                     route: step.route.clone(),
                     side: step.side,
                     lease,
@@ -906,7 +1396,9 @@ impl Exchange {
                 parser,
                 prefix,
                 lease,
+                ttft,
             } => {
+                lock(&self.outcome).ttft = Some(ttft);
                 super::strip_hop_by_hop(&mut head.headers);
                 head.headers.remove(header::CONTENT_LENGTH);
                 self.add_headers(&mut head.headers, step);
@@ -921,12 +1413,19 @@ impl Exchange {
                         usage_added: self.usage_added,
                         metrics: self.core.metrics.clone(),
                     };
+                    let mut segment = Segment {
+                        step: current,
+                        span,
+                        started,
+                        fell_back,
+                        settled: false,
+                    };
                     for event in prefix {
-                        if !pump.forward(event).await {
+                        if !self.relay(&mut pump, &mut segment, event).await {
                             return;
                         }
                     }
-                    self.pump(pump, current, body, parser, lease, rest).await;
+                    self.pump(pump, segment, body, parser, lease, rest).await;
                 });
                 let body = ChannelBody::new(rx).boxed_unsync();
                 Committed {
@@ -939,12 +1438,62 @@ impl Exchange {
         }
     }
 
+    /// A stream part ended well: its target answered, its usage is billed.
+    fn finish_segment(&self, segment: &mut Segment, pump: &mut Pump) {
+        if std::mem::replace(&mut segment.settled, true) {
+            return;
+        }
+        lock(&self.outcome).complete = true;
+        let target = segment.step.target();
+        let tally = &target.metrics(&self.core.metrics).stats.tally;
+        let counter = if segment.fell_back {
+            &tally.fallbacks
+        } else {
+            &tally.successes
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut reported = std::mem::take(&mut pump.state.reported);
+        if otel::record_content() {
+            reported.content = Some(cut(&pump.state.text[pump.state.segment_start..]));
+        }
+        self.settle(
+            target,
+            &segment.step.route,
+            &segment.span,
+            segment.started,
+            reported,
+        );
+    }
+
+    /// Forwards one event; a `[DONE]` settles the part first, so the answer is billed before
+    /// the client can see its end.
+    async fn relay(&self, pump: &mut Pump, segment: &mut Segment, event: RawEvent) -> bool {
+        if !segment.settled && event.data.as_deref().is_some_and(|d| d.trim() == "[DONE]") {
+            self.finish_segment(segment, pump);
+        }
+        pump.forward(event).await
+    }
+
+    /// A stream part broke: its target failed this request.
+    fn break_segment(&self, segment: Segment, why: &'static str) {
+        let tally = &segment
+            .step
+            .target()
+            .metrics(&self.core.metrics)
+            .stats
+            .tally;
+        tally
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        fail_span(&segment.span, why, None);
+    }
+
     /// Streams the committed answer to its end; continues it elsewhere or ends it with an error
     /// event when the upstream stream breaks.
     async fn pump(
         self,
         mut pump: Pump,
-        mut current: Step,
+        mut segment: Segment,
         mut body: Incoming,
         mut parser: SseParser,
         mut lease: Option<Lease>,
@@ -963,8 +1512,12 @@ impl Exchange {
                             continue;
                         };
                         for event in parser.push(&data) {
-                            if !pump.forward(event).await {
-                                return; // the client went away
+                            if !self.relay(&mut pump, &mut segment, event).await {
+                                // The client went away.
+                                if !segment.settled {
+                                    fail_span(&segment.span, "client_cancelled", None);
+                                }
+                                return;
                             }
                         }
                         if pump.state.failed.is_some() {
@@ -973,19 +1526,18 @@ impl Exchange {
                     }
                     Ok(None) => {
                         if let Some(event) = parser.finish() {
-                            let _ = pump.forward(event).await;
+                            let _ = self.relay(&mut pump, &mut segment, event).await;
                         }
-                        if pump.state.done {
+                        if pump.state.done || pump.state.finished {
                             if let Some(lease) = lease.take() {
                                 lease.release();
                             }
-                            return;
-                        }
-                        if pump.state.finished {
-                            // Complete but for the terminator: finalise it.
-                            pump.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                            if let Some(lease) = lease.take() {
-                                lease.release();
+                            // Billed before the last bytes go out: the request's log line and
+                            // metrics are written when the client has read them.
+                            self.finish_segment(&mut segment, &mut pump);
+                            if !pump.state.done {
+                                // Complete but for the terminator: finalise it.
+                                pump.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
                             }
                             return;
                         }
@@ -994,12 +1546,14 @@ impl Exchange {
                 }
             };
             drop(lease.take());
-            let t = current.target();
+            let t = segment.step.target();
             tracing::warn!(provider = %t.provider.name, model = %t.model, reason = %broken, sent_chars = pump.state.text.len(), "committed stream broke");
             self.core
                 .health
                 .record_failure(t, Instant::now(), &self.snapshot.resilience.breaker);
             let original = format!("{}/{}: {broken}", t.provider.name, t.model);
+            self.break_segment(segment, "stream_interrupted");
+            pump.state.reported = Reported::default();
 
             // Continue the answer on the next target that accepts an assistant prefill.
             let mut continued = None;
@@ -1008,14 +1562,19 @@ impl Exchange {
                 if !step.target().supports_prefill || Instant::now() >= self.deadline {
                     continue;
                 }
-                if self.core.health.admit(step.target(), Instant::now(), false)
-                    == Admission::Rejected
-                {
+                let admission = self.core.health.admit(step.target(), Instant::now(), false);
+                if admission == Admission::Rejected {
                     continue;
                 }
+                let span = self.attempt_span(
+                    &step,
+                    AttemptKind::Continuation,
+                    Some("stream_interrupted"),
+                    admission,
+                );
                 let started = Instant::now();
                 match self
-                    .attempt(step.target(), Some(&pump.state.text), false)
+                    .attempt(step.target(), Some(&pump.state.text), false, &span)
                     .await
                 {
                     Ok(Answer::Stream {
@@ -1030,12 +1589,26 @@ impl Exchange {
                             started.elapsed(),
                             Some(started.elapsed()),
                         );
-                        continued = Some((step, body, parser, prefix, l));
+                        step.target()
+                            .metrics(&self.core.metrics)
+                            .stats
+                            .tally
+                            .requests
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let next = Segment {
+                            step,
+                            span,
+                            started,
+                            fell_back: true,
+                            settled: false,
+                        };
+                        continued = Some((next, body, parser, prefix, l));
                         break;
                     }
-                    Ok(Answer::Plain(..)) => {}
+                    Ok(Answer::Plain { .. }) => {}
                     Err(err) => {
                         let class = classify(&err.failure);
+                        fail_span(&span, class.label(), None);
                         if class.counts_against_target() {
                             self.core.health.record_failure(
                                 step.target(),
@@ -1047,8 +1620,9 @@ impl Exchange {
                     }
                 }
             }
-            let Some((step, next_body, next_parser, prefix, next_lease)) = continued else {
+            let Some((next, next_body, next_parser, prefix, next_lease)) = continued else {
                 self.core.metrics.record_stream_interruption("error_event");
+                lock(&self.outcome).interrupted = true;
                 let error = json!({
                     "error": {
                         "message": format!("the answer was interrupted and could not be continued: {original}"),
@@ -1062,17 +1636,41 @@ impl Exchange {
             };
             self.core.metrics.record_stream_interruption("continued");
             pump.state.continuing = true;
+            pump.state.segment_start = pump.state.text.len();
+            segment = next;
             for event in prefix {
-                if !pump.forward(event).await {
+                if !self.relay(&mut pump, &mut segment, event).await {
                     return;
                 }
             }
-            current = step;
             body = next_body;
             parser = next_parser;
             lease = next_lease;
         }
     }
+}
+
+/// One target's part of a committed stream: its span, and when its attempt started.
+struct Segment {
+    step: Step,
+    span: tracing::Span,
+    started: Instant,
+    /// This part answers after another target failed.
+    fell_back: bool,
+    /// Billed and counted already.
+    settled: bool,
+}
+
+/// Marks an attempt span failed; `why` is a failure class, never provider text.
+fn fail_span(span: &tracing::Span, why: &'static str, status: Option<u16>) {
+    if span.is_disabled() {
+        return;
+    }
+    span.set_attribute("error.type", why);
+    if let Some(status) = status {
+        span.set_attribute("http.response.status_code", i64::from(status));
+    }
+    span.set_status(opentelemetry::trace::Status::error(why));
 }
 
 /// What the sidecar has seen of a committed stream.
@@ -1085,6 +1683,10 @@ struct StreamState {
     failed: Option<String>,
     /// Forwarding a continuation: its role chunk is not repeated to the client.
     continuing: bool,
+    /// Where the current part's text starts in `text`.
+    segment_start: usize,
+    /// What the current part reported: usage, model, finish reasons.
+    reported: Reported,
 }
 
 struct Pump {
@@ -1118,14 +1720,32 @@ impl Pump {
                 self.state.failed = Some(format!("the provider sent an error in the stream: {e}"));
                 true
             }
-            Chunk::UsageOnly(_) if self.usage_added => true,
-            Chunk::UsageOnly(_) => self.send(event.raw).await,
+            Chunk::UsageOnly { usage, model } => {
+                self.state.reported.usage = Usage::from_json(&usage);
+                if model.is_some() {
+                    self.state.reported.model = model;
+                }
+                if self.usage_added {
+                    return true;
+                }
+                self.send(event.raw).await
+            }
             Chunk::Content {
                 text,
                 finish_reason,
                 substantive,
-                ..
+                usage,
+                model,
             } => {
+                if let Some(usage) = usage.as_ref().and_then(Usage::from_json) {
+                    self.state.reported.usage = Some(usage);
+                }
+                if model.is_some() {
+                    self.state.reported.model = model;
+                }
+                if let Some(reason) = &finish_reason {
+                    self.state.reported.finish_reasons.push(reason.clone());
+                }
                 if self.state.continuing && !substantive {
                     return true;
                 }

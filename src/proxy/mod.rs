@@ -22,15 +22,21 @@ use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
 use crate::errors::SidecarError;
 use crate::openai::{self, RequestBody};
 use crate::routing::rollout::{self, Decision};
-use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels};
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
+use crate::telemetry::{otel, ACCESS_TARGET};
 use body::{full, Observed, OnFinish, ProxyBody};
-use execute::{Core, Exchange};
+use execute::{Core, Exchange, SharedOutcome};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use upstream::{Lease, UpstreamError};
 
 pub use crate::config::{HEADER_PATH, HEADER_PROVIDER, HEADER_ROUTE, HEADER_UPSTREAM_MODEL};
 pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-llm-sidecar-reason");
 pub const HEADER_GENERATION: HeaderName =
     HeaderName::from_static("x-llm-sidecar-config-generation");
+/// The id of the request's trace, when it is exported: paste it into Jaeger's search.
+pub const HEADER_TRACE_ID: HeaderName = HeaderName::from_static("x-llm-sidecar-trace-id");
 const OWN_HEADER_PREFIX: &str = "x-llm-sidecar-";
 
 /// Headers that belong to one hop only.
@@ -81,11 +87,18 @@ struct Record {
     provider: Option<Arc<str>>,
     path: &'static str,
     /// The answering target's metric handles: a successful request needs no label lookup.
-    target: Option<Arc<crate::telemetry::metrics::TargetMetrics>>,
+    target: Option<Arc<TargetMetrics>>,
     status: u16,
     start: Instant,
     /// The upstream connection, returned to the pool only when the body was read to the end.
     lease: Option<Lease>,
+    /// Counted in the `/stats` totals: model calls and pass-through calls.
+    counted: bool,
+    /// What the exchange found out: attempts, failover, usage and cost.
+    outcome: Option<SharedOutcome>,
+    /// The SERVER span (disabled without tracing); it ends with the response body.
+    span: tracing::Span,
+    trace_id: Option<String>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -105,41 +118,184 @@ impl OnFinish for Record {
             path,
             status,
             target,
+            counted,
+            outcome,
+            span,
+            trace_id,
             ..
         } = *self;
-        if let (Some(target), 200) = (&target, status) {
-            target.duration.observe(elapsed.as_secs_f64());
-            target.requests_ok.inc();
-            metrics.in_flight.dec();
-            return;
+        let mut out = execute::Outcome::default();
+        if let Some(shared) = &outcome {
+            std::mem::swap(&mut *execute::lock(shared), &mut out);
         }
-        // The labels are moved from one lookup to the next: cloning shared Arcs on every request
-        // makes their counts bounce between cores.
-        let (route, provider, path) = match target {
-            Some(t) => (t.route.clone(), t.provider.clone(), t.path),
-            None => (
-                route.unwrap_or_else(|| metrics.none_label.clone()),
-                provider.unwrap_or_else(|| metrics.none_label.clone()),
-                path,
-            ),
+        let success = (200..300).contains(&status);
+        let label = if success && out.interrupted {
+            "interrupted"
+        } else if success && !completed && !out.complete {
+            "cancelled"
+        } else if success && out.fell_back {
+            "fallback"
+        } else if success {
+            "success"
+        } else if outcome.is_some() && out.attempts > 0 {
+            "upstream_error"
+        } else if route.is_some() {
+            // A pass-through call the provider refused.
+            "upstream_error"
+        } else {
+            "rejected"
         };
-        let duration = DurationLabels { route, provider };
-        metrics
-            .request_duration
-            .get_or_create(&duration)
-            .observe(elapsed.as_secs_f64());
-        let DurationLabels { route, provider } = duration;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route,
-                provider,
-                path,
-                status,
-            })
-            .inc();
+        let seconds = elapsed.as_secs_f64();
+        let answered_by = target.as_ref().filter(|_| success);
+        if let Some(t) = answered_by {
+            t.stats.tally.latency.record(elapsed);
+            if let Some(ttft) = out.ttft {
+                t.ttft.observe(ttft.as_secs_f64());
+            }
+        }
+        match (answered_by, status, label) {
+            (Some(t), 200, "success") => {
+                t.duration.observe(seconds);
+                t.requests_ok.inc();
+            }
+            (Some(t), 200, "fallback") => {
+                t.duration.observe(seconds);
+                t.requests_fallback.inc();
+            }
+            _ => {
+                let who = target.as_ref().or(out.last.as_ref());
+                let (route, provider, model, path) = match who {
+                    Some(t) => (t.route.clone(), t.provider.clone(), t.model.clone(), t.path),
+                    None => (
+                        route.unwrap_or_else(|| metrics.none_label.clone()),
+                        provider.unwrap_or_else(|| metrics.none_label.clone()),
+                        metrics.none_label.clone(),
+                        path,
+                    ),
+                };
+                let duration = DurationLabels {
+                    route,
+                    provider,
+                    model,
+                };
+                metrics
+                    .request_duration
+                    .get_or_create(&duration)
+                    .observe(seconds);
+                let DurationLabels {
+                    route,
+                    provider,
+                    model,
+                } = duration;
+                metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route,
+                        provider,
+                        model,
+                        path,
+                        status,
+                        outcome: label,
+                    })
+                    .inc();
+            }
+        }
+        if counted {
+            let total = &metrics.stats.total;
+            total.requests.fetch_add(1, Relaxed);
+            match label {
+                "success" => total.successes.fetch_add(1, Relaxed),
+                "fallback" => total.fallbacks.fetch_add(1, Relaxed),
+                _ => total.failures.fetch_add(1, Relaxed),
+            };
+            total.latency.record(elapsed);
+            if out.usage.is_some() || (success && outcome.is_some()) {
+                total.add_usage(out.usage, out.bill);
+            }
+        }
+        let who = target.as_ref().or(out.last.as_ref());
+        let savings = out.bill.savings();
+        tracing::info!(
+            target: ACCESS_TARGET,
+            route = who.map(|t| t.route.as_ref()),
+            path = who.map(|t| t.path),
+            provider = who.map(|t| t.provider.as_ref()),
+            model = who.map(|t| t.model.as_ref()),
+            status,
+            outcome = label,
+            attempts = out.attempts,
+            fallbacks = out.fallbacks,
+            duration_ms = (seconds * 1000.0 * 1000.0).round() / 1000.0,
+            input_tokens = out.usage.map(|u| u.input),
+            output_tokens = out.usage.map(|u| u.output),
+            cost_usd = out.bill.cost.map(round_usd),
+            savings_usd = savings.map(round_usd),
+            trace_id = trace_id.as_deref(),
+            "request"
+        );
+        if !span.is_disabled() {
+            span.set_attribute("http.response.status_code", i64::from(status));
+            span.set_attribute("llm_sidecar.outcome", label);
+            span.set_attribute("llm_sidecar.attempts", i64::from(out.attempts));
+            span.set_attribute("llm_sidecar.fallbacks", i64::from(out.fallbacks));
+            span.set_attribute("llm_sidecar.fallback", out.fell_back);
+            if let Some(t) = who {
+                span.set_attribute("llm_sidecar.route", t.route.to_string());
+                span.set_attribute("llm_sidecar.provider", t.provider.to_string());
+                span.set_attribute("llm_sidecar.path", t.path);
+            }
+            if let Some(cost) = out.bill.cost {
+                span.set_attribute("llm_sidecar.cost_usd", cost);
+            }
+            if !matches!(label, "success" | "fallback") {
+                span.set_attribute("error.type", label);
+                span.set_status(opentelemetry::trace::Status::error(label));
+            }
+        }
+        drop(span);
         metrics.in_flight.dec();
     }
+}
+
+/// USD to the nano-dollar, so a log line shows 0.00001433 rather than float noise.
+fn round_usd(usd: f64) -> f64 {
+    (usd * 1e9).round() / 1e9
+}
+
+/// The trace id of an incoming W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+fn incoming_trace_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let id = value.get(3..35)?;
+    (value.len() >= 55 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != ZERO_TRACE_ID)
+        .then(|| id.to_ascii_lowercase())
+}
+
+const ZERO_TRACE_ID: &str = "00000000000000000000000000000000";
+
+/// The SERVER span of a request: a child of the app's span when it sent `traceparent`.
+fn server_span(req: &Request<Incoming>) -> tracing::Span {
+    let route: &'static str = match req.uri().path() {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
+        "/v1/models" => "/v1/models",
+        p if p.starts_with("/v1/models/") => "/v1/models/{model}",
+        _ => "",
+    };
+    let method = req.method().as_str();
+    let span = tracing::info_span!(
+        target: otel::SPAN_TARGET,
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+    );
+    span.set_attribute("http.request.method", method.to_string());
+    if !route.is_empty() {
+        span.set_attribute("http.route", route);
+    }
+    span.set_attribute("url.path", req.uri().path().to_string());
+    otel::adopt_remote_parent(&span, req.headers());
+    span
 }
 
 impl Proxy {
@@ -158,6 +314,13 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         self.metrics.in_flight.inc();
+        let (span, trace_id) = if otel::enabled() {
+            let span = server_span(&req);
+            let id = otel::trace_id(&span);
+            (span, id)
+        } else {
+            (tracing::Span::none(), incoming_trace_id(req.headers()))
+        };
         let mut record = Record {
             metrics: self.metrics.clone(),
             route: None,
@@ -167,6 +330,10 @@ impl Proxy {
             status: 0,
             start: Instant::now(),
             lease: None,
+            counted: false,
+            outcome: None,
+            span,
+            trace_id,
             _permit: None,
         };
         let response = match self.in_flight.clone().try_acquire_owned() {
@@ -181,6 +348,16 @@ impl Proxy {
             err.into_response()
         });
         record.status = response.status().as_u16();
+        let mut response = response;
+        if !record.span.is_disabled() {
+            if let Some(value) = record
+                .trace_id
+                .as_deref()
+                .and_then(|id| HeaderValue::from_str(id).ok())
+            {
+                response.headers_mut().insert(HEADER_TRACE_ID, value);
+            }
+        }
         Ok(response.map(|body| Observed::new(body, Box::new(record)).boxed_unsync()))
     }
 
@@ -205,9 +382,13 @@ impl Proxy {
                 if req.method() != Method::POST {
                     return Err(method_not_allowed(&req));
                 }
+                record.counted = true;
                 self.forward(req, record, true).await
             }
-            _ => self.forward(req, record, false).await,
+            _ => {
+                record.counted = true;
+                self.forward(req, record, false).await
+            }
         }
     }
 
@@ -412,6 +593,8 @@ impl Proxy {
             .guard
             .is_tripped(&snapshot, tokio::time::Instant::now());
         let decision = decide_side(&snapshot, tripped, &parts.headers, Some(&parsed));
+        let outcome: SharedOutcome = Default::default();
+        record.outcome = Some(outcome.clone());
         // Shadow: decided now, launched only if the primary answer is a success.
         let shadow = crate::shadow::Shadows::picked(&snapshot, parts.uri.path()).then(|| {
             (
@@ -432,6 +615,8 @@ impl Proxy {
             bytes.clone(),
             &parsed,
             route,
+            record.span.clone(),
+            outcome,
         );
         let committed = exchange.run().await?;
         let target = committed.route.target(committed.side);

@@ -77,7 +77,10 @@ pub enum Chunk {
     /// An error object sent in the stream by the provider.
     Error(Value),
     /// A chunk with no choices and usage: the `include_usage` chunk.
-    UsageOnly(Value),
+    UsageOnly {
+        usage: Value,
+        model: Option<String>,
+    },
     Content {
         /// Text added by this chunk (delta content or legacy text).
         text: String,
@@ -85,6 +88,8 @@ pub enum Chunk {
         /// The chunk carries an answer (text, tool calls or a finish), not just the role.
         substantive: bool,
         usage: Option<Value>,
+        /// The answering model, read only from a chunk that finishes or carries usage.
+        model: Option<String>,
     },
 }
 
@@ -102,15 +107,25 @@ pub fn inspect(data: &str) -> Chunk {
         return Chunk::Error(error.clone());
     }
     let usage = value.get("usage").filter(|u| u.is_object()).cloned();
+    let model = || {
+        value
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let choices = value.get("choices").and_then(Value::as_array);
     let Some(choice) = choices.and_then(|c| c.first()) else {
         return match usage {
-            Some(u) => Chunk::UsageOnly(u),
+            Some(usage) => Chunk::UsageOnly {
+                usage,
+                model: model(),
+            },
             None => Chunk::Content {
                 text: String::new(),
                 finish_reason: None,
                 substantive: false,
                 usage: None,
+                model: None,
             },
         };
     };
@@ -132,11 +147,17 @@ pub fn inspect(data: &str) -> Chunk {
         .get("finish_reason")
         .and_then(Value::as_str)
         .map(str::to_string);
+    let model = if finish_reason.is_some() || usage.is_some() {
+        model()
+    } else {
+        None
+    };
     Chunk::Content {
         substantive: !text.is_empty() || tool_calls || reasoning || finish_reason.is_some(),
         text,
         finish_reason,
         usage,
+        model,
     }
 }
 
@@ -189,7 +210,9 @@ mod tests {
             matches!(finish, Chunk::Content { finish_reason: Some(ref f), substantive: true, .. } if f == "stop")
         );
         let usage = inspect(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#);
-        assert!(matches!(usage, Chunk::UsageOnly(ref u) if u["completion_tokens"] == 5));
+        assert!(
+            matches!(usage, Chunk::UsageOnly { usage: ref u, .. } if u["completion_tokens"] == 5)
+        );
         let legacy = inspect(r#"{"choices":[{"text":"Once","index":0}]}"#);
         assert!(matches!(legacy, Chunk::Content { ref text, .. } if text == "Once"));
         assert!(matches!(

@@ -120,6 +120,12 @@ fn tls_config(extra_ca: Option<&Path>) -> std::io::Result<rustls::ClientConfig> 
         .map_err(std::io::Error::other)
 }
 
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").finish_non_exhaustive()
+    }
+}
+
 impl Upstream {
     pub fn new(
         connect_timeout: Duration,

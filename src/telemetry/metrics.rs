@@ -13,14 +13,62 @@ use prometheus_client::registry::{Registry, Unit};
 pub struct RequestLabels {
     pub route: Arc<str>,
     pub provider: Arc<str>,
+    pub model: Arc<str>,
     pub path: &'static str,
     pub status: u16,
+    /// success, fallback, upstream_error, interrupted, rejected.
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DurationLabels {
     pub route: Arc<str>,
     pub provider: Arc<str>,
+    pub model: Arc<str>,
+}
+
+/// A target's labels on token and cost counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub route: Arc<str>,
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub route: Arc<str>,
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    pub path: &'static str,
+    /// input, output, cached_input.
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The provider and model left behind.
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
+    pub reason: &'static str,
+}
+
+/// The OpenTelemetry GenAI client metric attributes, in Prometheus spelling.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiLabels {
+    pub gen_ai_operation_name: &'static str,
+    pub gen_ai_provider_name: Arc<str>,
+    pub gen_ai_request_model: Arc<str>,
+    pub error_type: Option<&'static str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiTokenLabels {
+    pub gen_ai_operation_name: &'static str,
+    pub gen_ai_provider_name: Arc<str>,
+    pub gen_ai_request_model: Arc<str>,
+    pub gen_ai_token_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,21 +102,59 @@ const DURATION_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// The GenAI semantic conventions' token buckets.
+const TOKEN_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+
+type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
+
 /// Shadow minus primary latency, seconds: negative when the shadow side was faster.
 const LATENCY_DELTA_BUCKETS: [f64; 15] = [
     -10.0, -5.0, -2.0, -1.0, -0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
-/// One target's metric handles for successful requests, looked up once per config generation so
-/// a request increments them directly instead of searching the label families.
-#[derive(Debug)]
+/// One target's metric handles, looked up once per config generation so a request increments
+/// them directly instead of searching the label families.
 pub struct TargetMetrics {
     pub route: Arc<str>,
     pub provider: Arc<str>,
+    pub model: Arc<str>,
     pub path: &'static str,
     pub ok_attempts: Counter,
     pub requests_ok: Counter,
+    pub requests_fallback: Counter,
     pub duration: Histogram,
+    pub ttft: Histogram,
+    pub input_tokens: Counter,
+    pub output_tokens: Counter,
+    pub cached_input_tokens: Counter,
+    pub cost: F64Counter,
+    pub official_cost: F64Counter,
+    pub savings: F64Counter,
+    /// GenAI client metrics, by operation (chat, text_completion, embeddings).
+    pub gen_ai: [std::sync::OnceLock<GenAiHandles>; 3],
+    pub stats: Arc<super::stats::TargetStats>,
+    /// `gen_ai.provider.name`.
+    pub gen_ai_provider: Arc<str>,
+}
+
+/// A target's GenAI client metric handles for one operation.
+pub struct GenAiHandles {
+    pub duration: Histogram,
+    pub input_tokens: Histogram,
+    pub output_tokens: Histogram,
+}
+
+impl std::fmt::Debug for TargetMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetMetrics")
+            .field("route", &self.route)
+            .field("provider", &self.provider)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Metrics {
@@ -83,6 +169,17 @@ pub struct Metrics {
     pub retry_budget_exhausted: Counter,
     pub malformed_chunks: Counter,
     pub stream_interruptions: Family<OutcomeLabels, Counter>,
+    pub ttft: Family<DurationLabels, Histogram>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost: Family<UsageLabels, F64Counter>,
+    pub official_cost: Family<UsageLabels, F64Counter>,
+    pub savings: Family<UsageLabels, F64Counter>,
+    pub fallbacks: Family<FallbackLabels, Counter>,
+    pub usage_missing: Counter,
+    pub gen_ai_duration: Family<GenAiLabels, Histogram>,
+    pub gen_ai_tokens: Family<GenAiTokenLabels, Histogram>,
+    /// `/stats`: totals since start.
+    pub stats: super::stats::Stats,
     /// 1 while the ConfigMap list/watch works, 0 from an error until it works again.
     pub configmap_watch_up: Gauge,
     pub configmap_watch_errors: Family<ReasonLabels, Counter>,
@@ -103,9 +200,22 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn register(registry: &mut Registry) -> Metrics {
-        let registry = registry.sub_registry_with_prefix("llm_sidecar");
+    pub fn register(root: &mut Registry) -> Metrics {
         let metrics = Metrics {
+            ttft: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.iter().copied())),
+            tokens: Family::default(),
+            cost: Family::default(),
+            official_cost: Family::default(),
+            savings: Family::default(),
+            fallbacks: Family::default(),
+            usage_missing: Counter::default(),
+            gen_ai_duration: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            gen_ai_tokens: Family::new_with_constructor(|| {
+                Histogram::new(TOKEN_BUCKETS.iter().copied())
+            }),
+            stats: Default::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(|| {
                 Histogram::new(DURATION_BUCKETS.iter().copied())
@@ -134,9 +244,74 @@ impl Metrics {
             shadow_equivalence_rate: Gauge::default(),
             none_label: Arc::from("none"),
         };
+        // The OpenTelemetry GenAI client metrics keep their own names, without our prefix.
+        root.register_with_unit(
+            "gen_ai_client_operation_duration",
+            "GenAI operation duration (gen_ai.client.operation.duration): each upstream call that answered or failed",
+            Unit::Seconds,
+            metrics.gen_ai_duration.clone(),
+        );
+        root.register(
+            "gen_ai_client_token_usage",
+            "Tokens used per GenAI operation (gen_ai.client.token.usage), by gen_ai_token_type input or output",
+            metrics.gen_ai_tokens.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("llm_sidecar");
+        registry.register_with_unit(
+            "time_to_first_token",
+            "Streams: time from the request to the first content chunk of the answer",
+            Unit::Seconds,
+            metrics.ttft.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens the providers reported, by target and type (input, output, cached_input)",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "What the answers cost in USD at their target's price (priced targets only)",
+            metrics.cost.clone(),
+        );
+        registry.register(
+            "official_cost_usd",
+            "What the same answers would have cost in USD at their route's official price",
+            metrics.official_cost.clone(),
+        );
+        registry.register(
+            "savings_usd",
+            "Official price minus price paid, in USD, for answers where both prices are known",
+            metrics.savings.clone(),
+        );
+        registry.register(
+            "fallbacks",
+            "Moves from a failed target to the next one, by the target left and the reason",
+            metrics.fallbacks.clone(),
+        );
+        registry.register(
+            "usage_missing",
+            "Answers whose provider reported no token usage (no tokens or cost counted)",
+            metrics.usage_missing.clone(),
+        );
+        let export = &*super::otel::EXPORT;
+        registry.register(
+            "trace_spans_exported",
+            "Spans exported to the OTLP collector",
+            export.exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped because the export queue was full (the collector is slow or down)",
+            export.dropped.clone(),
+        );
+        registry.register(
+            "trace_spans_failed",
+            "Spans lost because their export failed or timed out",
+            export.failed.clone(),
+        );
         registry.register(
             "requests",
-            "Requests answered, by route, provider, path (relay/official) and HTTP status",
+            "Requests answered, by route, provider, model, path (relay/official), HTTP status and outcome (success, fallback, upstream_error, interrupted, rejected)",
             metrics.requests.clone(),
         );
         registry.register_with_unit(
@@ -253,36 +428,112 @@ impl Metrics {
         &self,
         route: &Arc<str>,
         provider: &Arc<str>,
+        model: &Arc<str>,
         path: &'static str,
     ) -> TargetMetrics {
-        TargetMetrics {
-            ok_attempts: self
-                .attempts
-                .get_or_create(&AttemptLabels {
-                    provider: provider.clone(),
-                    outcome: "ok",
-                })
-                .clone(),
-            requests_ok: self
-                .requests
-                .get_or_create(&RequestLabels {
-                    route: route.clone(),
-                    provider: provider.clone(),
-                    path,
-                    status: 200,
-                })
-                .clone(),
-            duration: self
-                .request_duration
-                .get_or_create(&DurationLabels {
-                    route: route.clone(),
-                    provider: provider.clone(),
-                })
-                .clone(),
+        let usage = UsageLabels {
             route: route.clone(),
             provider: provider.clone(),
+            model: model.clone(),
+            path,
+        };
+        let request = |outcome| RequestLabels {
+            route: route.clone(),
+            provider: provider.clone(),
+            model: model.clone(),
+            path,
+            status: 200,
+            outcome,
+        };
+        let duration = DurationLabels {
+            route: route.clone(),
+            provider: provider.clone(),
+            model: model.clone(),
+        };
+        let tokens = |r#type| {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    route: route.clone(),
+                    provider: provider.clone(),
+                    model: model.clone(),
+                    path,
+                    r#type,
+                })
+                .clone()
+        };
+        // One statement per handle: a family's read guard lives to the end of its statement, and
+        // two lookups of one family in one statement would wait on each other.
+        let ok_attempts = self
+            .attempts
+            .get_or_create(&AttemptLabels {
+                provider: provider.clone(),
+                outcome: "ok",
+            })
+            .clone();
+        let requests_ok = self.requests.get_or_create(&request("success")).clone();
+        let requests_fallback = self.requests.get_or_create(&request("fallback")).clone();
+        let input_tokens = tokens("input");
+        let output_tokens = tokens("output");
+        let cached_input_tokens = tokens("cached_input");
+        let request_duration = self.request_duration.get_or_create(&duration).clone();
+        let ttft = self.ttft.get_or_create(&duration).clone();
+        let cost = self.cost.get_or_create(&usage).clone();
+        let official_cost = self.official_cost.get_or_create(&usage).clone();
+        let savings = self.savings.get_or_create(&usage).clone();
+        TargetMetrics {
+            ok_attempts,
+            requests_ok,
+            requests_fallback,
+            duration: request_duration,
+            ttft,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            cost,
+            official_cost,
+            savings,
+            gen_ai: Default::default(),
+            stats: self.stats.target(route, provider, model, path),
+            gen_ai_provider: Arc::from(super::gen_ai_provider_name(provider)),
+            route: route.clone(),
+            provider: provider.clone(),
+            model: model.clone(),
             path,
         }
+    }
+
+    /// A target's GenAI handles for `operation`, created on first use.
+    pub fn gen_ai<'a>(
+        &self,
+        target: &'a TargetMetrics,
+        operation: super::Operation,
+    ) -> &'a GenAiHandles {
+        let provider_name = &target.gen_ai_provider;
+        target.gen_ai[operation as usize].get_or_init(|| {
+            let token = |gen_ai_token_type| {
+                self.gen_ai_tokens
+                    .get_or_create(&GenAiTokenLabels {
+                        gen_ai_operation_name: operation.name(),
+                        gen_ai_provider_name: provider_name.clone(),
+                        gen_ai_request_model: target.model.clone(),
+                        gen_ai_token_type,
+                    })
+                    .clone()
+            };
+            GenAiHandles {
+                duration: self
+                    .gen_ai_duration
+                    .get_or_create(&GenAiLabels {
+                        gen_ai_operation_name: operation.name(),
+                        gen_ai_provider_name: provider_name.clone(),
+                        gen_ai_request_model: target.model.clone(),
+                        error_type: None,
+                    })
+                    .clone(),
+                input_tokens: token("input"),
+                output_tokens: token("output"),
+            }
+        })
     }
 
     pub fn record_attempt(&self, provider: &Arc<str>, outcome: &'static str) {

@@ -1,0 +1,173 @@
+//! What a call cost: the usage a provider reported, priced at the answering target's price, and
+//! what the same usage would have cost at the route's official price.
+
+use serde_json::Value;
+
+use crate::config::Price;
+
+/// Tokens a provider reported for one answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+    /// Input tokens served from the provider's prompt cache (a part of `input`).
+    pub cached_input: u64,
+}
+
+impl Usage {
+    /// Reads an OpenAI-style `usage` object: `prompt_tokens`, `completion_tokens` (absent for
+    /// embeddings) and cached input as OpenAI (`prompt_tokens_details.cached_tokens`) or
+    /// DeepSeek (`prompt_cache_hit_tokens`) report it.
+    pub fn from_json(usage: &Value) -> Option<Usage> {
+        let input = usage.get("prompt_tokens")?.as_u64()?;
+        let output = usage
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let cached_input = usage
+            .pointer("/prompt_tokens_details/cached_tokens")
+            .and_then(Value::as_u64)
+            .or_else(|| usage.get("prompt_cache_hit_tokens").and_then(Value::as_u64))
+            .unwrap_or(0)
+            .min(input);
+        Some(Usage {
+            input,
+            output,
+            cached_input,
+        })
+    }
+
+    pub fn add(&mut self, other: Usage) {
+        self.input += other.input;
+        self.output += other.output;
+        self.cached_input += other.cached_input;
+    }
+}
+
+impl Price {
+    /// USD for `usage`; cached input at the cached price when the target has one.
+    pub fn cost(&self, usage: Usage) -> f64 {
+        let cached = usage.cached_input.min(usage.input);
+        let fresh = usage.input - cached;
+        let cached_price = self.cached_input.unwrap_or(self.input);
+        (fresh as f64 * self.input
+            + cached as f64 * cached_price
+            + usage.output as f64 * self.output)
+            / 1_000_000.0
+    }
+}
+
+/// The price of one answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Bill {
+    /// USD paid; `None` when the answering target has no price.
+    pub cost: Option<f64>,
+    /// USD the same usage costs at the route's official price; `None` without one.
+    pub official: Option<f64>,
+}
+
+impl Bill {
+    pub fn new(usage: Usage, paid: Option<&Price>, official: Option<&Price>) -> Bill {
+        Bill {
+            cost: paid.map(|p| p.cost(usage)),
+            official: official.map(|p| p.cost(usage)),
+        }
+    }
+
+    /// Official price minus what was paid, when both are known.
+    pub fn savings(&self) -> Option<f64> {
+        Some(self.official? - self.cost?)
+    }
+
+    pub fn add(&mut self, other: Bill) {
+        fn sum(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+            match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+            }
+        }
+        self.cost = sum(self.cost, other.cost);
+        self.official = sum(self.official, other.official);
+    }
+}
+
+/// A USD amount for a header or a log line: up to 9 decimals, no trailing zeros.
+pub fn format_usd(usd: f64) -> String {
+    let text = format!("{usd:.9}");
+    let text = text.trim_end_matches('0');
+    text.strip_suffix('.').unwrap_or(text).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn playbook_prices() {
+        // The migration playbook: relay DeepSeek V3.2 $0.21 / $0.42, official $0.50 / $1.50.
+        let relay = Price {
+            input: 0.21,
+            output: 0.42,
+            cached_input: None,
+        };
+        let official = Price {
+            input: 0.50,
+            output: 1.50,
+            cached_input: None,
+        };
+        let usage = Usage {
+            input: 1_000_000,
+            output: 1_000_000,
+            cached_input: 0,
+        };
+        let bill = Bill::new(usage, Some(&relay), Some(&official));
+        assert!((bill.cost.unwrap() - 0.63).abs() < 1e-12);
+        assert!((bill.savings().unwrap() - 1.37).abs() < 1e-12);
+        // Output alone: 0.42 against 1.50 is the playbook's 72 % discount.
+        let out = Usage {
+            input: 0,
+            output: 1_000_000,
+            cached_input: 0,
+        };
+        let b = Bill::new(out, Some(&relay), Some(&official));
+        assert!((1.0 - b.cost.unwrap() / b.official.unwrap() - 0.72).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cached_input_is_billed_at_the_cached_price() {
+        let price = Price {
+            input: 1.0,
+            output: 2.0,
+            cached_input: Some(0.1),
+        };
+        let usage = Usage::from_json(&json!({
+            "prompt_tokens": 1000, "completion_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 800}
+        }))
+        .unwrap();
+        assert_eq!(usage.cached_input, 800);
+        let expected = (200.0 * 1.0 + 800.0 * 0.1 + 10.0 * 2.0) / 1e6;
+        assert!((price.cost(usage) - expected).abs() < 1e-15);
+        let deepseek = Usage::from_json(&json!({
+            "prompt_tokens": 50, "completion_tokens": 5, "prompt_cache_hit_tokens": 40
+        }))
+        .unwrap();
+        assert_eq!(deepseek.cached_input, 40);
+    }
+
+    #[test]
+    fn embeddings_and_missing_usage() {
+        let u = Usage::from_json(&json!({"prompt_tokens": 8, "total_tokens": 8})).unwrap();
+        assert_eq!((u.input, u.output), (8, 0));
+        assert_eq!(Usage::from_json(&json!(null)), None);
+        assert_eq!(Bill::new(u, None, None).savings(), None);
+    }
+
+    #[test]
+    fn usd_text() {
+        assert_eq!(format_usd(0.00063), "0.00063");
+        assert_eq!(format_usd(1.0), "1");
+        assert_eq!(format_usd(0.0), "0");
+    }
+}

@@ -1,0 +1,601 @@
+//! OpenTelemetry traces over OTLP, configured by the standard `OTEL_*` variables.
+//!
+//! Spans are `tracing` spans with the target [`SPAN_TARGET`], turned into OpenTelemetry spans by
+//! `tracing-opentelemetry` and exported by a bounded queue of our own: a request only ever does a
+//! non-blocking push; a full queue drops the span and counts it; exports run on the runtime with
+//! a timeout, so a slow or unreachable collector never slows or breaks a request. With no OTLP
+//! endpoint set, no span is ever created (the request path checks [`enabled`] first).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full, Limited};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::Resource;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{mpsc, oneshot};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::settings::{Env, ENV_POD_NAME, ENV_POD_NAMESPACE};
+
+/// The target of every span the sidecar exports; nothing else is exported.
+pub const SPAN_TARGET: &str = "llm_sidecar::otel";
+/// The Downward API variable with the node name (`fieldRef: spec.nodeName`).
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// `true` records message content (prompts and answers) on attempt spans; off by default.
+pub const ENV_TRACE_CONTENT: &str = "LLM_SIDECAR_TRACE_CONTENT";
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static RECORD_CONTENT: AtomicBool = AtomicBool::new(false);
+
+/// True when `LLM_SIDECAR_TRACE_CONTENT=true` asked for message content on attempt spans.
+pub fn record_content() -> bool {
+    RECORD_CONTENT.load(Ordering::Relaxed)
+}
+
+/// True once trace export is set up: the request path builds spans only then.
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Span export counters, registered on `/metrics` by [`crate::telemetry::metrics::Metrics`].
+pub struct ExportCounters {
+    pub exported: Counter,
+    pub dropped: Counter,
+    pub failed: Counter,
+}
+
+pub static EXPORT: LazyLock<ExportCounters> = LazyLock::new(|| ExportCounters {
+    exported: Counter::default(),
+    dropped: Counter::default(),
+    failed: Counter::default(),
+});
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// What the `OTEL_*` variables ask for; `None` from [`from_env`] means tracing is off.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtelSettings {
+    pub protocol: Protocol,
+    /// For the start-up log line; the exporter reads the variables itself.
+    pub endpoint: String,
+    pub timeout: Duration,
+    pub max_queue_size: usize,
+    pub max_export_batch_size: usize,
+    pub schedule_delay: Duration,
+    /// Resource attributes from the Downward API: `k8s.pod.name`, `k8s.namespace.name`, ...
+    pub k8s_attributes: Vec<(&'static str, String)>,
+    pub record_content: bool,
+}
+
+fn nonempty(env: &dyn Env, key: &str) -> Option<String> {
+    env.get(key)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Reads the standard variables. Tracing is on when an OTLP endpoint is set
+/// (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`), unless
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+pub fn from_env(env: &dyn Env, errors: &mut Vec<String>) -> Option<OtelSettings> {
+    if nonempty(env, "OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    match nonempty(env, "OTEL_TRACES_EXPORTER").as_deref() {
+        None | Some("otlp") => {}
+        Some("none") => return None,
+        Some(other) => {
+            errors.push(format!(
+                "OTEL_TRACES_EXPORTER={other:?}: only `otlp` and `none` are supported"
+            ));
+            return None;
+        }
+    }
+    let endpoint = nonempty(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| nonempty(env, "OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+    let protocol_var = if env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").is_some() {
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    } else {
+        "OTEL_EXPORTER_OTLP_PROTOCOL"
+    };
+    let protocol = match nonempty(env, protocol_var).as_deref() {
+        None | Some("http/protobuf") => Protocol::HttpProtobuf,
+        Some("grpc") => Protocol::Grpc,
+        Some(other) => {
+            errors.push(format!(
+                "{protocol_var}={other:?}: expected `grpc` or `http/protobuf`"
+            ));
+            Protocol::HttpProtobuf
+        }
+    };
+    match endpoint.parse::<http::Uri>() {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http") | Some("https")) => {
+            if protocol == Protocol::Grpc && uri.scheme_str() == Some("https") {
+                errors.push(format!(
+                    "OTLP endpoint {endpoint:?}: gRPC export is plaintext only; use an http:// endpoint (a node-local collector) or OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf for https"
+                ));
+            }
+        }
+        _ => errors.push(format!(
+            "OTLP endpoint {endpoint:?}: expected an http:// or https:// URL"
+        )),
+    }
+    let millis = |key: &str, default: u64, errors: &mut Vec<String>| -> u64 {
+        match nonempty(env, key).map(|v| v.parse::<u64>()) {
+            None => default,
+            Some(Ok(v)) => v,
+            Some(Err(_)) => {
+                errors.push(format!("{key}: expected a whole number"));
+                default
+            }
+        }
+    };
+    let timeout_key = if env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT").is_some() {
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+    } else {
+        "OTEL_EXPORTER_OTLP_TIMEOUT"
+    };
+    let timeout = Duration::from_millis(millis(timeout_key, 10_000, errors).max(1));
+    let max_queue_size = millis("OTEL_BSP_MAX_QUEUE_SIZE", 2048, errors).max(1) as usize;
+    let max_export_batch_size =
+        (millis("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, errors).max(1) as usize).min(max_queue_size);
+    let schedule_delay = Duration::from_millis(millis("OTEL_BSP_SCHEDULE_DELAY", 5000, errors));
+    check_sampler(env, errors);
+    let k8s_attributes = [
+        ("k8s.pod.name", ENV_POD_NAME),
+        ("k8s.namespace.name", ENV_POD_NAMESPACE),
+        ("k8s.node.name", ENV_NODE_NAME),
+    ]
+    .into_iter()
+    .filter_map(|(key, var)| nonempty(env, var).map(|v| (key, v)))
+    .collect();
+    let record_content = match nonempty(env, ENV_TRACE_CONTENT).as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(other) => {
+            errors.push(format!(
+                "{ENV_TRACE_CONTENT}={other:?}: expected true or false"
+            ));
+            false
+        }
+    };
+    Some(OtelSettings {
+        protocol,
+        endpoint,
+        timeout,
+        max_queue_size,
+        max_export_batch_size,
+        schedule_delay,
+        k8s_attributes,
+        record_content,
+    })
+}
+
+/// The SDK reads `OTEL_TRACES_SAMPLER(_ARG)` itself but falls back silently on a typo: a bad
+/// value is reported here instead, before the process starts.
+fn check_sampler(env: &dyn Env, errors: &mut Vec<String>) {
+    let Some(sampler) = nonempty(env, "OTEL_TRACES_SAMPLER") else {
+        return;
+    };
+    const KNOWN: [&str; 6] = [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+    if !KNOWN.contains(&sampler.as_str()) {
+        errors.push(format!(
+            "OTEL_TRACES_SAMPLER={sampler:?}: expected one of {}",
+            KNOWN.join(", ")
+        ));
+        return;
+    }
+    if sampler.ends_with("traceidratio") {
+        let ratio = nonempty(env, "OTEL_TRACES_SAMPLER_ARG").map(|v| v.parse::<f64>());
+        let valid = match ratio {
+            None => true,
+            Some(Ok(r)) => (0.0..=1.0).contains(&r),
+            Some(Err(_)) => false,
+        };
+        if !valid {
+            errors.push("OTEL_TRACES_SAMPLER_ARG: expected a ratio from 0 to 1".to_string());
+        }
+    }
+}
+
+/// The running export pipeline; [`Tracing::shutdown`] flushes what is queued.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    stop: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+/// Builds the exporter, the queue and the tracer provider. Must run inside the runtime.
+pub fn start(
+    settings: &OtelSettings,
+    connect_timeout: Duration,
+    extra_ca: Option<&std::path::Path>,
+) -> Result<(Tracing, opentelemetry_sdk::trace::Tracer), String> {
+    let mut exporter = match settings.protocol {
+        Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_timeout(settings.timeout)
+            .build(),
+        Protocol::HttpProtobuf => {
+            let upstream = crate::proxy::upstream::Upstream::new(connect_timeout, extra_ca)
+                .map_err(|e| format!("OTLP HTTP client: {e}"))?;
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(OtlpHttpClient {
+                    upstream,
+                    timeout: settings.timeout,
+                })
+                .with_timeout(settings.timeout)
+                .build()
+        }
+    }
+    .map_err(|e| format!("OTLP exporter: {e}"))?;
+
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err()
+        && !std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="))
+    {
+        resource = resource.with_service_name("llm-sidecar");
+    }
+    let resource = resource
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attributes(
+            settings
+                .k8s_attributes
+                .iter()
+                .map(|(k, v)| KeyValue::new(*k, v.clone())),
+        )
+        .build();
+    exporter.set_resource(&resource);
+
+    let (tx, rx) = mpsc::channel(settings.max_queue_size);
+    let (stop, stop_rx) = mpsc::channel(1);
+    tokio::spawn(export_loop(
+        exporter,
+        rx,
+        stop_rx,
+        settings.max_export_batch_size,
+        settings.schedule_delay,
+        settings.timeout,
+    ));
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(ExportQueue { tx })
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("llm-sidecar");
+    RECORD_CONTENT.store(settings.record_content, Ordering::Relaxed);
+    Ok((Tracing { provider, stop }, tracer))
+}
+
+/// Marks the request path as traced; called once the subscriber with the layer is installed.
+pub(crate) fn set_enabled() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+impl Tracing {
+    /// Exports what is queued, waiting at most `timeout`.
+    pub async fn shutdown(self, timeout: Duration) {
+        ENABLED.store(false, Ordering::Relaxed);
+        let (ack, done) = oneshot::channel();
+        if self.stop.send(ack).await.is_ok() {
+            let _ = tokio::time::timeout(timeout, done).await;
+        }
+        // The queue is drained; the provider's own shutdown has nothing left to do.
+        drop(self.provider);
+    }
+}
+
+/// The span processor: a non-blocking push into a bounded queue.
+#[derive(Debug)]
+struct ExportQueue {
+    tx: mpsc::Sender<SpanData>,
+}
+
+impl SpanProcessor for ExportQueue {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if self.tx.try_send(span).is_err() {
+            EXPORT.dropped.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+async fn export_loop(
+    exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<SpanData>,
+    mut stop: mpsc::Receiver<oneshot::Sender<()>>,
+    batch_size: usize,
+    delay: Duration,
+    timeout: Duration,
+) {
+    let mut batch: Vec<SpanData> = Vec::with_capacity(batch_size);
+    let mut tick = tokio::time::interval(delay.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    loop {
+        let room = batch_size - batch.len();
+        tokio::select! {
+            received = rx.recv_many(&mut batch, room) => {
+                if received == 0 {
+                    break;
+                }
+                if batch.len() >= batch_size {
+                    export(&exporter, &mut batch, timeout, &mut last_warning).await;
+                }
+            }
+            _ = tick.tick() => {
+                if !batch.is_empty() {
+                    export(&exporter, &mut batch, timeout, &mut last_warning).await;
+                }
+            }
+            ack = stop.recv() => {
+                loop {
+                    while batch.len() < batch_size {
+                        match rx.try_recv() {
+                            Ok(span) => batch.push(span),
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.is_empty() {
+                        break;
+                    }
+                    export(&exporter, &mut batch, timeout, &mut last_warning).await;
+                }
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+                return;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        export(&exporter, &mut batch, timeout, &mut last_warning).await;
+    }
+}
+
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<SpanData>,
+    timeout: Duration,
+    last_warning: &mut Option<tokio::time::Instant>,
+) {
+    let spans = std::mem::take(batch);
+    let count = spans.len() as u64;
+    let failure = match tokio::time::timeout(timeout, exporter.export(spans)).await {
+        Ok(Ok(())) => {
+            EXPORT.exported.inc_by(count);
+            return;
+        }
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("no answer within {timeout:?}"),
+    };
+    EXPORT.failed.inc_by(count);
+    // One warning a minute at most: a down collector must not flood the log.
+    let now = tokio::time::Instant::now();
+    if last_warning.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
+        *last_warning = Some(now);
+        tracing::warn!(spans = count, error = %failure, "trace export failed; spans dropped (counted in llm_sidecar_trace_spans_failed_total)");
+    }
+}
+
+/// OTLP/HTTP through the sidecar's own client: TLS with the bundled roots and the extra CA.
+#[derive(Debug)]
+struct OtlpHttpClient {
+    upstream: Arc<crate::proxy::upstream::Upstream>,
+    timeout: Duration,
+}
+
+type HttpResult = Result<http::Response<Bytes>, opentelemetry_http::HttpError>;
+
+impl opentelemetry_http::HttpClient for OtlpHttpClient {
+    fn send_bytes<'a, 'b>(
+        &'a self,
+        request: http::Request<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = HttpResult> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        Box::pin(async move {
+            let (mut parts, body) = request.into_parts();
+            if let Some(authority) = parts.uri.authority() {
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(http::header::HOST, host);
+                }
+            }
+            let request = http::Request::from_parts(parts, Full::new(body));
+            let exchange = async {
+                let (response, lease) = self.upstream.send(request).await?;
+                let (parts, body) = response.into_parts();
+                let bytes = Limited::new(body, 1 << 20)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                if let Some(lease) = lease {
+                    lease.release();
+                }
+                Ok::<_, opentelemetry_http::HttpError>(http::Response::from_parts(parts, bytes))
+            };
+            tokio::time::timeout(self.timeout, exchange)
+                .await
+                .map_err(|_| "OTLP export timed out".to_string())?
+        })
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Makes `span` a child of the app's span when the request carries W3C trace context.
+pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
+    if !headers.contains_key("traceparent") {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Replaces the trace context headers with `span`'s, so the provider's spans (if any) are
+/// children of the attempt.
+pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        headers.remove("tracestate");
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// The span's trace id as 32 hex digits, when it is exported.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
+}
+
+/// Links `span` to the span `other` (the shadow call to the request it mirrors).
+pub fn link(span: &tracing::Span, other: &tracing::Span) {
+    let cx = other.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.add_link(sc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn off_without_an_endpoint_or_when_disabled() {
+        let mut errors = Vec::new();
+        assert!(from_env(&env(&[]), &mut errors).is_none());
+        let on = [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")];
+        assert!(from_env(&env(&on), &mut errors).is_some());
+        let mut disabled = on.to_vec();
+        disabled.push(("OTEL_SDK_DISABLED", "true"));
+        assert!(from_env(&env(&disabled), &mut errors).is_none());
+        let mut none = on.to_vec();
+        none.push(("OTEL_TRACES_EXPORTER", "none"));
+        assert!(from_env(&env(&none), &mut errors).is_none());
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn protocol_sampler_and_downward_api() {
+        let mut errors = Vec::new();
+        let s = from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+                ("POD_NAME", "app-7d9"),
+                ("POD_NAMESPACE", "shop"),
+                ("NODE_NAME", "node-1"),
+            ]),
+            &mut errors,
+        )
+        .expect("on");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(s.protocol, Protocol::Grpc);
+        assert_eq!(
+            s.k8s_attributes,
+            vec![
+                ("k8s.pod.name", "app-7d9".to_string()),
+                ("k8s.namespace.name", "shop".to_string()),
+                ("k8s.node.name", "node-1".to_string()),
+            ]
+        );
+        assert!(!s.record_content);
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        let mut errors = Vec::new();
+        from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+                ("OTEL_TRACES_SAMPLER", "sometimes"),
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
+            ]),
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        let mut errors = Vec::new();
+        from_env(
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ]),
+            &mut errors,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+}
