@@ -6,7 +6,8 @@
   wait-http URL SECONDS        wait until GET URL answers 200
   wait-line FILE TEXT SECONDS  wait until FILE contains TEXT
   post URL SECONDS             POST the benchmark body once; expect 200 and a chat.completion
-  summary RESULTS RSS_MB       print the table and the final `bench:` line
+  spans METRICS_URL           print the traced sidecar's exported/dropped/failed span counts
+  summary RESULTS RSS_MB SPANS print the table and the final `bench:` line
 """
 import json
 import socket
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 
 BODY = b'{"model":"deepseek-v3.2","messages":[{"role":"user","content":"Say hello."}]}'
-TARGETS = ("direct", "nginx", "sidecar")
+TARGETS = ("direct", "nginx", "sidecar", "traced")
 
 
 def die(msg):
@@ -93,7 +94,20 @@ def post(url, seconds):
         die(f"POST {url} answered {status} with an unexpected body: {body[:300]!r}")
 
 
-def summary(results_path, rss_mb):
+def spans(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        for what in ("exported", "dropped", "failed"):
+            if line.startswith(f"llm_sidecar_trace_spans_{what}_total "):
+                counts[what] = int(float(line.split()[1]))
+    if len(counts) != 3:
+        die("the span counters are missing from /metrics")
+    print(f"spans_exported={counts['exported']} spans_dropped={counts['dropped']} spans_failed={counts['failed']}")
+
+
+def summary(results_path, rss_mb, span_counts):
     runs = {t: [] for t in TARGETS}
     with open(results_path, encoding="utf-8") as f:
         for line in f:
@@ -120,10 +134,14 @@ def summary(results_path, rss_mb):
     rss = float(rss_mb)
     print(f"sidecar peak RSS (VmHWM): {rss:.1f} MB")
     print(f"sidecar / nginx req/s: {ratio:.2f} (target >= 0.90); RSS target < 30 MB")
+    traced = agg["traced"]
+    cost = 1 - traced["rps"] / s["rps"] if s["rps"] > 0 else 0.0
+    print(f"tracing on (every request, exported over OTLP/HTTP): {cost * 100:.1f} % fewer req/s (target < 10 %); {span_counts}")
     print(
         f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
         f"sidecar_vs_nginx={ratio:.2f} added_p50_ms={s['p50'] - d['p50']:.2f} "
-        f"added_p99_ms={s['p99'] - d['p99']:.2f} sidecar_rss_mb={rss:.1f}"
+        f"added_p99_ms={s['p99'] - d['p99']:.2f} sidecar_rss_mb={rss:.1f} "
+        f"traced_rps={traced['rps']:.1f} tracing_cost={cost:.3f} {span_counts}"
     )
 
 
@@ -134,7 +152,8 @@ def main(argv):
         "wait-http": (wait_http, 2),
         "wait-line": (wait_line, 3),
         "post": (post, 2),
-        "summary": (summary, 2),
+        "spans": (spans, 1),
+        "summary": (summary, 3),
     }
     if not argv or argv[0] not in cmds or len(argv) - 1 != cmds[argv[0]][1]:
         die("usage: " + __doc__)

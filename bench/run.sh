@@ -3,8 +3,9 @@
 #   direct  - the fake provider itself            (POST /holysheep/v1/chat/completions)
 #   nginx   - nginx reverse proxy in front of it  (same path, nothing rewritten)
 #   sidecar - llm-sidecar in front of it          (POST /v1/chat/completions, model deepseek-v3.2)
+#   traced  - the same with trace export on: OTLP/HTTP to a sink in nginx (every span exported)
 # Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
-#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=…
+#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=… traced_rps=… tracing_cost=…
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
 # with nginx (the practical floor for a proxy here), not with direct.
 #
@@ -68,14 +69,14 @@ fi
 
 # --- processes and cleanup ---------------------------------------------------------------
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/llm-sidecar-bench.XXXXXX")"
-FAKE_PID="" NGINX_PID="" SIDECAR_PID=""
+FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID=""
 
 cleanup() {
     local pid
-    for pid in "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
     done
-    for pid in "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
     done
     rm -rf "$TMP"
@@ -92,7 +93,7 @@ fail_with_log() { # NAME LOGFILE MESSAGE
 }
 alive() { kill -0 "$1" 2>/dev/null; }
 
-read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT < <(python3 "$UTIL" ports 4)
+read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT < <(python3 "$UTIL" ports 6)
 
 # Fake provider.
 "$BIN" fake-provider --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
@@ -119,22 +120,36 @@ python3 "$UTIL" wait-tcp "$NGINX_PORT" "$READY_TIMEOUT" ||
 # A streaming route for the stream case: 20 chunks, 10 ms apart (routes are the last section).
 STREAM_MODEL='tokens=20+chunk-delay=10'
 printf '  bench-stream:\n    relay: { provider: holysheep, model: "%s" }\n' "$STREAM_MODEL" >>"$TMP/sidecar.yaml"
-env ${SIDECAR_ENV:-} LLM_SIDECAR_CONFIGMAP=off LLM_SIDECAR_LISTEN="127.0.0.1:$SIDECAR_PORT" \
-    LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
-    RUST_LOG=warn \
-    HOLYSHEEP_API_KEY=bench-key DEEPSEEK_API_KEY=bench-key MOONSHOT_API_KEY=bench-key \
-    MINIMAX_API_KEY=bench-key GEMINI_API_KEY=bench-key OPENAI_API_KEY=bench-key \
-    "$BIN" run --config "$TMP/sidecar.yaml" >"$TMP/sidecar.log" 2>&1 &
+# RUST_LOG=warn: no access log line per request, like nginx's `access_log off`.
+start_sidecar() { # PORT ADMIN_PORT LOG [VAR=value...]
+    local port="$1" admin="$2" logfile="$3"
+    shift 3
+    env ${SIDECAR_ENV:-} "$@" LLM_SIDECAR_CONFIGMAP=off LLM_SIDECAR_LISTEN="127.0.0.1:$port" \
+        LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$admin" \
+        RUST_LOG=warn \
+        HOLYSHEEP_API_KEY=bench-key DEEPSEEK_API_KEY=bench-key MOONSHOT_API_KEY=bench-key \
+        MINIMAX_API_KEY=bench-key GEMINI_API_KEY=bench-key OPENAI_API_KEY=bench-key \
+        "$BIN" run --config "$TMP/sidecar.yaml" >"$logfile" 2>&1 &
+}
+start_sidecar "$SIDECAR_PORT" "$ADMIN_PORT" "$TMP/sidecar.log"
 SIDECAR_PID=$!
 python3 "$UTIL" wait-http "http://127.0.0.1:$ADMIN_PORT/ready" "$READY_TIMEOUT" ||
     fail_with_log sidecar "$TMP/sidecar.log" "sidecar did not become ready"
+# The traced sidecar: every request sampled, spans exported over OTLP/HTTP to nginx's sink.
+start_sidecar "$TRACED_PORT" "$TRACED_ADMIN_PORT" "$TMP/traced.log" \
+    OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$NGINX_PORT" \
+    OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf OTEL_BSP_SCHEDULE_DELAY=1000
+TRACED_PID=$!
+python3 "$UTIL" wait-http "http://127.0.0.1:$TRACED_ADMIN_PORT/ready" "$READY_TIMEOUT" ||
+    fail_with_log traced "$TMP/traced.log" "traced sidecar did not become ready"
 
 declare -A URL=(
     [direct]="http://127.0.0.1:$FAKE_PORT/holysheep/v1/chat/completions"
     [nginx]="http://127.0.0.1:$NGINX_PORT/holysheep/v1/chat/completions"
     [sidecar]="http://127.0.0.1:$SIDECAR_PORT/v1/chat/completions"
+    [traced]="http://127.0.0.1:$TRACED_PORT/v1/chat/completions"
 )
-TARGETS=(direct nginx sidecar)
+TARGETS=(direct nginx sidecar traced)
 
 # One request through each target must succeed before any load.
 for t in "${TARGETS[@]}"; do
@@ -157,7 +172,7 @@ run_wrk() {
         echo "$out" >&2
         die "$target: $RESULT (request errors or non-2xx responses)"
     fi
-    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID"; do
+    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$TRACED_PID"; do
         alive "$pid" || die "a benchmark process (pid $pid) died during the $target run"
     done
 }
@@ -215,7 +230,10 @@ alive "$SIDECAR_PID" || die "sidecar is gone before its RSS could be read"
 RSS_MB="$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SIDECAR_PID/status")"
 [ -n "$RSS_MB" ] || die "could not read VmHWM of the sidecar"
 
-SUMMARY="$(python3 "$UTIL" summary "$RESULTS" "$RSS_MB")"
+# What became of the traced sidecar's spans: exported, dropped (queue full) or failed.
+SPANS="$(python3 "$UTIL" spans "http://127.0.0.1:$TRACED_ADMIN_PORT/metrics")" ||
+    die "could not read the traced sidecar's span counters"
+SUMMARY="$(python3 "$UTIL" summary "$RESULTS" "$RSS_MB" "$SPANS")"
 mkdir -p "$BENCH_DIR/out"
 tail -n 1 <<<"$SUMMARY" >"$BENCH_DIR/out/last.txt"
 echo "$STREAM_SUMMARY"

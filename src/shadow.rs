@@ -35,6 +35,8 @@ use crate::proxy::upstream::Upstream;
 use crate::routing::rollout::random_u64;
 use crate::routing::tokens;
 use crate::telemetry::metrics::{Metrics, OutcomeLabels};
+use crate::telemetry::otel;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// At most this much of each answer is kept for the comparison.
 const MAX_CAPTURE: usize = 2 * 1024 * 1024;
@@ -74,6 +76,8 @@ pub struct ShadowRequest {
     pub body: Bytes,
     pub stream: bool,
     pub started: Instant,
+    /// The request's server span: the shadow's span links to it (disabled without tracing).
+    pub trace: tracing::Span,
 }
 
 impl Shadows {
@@ -165,8 +169,32 @@ impl Shadows {
             return;
         };
         let primary_target = request.route.target(request.primary_side);
+        let span = shadow_span(&request, target);
+        let outcome = self
+            .compare(upstream, &request, target, primary_target, primary, &span)
+            .await;
+        if !span.is_disabled() {
+            span.set_attribute("llm_sidecar.shadow.outcome", outcome);
+            if !matches!(outcome, "equivalent" | "different") {
+                span.set_attribute("error.type", outcome);
+                span.set_status(opentelemetry::trace::Status::error(outcome));
+            }
+        }
+    }
+
+    /// Calls the shadow side, waits for the primary answer and compares them; returns the
+    /// outcome counted.
+    async fn compare(
+        &self,
+        upstream: Arc<Upstream>,
+        request: &ShadowRequest,
+        target: &Target,
+        primary_target: Option<&Target>,
+        primary: oneshot::Receiver<Answer>,
+        span: &tracing::Span,
+    ) -> &'static str {
         let cfg = request.snapshot.shadow.clone();
-        let shadow = tokio::time::timeout(cfg.timeout, call(&upstream, &request, target))
+        let shadow = tokio::time::timeout(cfg.timeout, call(&upstream, request, target, span))
             .await
             .unwrap_or_else(|_| Answer {
                 latency: cfg.timeout,
@@ -178,6 +206,18 @@ impl Shadows {
             .ok()
             .and_then(Result::ok);
         let shadow_cost = cost(target, &shadow);
+        if !span.is_disabled() {
+            span.set_attribute("http.response.status_code", i64::from(shadow.status));
+            if let Some(tokens) = shadow.prompt_tokens {
+                span.set_attribute("gen_ai.usage.input_tokens", tokens as i64);
+            }
+            if let Some(tokens) = shadow.completion_tokens {
+                span.set_attribute("gen_ai.usage.output_tokens", tokens as i64);
+            }
+            if let Some(c) = shadow_cost {
+                span.set_attribute("llm_sidecar.cost_usd", c);
+            }
+        }
         if let Some(c) = shadow_cost {
             self.metrics.shadow_spend.inc_by(c);
             let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
@@ -185,7 +225,7 @@ impl Shadows {
         }
         let Some(primary) = primary.filter(|p| p.complete) else {
             self.count("primary_incomplete");
-            return;
+            return "primary_incomplete";
         };
         // The prompt is estimated once, and only when a side reported no usage.
         let estimated_prompt = (primary.prompt_tokens.is_none() || shadow.prompt_tokens.is_none())
@@ -195,7 +235,7 @@ impl Shadows {
         if !(200..300).contains(&shadow.status) || !shadow.complete {
             self.count("shadow_error");
             self.log(
-                &request,
+                request,
                 target,
                 primary_target,
                 &primary,
@@ -203,7 +243,7 @@ impl Shadows {
                 None,
                 "shadow_error",
             );
-            return;
+            return "shadow_error";
         }
         let score = equivalence(&primary.text, &shadow.text);
         let equivalent = score >= cfg.equivalence_threshold;
@@ -225,8 +265,15 @@ impl Shadows {
         self.metrics
             .shadow_latency_delta
             .observe(shadow.latency.as_secs_f64() - primary.latency.as_secs_f64());
+        if !span.is_disabled() {
+            span.set_attribute("llm_sidecar.shadow.equivalence_score", score);
+            span.set_attribute(
+                "llm_sidecar.shadow.latency_delta",
+                shadow.latency.as_secs_f64() - primary.latency.as_secs_f64(),
+            );
+        }
         self.log(
-            &request,
+            request,
             target,
             primary_target,
             &primary,
@@ -234,6 +281,7 @@ impl Shadows {
             Some(score),
             outcome,
         );
+        outcome
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -311,7 +359,44 @@ impl Shadows {
 }
 
 /// The shadow call: sent once, read to the end (a stream too), timed.
-async fn call(upstream: &Arc<Upstream>, request: &ShadowRequest, target: &Target) -> Answer {
+/// The shadow call's own span: a new trace linked to the request it mirrors, so shadow traffic
+/// never inflates the request's trace.
+fn shadow_span(request: &ShadowRequest, target: &Target) -> tracing::Span {
+    if !otel::enabled() {
+        return tracing::Span::none();
+    }
+    let operation = crate::telemetry::Operation::from_path(&request.path_and_query);
+    let span = tracing::info_span!(
+        target: otel::SPAN_TARGET,
+        parent: None,
+        "shadow",
+        otel.name = %format_args!("shadow {} {}", operation.name(), target.model),
+        otel.kind = "client",
+    );
+    otel::link(&span, &request.trace);
+    let provider = &target.provider;
+    span.set_attribute("gen_ai.operation.name", operation.name());
+    span.set_attribute(
+        "gen_ai.provider.name",
+        crate::telemetry::gen_ai_provider_name(&provider.name).to_string(),
+    );
+    span.set_attribute("gen_ai.request.model", target.model.clone());
+    span.set_attribute("gen_ai.request.stream", request.stream);
+    span.set_attribute("server.address", provider.host().to_string());
+    span.set_attribute("server.port", i64::from(provider.port()));
+    span.set_attribute("llm_sidecar.route", request.route.name.clone());
+    span.set_attribute("llm_sidecar.provider", provider.name.clone());
+    span.set_attribute("llm_sidecar.path", target.path().as_str());
+    span.set_attribute("llm_sidecar.shadow", true);
+    span
+}
+
+async fn call(
+    upstream: &Arc<Upstream>,
+    request: &ShadowRequest,
+    target: &Target,
+    span: &tracing::Span,
+) -> Answer {
     let started = Instant::now();
     let failed = |status: u16| Answer {
         status,
@@ -340,6 +425,9 @@ async fn call(upstream: &Arc<Upstream>, request: &ShadowRequest, target: &Target
     );
     if target.provider.authorize(&mut headers).is_err() {
         return failed(0);
+    }
+    if !span.is_disabled() {
+        otel::inject(span, &mut headers);
     }
     *req.headers_mut() = headers;
     let Ok((response, lease)) = upstream.send(req).await else {

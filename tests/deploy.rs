@@ -84,3 +84,89 @@ fn example_configmap_passes_check_config_and_a_bad_one_names_its_keys() {
         "{stderr}"
     );
 }
+
+/// The Jaeger manifest and the sidecar's env patch fit together: the sidecar accepts the patch's
+/// variables and exports over gRPC to a Service port that reaches Jaeger's OTLP gRPC receiver.
+#[test]
+fn jaeger_receives_what_the_env_patch_makes_the_sidecar_send() {
+    use llm_sidecar::settings::Settings;
+    use llm_sidecar::telemetry::otel::Protocol;
+    use std::collections::HashMap;
+
+    let patch = &documents("jaeger/sidecar-otel-env.yaml")[0];
+    let container = &patch["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["name"], "llm-sidecar");
+    let mut env: HashMap<String, String> = HashMap::new();
+    let mut downward: HashMap<String, String> = HashMap::new();
+    for var in container["env"].as_sequence().expect("env") {
+        let name = var["name"].as_str().expect("name").to_string();
+        match (
+            var["value"].as_str(),
+            var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(value), None) => {
+                env.insert(name, value.to_string());
+            }
+            (None, Some(path)) => {
+                // What the kubelet would put there.
+                env.insert(name.clone(), format!("from-{path}"));
+                downward.insert(name, path.to_string());
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert_eq!(downward["POD_NAME"], "metadata.name");
+    assert_eq!(downward["POD_NAMESPACE"], "metadata.namespace");
+    assert_eq!(downward["NODE_NAME"], "spec.nodeName");
+
+    let settings = Settings::from_env(&env).expect("the sidecar accepts the patch");
+    let otel = settings.otel.expect("tracing is on");
+    assert_eq!(otel.protocol, Protocol::Grpc);
+    assert_eq!(otel.k8s_attributes.len(), 3, "{:?}", otel.k8s_attributes);
+    let uri: http::Uri = otel.endpoint.parse().expect("endpoint URL");
+    let host = uri.host().expect("host");
+    let port = uri.port_u16().expect("port");
+
+    let jaeger = documents("jaeger/jaeger.yaml");
+    let service = jaeger
+        .iter()
+        .find(|d| {
+            d["kind"] == "Service"
+                && format!(
+                    "{}.{}.svc",
+                    d["metadata"]["name"].as_str().unwrap_or(""),
+                    d["metadata"]["namespace"].as_str().unwrap_or("")
+                ) == host
+        })
+        .unwrap_or_else(|| panic!("no Service answers {host}"));
+    let service_port = service["spec"]["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["port"].as_u64() == Some(u64::from(port)))
+        .unwrap_or_else(|| panic!("the Service has no port {port}"));
+    let target = service_port["targetPort"]
+        .as_str()
+        .expect("named target port");
+
+    let deployment = jaeger
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment");
+    assert_eq!(
+        deployment["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"]
+    );
+    let ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_sequence()
+        .expect("container ports");
+    let container_port = ports
+        .iter()
+        .find(|p| p["name"].as_str() == Some(target))
+        .unwrap_or_else(|| panic!("no container port named {target}"));
+    assert_eq!(
+        container_port["containerPort"].as_u64(),
+        Some(4317),
+        "OTLP gRPC"
+    );
+}

@@ -209,7 +209,8 @@ impl OnFinish for Record {
                 _ => total.failures.fetch_add(1, Relaxed),
             };
             total.latency.record(elapsed);
-            if out.usage.is_some() || (success && outcome.is_some()) {
+            // Model answers without usage count as missing; pass-through calls have none.
+            if out.usage.is_some() || (success && out.complete) {
                 total.add_usage(out.usage, out.bill);
             }
         }
@@ -521,11 +522,46 @@ impl Proxy {
                 hint,
             }
         })?;
+        let span = if record.span.is_disabled() {
+            tracing::Span::none()
+        } else {
+            let span = tracing::info_span!(
+                target: otel::SPAN_TARGET,
+                parent: &record.span,
+                "passthrough",
+                otel.name = %upstream.method(),
+                otel.kind = "client",
+            );
+            span.set_attribute("server.address", provider.host().to_string());
+            span.set_attribute("server.port", i64::from(provider.port()));
+            span.set_attribute("llm_sidecar.provider", provider.name.clone());
+            span.set_attribute("llm_sidecar.path", target.path().as_str());
+            span.set_attribute("llm_sidecar.attempt", 1);
+            otel::inject(&span, &mut parts.headers);
+            span
+        };
         *upstream.headers_mut() = parts.headers;
+        // One attempt record, so the log line and `/stats` show the call.
+        let outcome: SharedOutcome = Default::default();
+        execute::lock(&outcome).attempts = 1;
+        record.outcome = Some(outcome);
 
         let timeout = snapshot.timeouts.response_headers;
-        let response = match tokio::time::timeout(timeout, self.core.upstream.send(upstream)).await
-        {
+        let sent = tokio::time::timeout(timeout, self.core.upstream.send(upstream)).await;
+        if !span.is_disabled() {
+            match &sent {
+                Ok(Ok((response, _))) => {
+                    span.set_attribute(
+                        "http.response.status_code",
+                        i64::from(response.status().as_u16()),
+                    );
+                }
+                Ok(Err(_)) => span.set_attribute("error.type", "connection_error"),
+                Err(_) => span.set_attribute("error.type", "timeout"),
+            }
+        }
+        drop(span);
+        let response = match sent {
             Err(_) => {
                 return Err(SidecarError::UpstreamTimeout {
                     provider: provider.name.clone(),
@@ -638,6 +674,7 @@ impl Proxy {
                     body: bytes,
                     stream,
                     started,
+                    trace: record.span.clone(),
                 };
                 Ok(self.core.shadows.launch(
                     self.core.upstream.clone(),

@@ -192,6 +192,30 @@ def test_streams_carry_time_to_first_token_and_their_cost_and_a_fresh_trace(rout
     assert attempt.attributes["llm_sidecar.path"] == "relay"
 
 
+def test_a_shadow_call_is_its_own_trace_linked_to_the_request(routing_config, tmp_path):
+    config = tmp_path / "shadow.yaml"
+    config.write_text(routing_config.read_text().replace("shadow_percent: 0", "shadow_percent: 100"))
+    assert "shadow_percent: 100" in config.read_text()
+    with otlp.receiver("http/protobuf") as rx:
+        sidecar = start_sidecar(config, extra_env=rx.env())
+        try:
+            client_for(sidecar).chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "hello"}]
+            )
+            spans = rx.wait_for(lambda spans: any(s.name.startswith("shadow ") for s in spans), what="the shadow span")
+        finally:
+            sidecar.stop()
+    (server,) = [s for s in spans if s.kind == "SERVER"]
+    (shadow,) = [s for s in spans if s.name.startswith("shadow ")]
+    assert shadow.name == "shadow chat deepseek-chat", "the relay answered; the official side is the shadow"
+    assert shadow.kind == "CLIENT"
+    assert shadow.trace_id != server.trace_id and shadow.parent_span_id == ""
+    assert shadow.links == [(server.trace_id, server.span_id)]
+    assert shadow.attributes["llm_sidecar.shadow.outcome"] in ("equivalent", "different")
+    assert shadow.attributes["llm_sidecar.path"] == "official"
+    assert 0 <= shadow.attributes["llm_sidecar.shadow.equivalence_score"] <= 1
+
+
 def test_content_is_recorded_only_when_enabled(routing_config):
     with otlp.receiver("http/protobuf") as rx:
         env = rx.env()
