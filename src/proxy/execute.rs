@@ -762,13 +762,6 @@ impl Exchange {
             return tracing::Span::none();
         }
         let target = step.target();
-        let span = tracing::info_span!(
-            target: otel::SPAN_TARGET,
-            parent: &self.trace,
-            "attempt",
-            otel.name = %format_args!("{} {}", self.operation.name(), target.model),
-            otel.kind = "client",
-        );
         let provider = &target.provider;
         let number = self
             .attempts
@@ -776,35 +769,29 @@ impl Exchange {
             .filter(|a| a.outcome != "breaker_open")
             .count()
             + 1;
-        span.set_attribute("gen_ai.operation.name", self.operation.name());
-        span.set_attribute(
-            "gen_ai.provider.name",
-            crate::telemetry::gen_ai_provider_name(&provider.name).to_string(),
-        );
-        span.set_attribute("gen_ai.request.model", target.model.clone());
-        span.set_attribute("gen_ai.request.stream", self.stream);
-        if let Some(max) = self.meta.max_tokens {
-            span.set_attribute("gen_ai.request.max_tokens", max);
-        }
-        if let Some(t) = self.meta.temperature {
-            span.set_attribute("gen_ai.request.temperature", t);
-        }
-        if let Some(content) = &self.meta.content {
-            span.set_attribute("gen_ai.input.messages", content.clone());
-        }
-        span.set_attribute("server.address", provider.host().to_string());
-        span.set_attribute("server.port", i64::from(provider.port()));
-        span.set_attribute("llm_sidecar.route", step.route.name.clone());
-        span.set_attribute("llm_sidecar.provider", provider.name.clone());
-        span.set_attribute("llm_sidecar.path", target.path().as_str());
-        span.set_attribute("llm_sidecar.attempt", number as i64);
-        span.set_attribute("llm_sidecar.attempt.kind", kind.as_str());
-        if let Some(after) = after {
-            span.set_attribute("llm_sidecar.attempt.reason", after);
-        }
-        span.set_attribute(
-            "llm_sidecar.breaker_state",
-            match admission {
+        // Attributes known now are span fields, recorded in one pass when the span is created.
+        let span = tracing::info_span!(
+            target: otel::SPAN_TARGET,
+            parent: &self.trace,
+            "attempt",
+            otel.name = %format_args!("{} {}", self.operation.name(), target.model),
+            otel.kind = "client",
+            gen_ai.operation.name = self.operation.name(),
+            gen_ai.provider.name = crate::telemetry::gen_ai_provider_name(&provider.name),
+            gen_ai.request.model = target.model.as_str(),
+            gen_ai.request.stream = self.stream,
+            gen_ai.request.max_tokens = self.meta.max_tokens,
+            gen_ai.request.temperature = self.meta.temperature,
+            gen_ai.input.messages = self.meta.content.as_deref(),
+            server.address = provider.host(),
+            server.port = i64::from(provider.port()),
+            llm_sidecar.route = step.route.name.as_str(),
+            llm_sidecar.provider = provider.name.as_str(),
+            llm_sidecar.path = target.path().as_str(),
+            llm_sidecar.attempt = number as i64,
+            llm_sidecar.attempt.kind = kind.as_str(),
+            llm_sidecar.attempt.reason = after,
+            llm_sidecar.breaker_state = match admission {
                 Admission::Probe => "half_open",
                 _ => "closed",
             },

@@ -241,8 +241,6 @@ impl OnFinish for Record {
             span.set_attribute("llm_sidecar.fallbacks", i64::from(out.fallbacks));
             span.set_attribute("llm_sidecar.fallback", out.fell_back);
             if let Some(t) = who {
-                span.set_attribute("llm_sidecar.route", t.route.to_string());
-                span.set_attribute("llm_sidecar.provider", t.provider.to_string());
                 span.set_attribute("llm_sidecar.path", t.path);
             }
             if let Some(cost) = out.bill.cost {
@@ -289,12 +287,10 @@ fn server_span(req: &Request<Incoming>) -> tracing::Span {
         "request",
         otel.name = %format_args!("{method} {route}"),
         otel.kind = "server",
+        http.request.method = method,
+        http.route = (!route.is_empty()).then_some(route),
+        url.path = req.uri().path(),
     );
-    span.set_attribute("http.request.method", method.to_string());
-    if !route.is_empty() {
-        span.set_attribute("http.route", route);
-    }
-    span.set_attribute("url.path", req.uri().path().to_string());
     otel::adopt_remote_parent(&span, req.headers());
     span
 }
