@@ -261,16 +261,12 @@ impl Shadows {
                 .shadow_equivalence_rate
                 .set(c.0 as f64 / c.1 as f64);
         }
+        let latency_delta = shadow.latency.as_secs_f64() - primary.latency.as_secs_f64();
         self.metrics.shadow_equivalence.observe(score);
-        self.metrics
-            .shadow_latency_delta
-            .observe(shadow.latency.as_secs_f64() - primary.latency.as_secs_f64());
+        self.metrics.shadow_latency_delta.observe(latency_delta);
         if !span.is_disabled() {
             span.set_attribute("llm_sidecar.shadow.equivalence_score", score);
-            span.set_attribute(
-                "llm_sidecar.shadow.latency_delta",
-                shadow.latency.as_secs_f64() - primary.latency.as_secs_f64(),
-            );
+            span.set_attribute("llm_sidecar.shadow.latency_delta", latency_delta);
         }
         self.log(
             request,

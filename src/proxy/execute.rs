@@ -731,13 +731,8 @@ impl Exchange {
         metrics.record_attempt(&target.tags.provider, outcome);
         if outcome != "ok" && outcome != "breaker_open" {
             let handles = target.metrics(metrics);
-            let tally = &handles.stats.tally;
-            tally
-                .requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tally
-                .failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            handles.stats.tally.sent();
+            handles.stats.tally.failed();
             metrics
                 .gen_ai_duration
                 .get_or_create(&crate::telemetry::metrics::GenAiLabels {
@@ -984,9 +979,6 @@ impl Exchange {
                 }
                 let span =
                     self.attempt_span(step, kind, last_failed.as_ref().map(|l| l.2), admission);
-                if kind != AttemptKind::Initial {
-                    lock(&self.outcome).last = Some(target.metrics(&self.core.metrics).clone());
-                }
                 let started = Instant::now();
                 match self.attempt(target, None, step_index == 0, &span).await {
                     Ok(answer) => {
@@ -1310,7 +1302,12 @@ impl Exchange {
     /// Fills the request's outcome with the attempt count and failover.
     fn close_outcome(&self) -> bool {
         let fell_back = self.attempts.iter().any(|a| a.outcome != "ok");
+        let last = self
+            .attempts
+            .last()
+            .map(|a| a.step.target().metrics(&self.core.metrics).clone());
         let mut outcome = lock(&self.outcome);
+        outcome.last = last;
         outcome.attempts = self.attempts.len().max(1) as u32;
         outcome.fallbacks = self.moves() as u32;
         outcome.fell_back = fell_back;
@@ -1328,17 +1325,10 @@ impl Exchange {
         let fell_back = self.close_outcome();
         let target = step.target();
         let tally = &target.metrics(&self.core.metrics).stats.tally;
-        tally
-            .requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tally.sent();
         match answer {
             Answer::Plain { head, body, lease } => {
-                let counter = if fell_back {
-                    &tally.fallbacks
-                } else {
-                    &tally.successes
-                };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tally.answered(fell_back);
                 lock(&self.outcome).complete = matches!(body, PlainBody::Whole(_));
                 let mut response = Response::from_parts(head, ());
                 super::strip_hop_by_hop(response.headers_mut());
@@ -1433,12 +1423,7 @@ impl Exchange {
         lock(&self.outcome).complete = true;
         let target = segment.step.target();
         let tally = &target.metrics(&self.core.metrics).stats.tally;
-        let counter = if segment.fell_back {
-            &tally.fallbacks
-        } else {
-            &tally.successes
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tally.answered(segment.fell_back);
         let mut reported = std::mem::take(&mut pump.state.reported);
         if otel::record_content() {
             reported.content = Some(cut(&pump.state.text[pump.state.segment_start..]));
@@ -1469,9 +1454,7 @@ impl Exchange {
             .metrics(&self.core.metrics)
             .stats
             .tally;
-        tally
-            .failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tally.failed();
         fail_span(&segment.span, why, None);
     }
 
@@ -1576,12 +1559,7 @@ impl Exchange {
                             started.elapsed(),
                             Some(started.elapsed()),
                         );
-                        step.target()
-                            .metrics(&self.core.metrics)
-                            .stats
-                            .tally
-                            .requests
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        step.target().metrics(&self.core.metrics).stats.tally.sent();
                         let next = Segment {
                             step,
                             span,

@@ -22,7 +22,6 @@ use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
 use crate::errors::SidecarError;
 use crate::openai::{self, RequestBody};
 use crate::routing::rollout::{self, Decision};
-use std::sync::atomic::Ordering::Relaxed;
 
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
 use crate::telemetry::{otel, ACCESS_TARGET};
@@ -202,12 +201,11 @@ impl OnFinish for Record {
         }
         if counted {
             let total = &metrics.stats.total;
-            total.requests.fetch_add(1, Relaxed);
+            total.sent();
             match label {
-                "success" => total.successes.fetch_add(1, Relaxed),
-                "fallback" => total.fallbacks.fetch_add(1, Relaxed),
-                _ => total.failures.fetch_add(1, Relaxed),
-            };
+                "success" | "fallback" => total.answered(label == "fallback"),
+                _ => total.failed(),
+            }
             total.latency.record(elapsed);
             // Model answers without usage count as missing; pass-through calls have none.
             if out.usage.is_some() || (success && out.complete) {

@@ -84,6 +84,25 @@ fn nano(usd: f64) -> i64 {
 }
 
 impl Tally {
+    /// A request (or attempt) sent.
+    pub fn sent(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// An answer given: first-hand, or after another target failed.
+    pub fn answered(&self, fell_back: bool) {
+        let counter = if fell_back {
+            &self.fallbacks
+        } else {
+            &self.successes
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn failed(&self) {
+        self.failures.fetch_add(1, Relaxed);
+    }
+
     pub fn add_usage(&self, usage: Option<Usage>, bill: Bill) {
         let Some(usage) = usage else {
             self.usage_missing.fetch_add(1, Relaxed);
