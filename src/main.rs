@@ -22,6 +22,10 @@ usage:
                                            print the embedded default; with --upstream, every provider's
                                            base_url becomes URL/<provider>/v1 (for offline runs)
   llm-sidecar fake-provider [--listen ADDR] run the fake OpenAI-compatible provider (default 127.0.0.1:9000)
+  llm-sidecar inject --template FILE --tls-cert FILE --tls-key FILE [--listen ADDR]
+                                           run the sidecar injector (admission webhook, HTTPS, default 0.0.0.0:8443)
+  llm-sidecar probe live|ready|models      exit 0 when the admin port's /live or /ready, or
+                                           $OPENAI_BASE_URL/models, answers (the kubelet's exec probes)
   llm-sidecar --version";
 
 enum Command {
@@ -29,6 +33,8 @@ enum Command {
     CheckConfig(PathBuf),
     DefaultConfig { upstream: Option<String> },
     FakeProvider(SocketAddr),
+    Inject(llm_sidecar::inject::server::InjectArgs),
+    Probe(llm_sidecar::probe::Check),
     Version,
     Help,
 }
@@ -71,6 +77,43 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
                 .map(Command::FakeProvider)
                 .map_err(|e| format!("--listen {listen}: {e}"))
         }
+        "inject" => {
+            let mut fields = [None, None, None, None];
+            let names = ["--listen", "--template", "--tls-cert", "--tls-key"];
+            let mut it = rest.iter();
+            while let Some(arg) = it.next() {
+                let (name, value) = match arg.split_once('=') {
+                    Some((n, v)) => (n, Some(v.to_string())),
+                    None => (arg.as_str(), None),
+                };
+                let slot = names
+                    .iter()
+                    .position(|n| *n == name)
+                    .ok_or(format!("unexpected argument `{arg}`"))?;
+                let value = match value {
+                    Some(v) => v,
+                    None => it.next().cloned().ok_or(format!("{name} needs a value"))?,
+                };
+                fields[slot] = Some(value);
+            }
+            let [listen, template, cert, key] = fields;
+            let listen = listen.unwrap_or_else(|| "0.0.0.0:8443".into());
+            let need = |v: Option<String>, name: &str| {
+                v.map(PathBuf::from).ok_or(format!("inject needs {name}"))
+            };
+            Ok(Command::Inject(llm_sidecar::inject::server::InjectArgs {
+                listen: listen
+                    .parse()
+                    .map_err(|e| format!("--listen {listen}: {e}"))?,
+                template: need(template, "--template FILE")?,
+                tls_cert: need(cert, "--tls-cert FILE")?,
+                tls_key: need(key, "--tls-key FILE")?,
+            }))
+        }
+        "probe" => match rest {
+            [check] => check.parse().map(Command::Probe),
+            _ => Err("probe takes one of live, ready, models".into()),
+        },
         "--version" | "-V" | "version" => Ok(Command::Version),
         "--help" | "-h" | "help" => Ok(Command::Help),
         other => Err(format!("unknown command `{other}`")),
@@ -113,6 +156,19 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => run(config),
+        Command::Inject(args) => inject(args),
+        Command::Probe(check) => {
+            match llm_sidecar::probe::run(&check, &ProcessEnv, std::time::Duration::from_secs(2)) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("llm-sidecar probe: {why}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -178,6 +234,43 @@ fn default_config(upstream: Option<&str>) -> String {
         }
     }
     out
+}
+
+fn inject(args: llm_sidecar::inject::server::InjectArgs) -> ExitCode {
+    let settings = match Settings::from_env(&ProcessEnv) {
+        Ok(s) => s,
+        Err(errors) => {
+            eprintln!("llm-sidecar: invalid settings:");
+            for e in errors {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("llm-sidecar: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        telemetry::init_logging(settings.log_format);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down the injector");
+            let _ = stop.send(true);
+        });
+        match llm_sidecar::inject::server::run(args, stopped).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("llm-sidecar inject: {err}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        }
+    })
 }
 
 fn run(config_flag: Option<PathBuf>) -> ExitCode {

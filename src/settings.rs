@@ -21,6 +21,9 @@ pub const ENV_LOG_FORMAT: &str = "LLM_SIDECAR_LOG_FORMAT";
 pub const ENV_EXTRA_CA_FILE: &str = "LLM_SIDECAR_EXTRA_CA_FILE";
 pub const ENV_CONFIGMAP: &str = "LLM_SIDECAR_CONFIGMAP";
 pub const ENV_CONFIGMAP_STARTUP_TIMEOUT: &str = "LLM_SIDECAR_CONFIGMAP_STARTUP_TIMEOUT";
+/// The ConfigMap's namespace when it is not the pod's own (one ConfigMap for a whole cluster,
+/// in the chart's namespace).
+pub const ENV_CONFIGMAP_NAMESPACE: &str = "LLM_SIDECAR_CONFIGMAP_NAMESPACE";
 /// Set by the Downward API (`fieldRef: metadata.namespace`).
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 /// Set by the Downward API (`fieldRef: metadata.name`); names this sidecar in Events.
@@ -106,8 +109,8 @@ impl Default for Settings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KubeSettings {
     pub configmap: String,
-    /// From `POD_NAMESPACE`; otherwise the service-account namespace file or the kubeconfig
-    /// context decides.
+    /// From `LLM_SIDECAR_CONFIGMAP_NAMESPACE`, else `POD_NAMESPACE`; otherwise the
+    /// service-account namespace file or the kubeconfig context decides.
     pub namespace: Option<String>,
     /// From `KUBECONFIG` (local development); otherwise in-cluster config.
     pub kubeconfig: Option<PathBuf>,
@@ -155,7 +158,7 @@ fn kube_settings(env: &dyn Env, errors: &mut Vec<String>) -> Option<KubeSettings
     };
     Some(KubeSettings {
         configmap,
-        namespace: nonempty(ENV_POD_NAMESPACE),
+        namespace: nonempty(ENV_CONFIGMAP_NAMESPACE).or_else(|| nonempty(ENV_POD_NAMESPACE)),
         kubeconfig: nonempty(ENV_KUBECONFIG).map(PathBuf::from),
         startup_timeout,
         instance: nonempty(ENV_POD_NAME)
@@ -378,6 +381,16 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(off.kube, None);
+
+        let central = Settings::from_env(&env(&[
+            (ENV_KUBERNETES_SERVICE_HOST, "10.0.0.1"),
+            (ENV_POD_NAMESPACE, "apps"),
+            (ENV_CONFIGMAP_NAMESPACE, "llm-sidecar"),
+        ]))
+        .unwrap()
+        .kube
+        .unwrap();
+        assert_eq!(central.namespace.as_deref(), Some("llm-sidecar"));
     }
 
     #[test]

@@ -171,3 +171,98 @@ fn bad_settings_exit_64_naming_each_variable() {
         "{stderr}"
     );
 }
+
+/// Runs `llm-sidecar <args>` with `env` off the async runtime; returns (exit code, stdout, stderr).
+async fn run_bin(args: &[&str], env: Vec<(&'static str, String)>) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(BIN)
+            .args(&args)
+            .env_remove("OPENAI_BASE_URL")
+            .envs(env)
+            .output()
+            .expect("binary runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn exec_probes_pass_on_a_serving_sidecar_and_fail_on_a_closed_port() {
+    let fake = fake().await;
+    let sidecar = sidecar_with(test_settings(), &config_with(&fake, true, "")).await;
+    let admin = ("LLM_SIDECAR_ADMIN_LISTEN", sidecar.admin_addr.to_string());
+    let (code, out, err) = run_bin(&["probe", "ready"], vec![admin.clone()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, _) = run_bin(&["probe", "live"], vec![admin]).await;
+    assert_eq!(code, 0);
+    // What an injected app sees through OPENAI_BASE_URL.
+    let base = (
+        "OPENAI_BASE_URL",
+        format!("http://{}/v1", sidecar.data_addr),
+    );
+    let (code, out, err) = run_bin(&["probe", "models"], vec![base]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("chat"), "{out}");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, _, err) = run_bin(
+        &["probe", "ready"],
+        vec![("LLM_SIDECAR_ADMIN_LISTEN", closed.to_string())],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("/ready"), "{err}");
+    let (code, _, err) = run_bin(&["probe", "soon"], vec![]).await;
+    assert_eq!(code, 64, "{err}");
+}
+
+#[tokio::test]
+async fn the_injector_refuses_to_start_on_a_bad_template_or_a_missing_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &template,
+        "mode: native\nport: 4000\ncontainer: {name: s, image: i, imagePolicy: x}\n",
+    )
+    .unwrap();
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let missing = dir.path().join("tls.crt");
+    let args = [
+        "inject".to_string(),
+        "--listen=127.0.0.1:0".into(),
+        "--template".into(),
+        path(&template),
+        "--tls-cert".into(),
+        path(&missing),
+        "--tls-key".into(),
+        path(&dir.path().join("tls.key")),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_bin(&args, vec![]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("unknown field `container.imagePolicy`"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &template,
+        "mode: native\nport: 4000\ncontainer: {name: s, image: i}\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_bin(&args, vec![]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("tls.crt"), "{err}");
+    let (code, _, err) = run_bin(&["inject", "--listen", "127.0.0.1:0"], vec![]).await;
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--template"), "{err}");
+}
