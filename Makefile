@@ -4,15 +4,15 @@ CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
-IMAGE ?= llm-sidecar:$(VERSION)
+IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback image clean
+.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback image clean e2e-kind chart-test
 
 build:
 	$(CARGO) build --release
 
-## test: everything CI runs — formatting, clippy, Rust tests, the OpenAI Python SDK test.
-test: lint cargo-test py-test
+## test: everything CI runs — formatting, clippy, Rust tests, the OpenAI Python SDK test, the Helm chart.
+test: lint cargo-test py-test chart-test
 
 lint: fmt-check clippy
 
@@ -35,6 +35,12 @@ py-test: $(VENV)/.installed
 	$(CARGO) build --bin llm-sidecar
 	LLM_SIDECAR_BIN=$(CURDIR)/target/debug/llm-sidecar $(VENV)/bin/python -m pytest -q tests/python
 
+## chart-test: helm lint --strict + helm template of charts/llm-sidecar with every tests/chart/ values file, validated
+## for Kubernetes 1.33 (kubernetes-validate --strict), the injector's golden template, bad values rejected. Installs Helm v3 into .tools/.
+chart-test: $(VENV)/.installed
+	$(CARGO) build --bin llm-sidecar
+	PYTHON=$(VENV)/bin/python bash scripts/chart-test.sh
+
 ## demo: offline walk-through — fake provider, sidecar on the embedded default, a routing flip.
 demo: build
 	bash scripts/demo.sh
@@ -54,6 +60,10 @@ bench-rollback:
 
 image:
 	docker build -t $(IMAGE) .
+
+## e2e-kind: the image, the Helm chart and the injector on a local kind cluster (docker, kind, kubectl, helm).
+e2e-kind:
+	IMAGE=$(IMAGE) bash scripts/e2e-kind.sh
 
 clean:
 	$(CARGO) clean
