@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 BODY = b'{"model":"deepseek-v3.2","messages":[{"role":"user","content":"Say hello."}]}'
-TARGETS = ("direct", "nginx", "sidecar", "traced")
+TARGETS = ("direct", "nginx", "sidecar", "traced", "sampled")
 
 
 def die(msg):
@@ -136,12 +136,16 @@ def summary(results_path, rss_mb, span_counts):
     print(f"sidecar / nginx req/s: {ratio:.2f} (target >= 0.90); RSS target < 30 MB")
     traced = agg["traced"]
     cost = 1 - traced["rps"] / s["rps"] if s["rps"] > 0 else 0.0
+    sampled = agg["sampled"]
+    sampled_cost = 1 - sampled["rps"] / s["rps"] if s["rps"] > 0 else 0.0
     print(f"tracing on (every request, exported over OTLP/HTTP): {cost * 100:.1f} % fewer req/s (target < 10 %); {span_counts}")
+    print(f"tracing on, 10 % of requests sampled (parentbased_traceidratio 0.1): {sampled_cost * 100:.1f} % fewer req/s")
     print(
         f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
         f"sidecar_vs_nginx={ratio:.2f} added_p50_ms={s['p50'] - d['p50']:.2f} "
         f"added_p99_ms={s['p99'] - d['p99']:.2f} sidecar_rss_mb={rss:.1f} "
-        f"traced_rps={traced['rps']:.1f} tracing_cost={cost:.3f} {span_counts}"
+        f"traced_rps={traced['rps']:.1f} tracing_cost={cost:.3f} sampled_rps={sampled['rps']:.1f} "
+        f"sampled_tracing_cost={sampled_cost:.3f} {span_counts}"
     )
 
 

@@ -4,8 +4,9 @@
 #   nginx   - nginx reverse proxy in front of it  (same path, nothing rewritten)
 #   sidecar - llm-sidecar in front of it          (POST /v1/chat/completions, model deepseek-v3.2)
 #   traced  - the same with trace export on: OTLP/HTTP to a sink in nginx (every span exported)
+#   sampled - the same with 10 % of requests sampled (parentbased_traceidratio 0.1)
 # Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
-#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=… traced_rps=… tracing_cost=…
+#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=… traced_rps=… tracing_cost=… sampled_rps=… sampled_tracing_cost=…
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
 # with nginx (the practical floor for a proxy here), not with direct.
 #
@@ -69,14 +70,14 @@ fi
 
 # --- processes and cleanup ---------------------------------------------------------------
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/llm-sidecar-bench.XXXXXX")"
-FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID=""
+FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID="" SAMPLED_PID=""
 
 cleanup() {
     local pid
-    for pid in "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
     done
-    for pid in "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
     done
     rm -rf "$TMP"
@@ -93,7 +94,7 @@ fail_with_log() { # NAME LOGFILE MESSAGE
 }
 alive() { kill -0 "$1" 2>/dev/null; }
 
-read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT < <(python3 "$UTIL" ports 6)
+read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT SAMPLED_PORT SAMPLED_ADMIN_PORT < <(python3 "$UTIL" ports 8)
 
 # Fake provider.
 "$BIN" fake-provider --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
@@ -142,14 +143,23 @@ start_sidecar "$TRACED_PORT" "$TRACED_ADMIN_PORT" "$TMP/traced.log" \
 TRACED_PID=$!
 python3 "$UTIL" wait-http "http://127.0.0.1:$TRACED_ADMIN_PORT/ready" "$READY_TIMEOUT" ||
     fail_with_log traced "$TMP/traced.log" "traced sidecar did not become ready"
+# The sampled sidecar: one request in ten traced, the usual production setting.
+start_sidecar "$SAMPLED_PORT" "$SAMPLED_ADMIN_PORT" "$TMP/sampled.log" \
+    OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$NGINX_PORT" \
+    OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf OTEL_BSP_SCHEDULE_DELAY=1000 \
+    OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=0.1
+SAMPLED_PID=$!
+python3 "$UTIL" wait-http "http://127.0.0.1:$SAMPLED_ADMIN_PORT/ready" "$READY_TIMEOUT" ||
+    fail_with_log sampled "$TMP/sampled.log" "sampled sidecar did not become ready"
 
 declare -A URL=(
     [direct]="http://127.0.0.1:$FAKE_PORT/holysheep/v1/chat/completions"
     [nginx]="http://127.0.0.1:$NGINX_PORT/holysheep/v1/chat/completions"
     [sidecar]="http://127.0.0.1:$SIDECAR_PORT/v1/chat/completions"
     [traced]="http://127.0.0.1:$TRACED_PORT/v1/chat/completions"
+    [sampled]="http://127.0.0.1:$SAMPLED_PORT/v1/chat/completions"
 )
-TARGETS=(direct nginx sidecar traced)
+TARGETS=(direct nginx sidecar traced sampled)
 
 # One request through each target must succeed before any load.
 for t in "${TARGETS[@]}"; do
@@ -172,7 +182,7 @@ run_wrk() {
         echo "$out" >&2
         die "$target: $RESULT (request errors or non-2xx responses)"
     fi
-    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$TRACED_PID"; do
+    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$TRACED_PID" "$SAMPLED_PID"; do
         alive "$pid" || die "a benchmark process (pid $pid) died during the $target run"
     done
 }

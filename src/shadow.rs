@@ -358,7 +358,8 @@ impl Shadows {
 /// The shadow call's own span: a new trace linked to the request it mirrors, so shadow traffic
 /// never inflates the request's trace.
 fn shadow_span(request: &ShadowRequest, target: &Target) -> tracing::Span {
-    if !otel::enabled() {
+    // Shadows of an unsampled request are not traced either.
+    if request.trace.is_disabled() {
         return tracing::Span::none();
     }
     let operation = crate::telemetry::Operation::from_path(&request.path_and_query);

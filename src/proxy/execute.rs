@@ -393,7 +393,7 @@ impl Exchange {
         let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
         let deadline = Instant::now() + snapshot.resilience.deadline;
         let operation = Operation::from_path(&path_and_query);
-        let meta = if otel::enabled() {
+        let meta = if !trace.is_disabled() {
             RequestMeta::read(parsed)
         } else {
             RequestMeta::default()
@@ -753,7 +753,7 @@ impl Exchange {
         after: Option<&'static str>,
         admission: Admission,
     ) -> tracing::Span {
-        if !otel::enabled() {
+        if self.trace.is_disabled() {
             return tracing::Span::none();
         }
         let target = step.target();

@@ -309,7 +309,7 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         self.metrics.in_flight.inc();
-        let (span, trace_id) = if otel::enabled() {
+        let (span, trace_id) = if otel::sampled(req.headers()) {
             let span = server_span(&req);
             let id = otel::trace_id(&span);
             (span, id)

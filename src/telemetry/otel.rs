@@ -82,6 +82,98 @@ pub struct OtelSettings {
     /// Resource attributes from the Downward API: `k8s.pod.name`, `k8s.namespace.name`, ...
     pub k8s_attributes: Vec<(&'static str, String)>,
     pub record_content: bool,
+    pub sampler: Sampler,
+}
+
+/// `OTEL_TRACES_SAMPLER(_ARG)`, decided by the sidecar before any span exists: a request that
+/// is not sampled costs no span at all (the SDK then samples every span it is given).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampler {
+    /// Follow the app's `traceparent` sampled flag when there is one.
+    pub parent_based: bool,
+    /// For requests without a parent (or every request when not parent-based): the share of
+    /// trace ids sampled, from 0 to 1.
+    pub ratio: f64,
+}
+
+impl Default for Sampler {
+    /// The specification's default, `parentbased_always_on`.
+    fn default() -> Self {
+        Sampler {
+            parent_based: true,
+            ratio: 1.0,
+        }
+    }
+}
+
+impl Sampler {
+    /// Whether a request with these headers is traced.
+    pub fn sample(&self, headers: &HeaderMap) -> bool {
+        let parent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        if let (true, Some((_, sampled))) = (self.parent_based, parent) {
+            return sampled;
+        }
+        if self.ratio >= 1.0 {
+            return true;
+        }
+        if self.ratio <= 0.0 {
+            return false;
+        }
+        // The SDK's rule: the low 8 bytes of the trace id, shifted, below ratio × 2^63. A
+        // request without a parent gets its trace id later, so a random draw stands in for it.
+        let low = match parent {
+            Some((trace_id, _)) => {
+                u64::from_be_bytes(trace_id[8..16].try_into().unwrap_or_default())
+            }
+            None => {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(SAMPLE_COUNTER.fetch_add(1, Ordering::Relaxed));
+                h.finish()
+            }
+        };
+        (low >> 1) < (self.ratio * (1u64 << 63) as f64) as u64
+    }
+}
+
+static SAMPLE_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static SAMPLER: std::sync::OnceLock<Sampler> = std::sync::OnceLock::new();
+
+/// W3C `traceparent`: the trace id and the sampled flag of a valid header.
+fn parse_traceparent(value: &str) -> Option<([u8; 16], bool)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version.len() != 2
+        || version == "ff"
+        || trace.len() != 32
+        || parent.len() != 16
+        || flags.len() != 2
+    {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let hex = |s: &str| u8::from_str_radix(s, 16).ok();
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = hex(trace.get(2 * i..2 * i + 2)?)?;
+    }
+    u64::from_str_radix(parent, 16).ok().filter(|p| *p != 0)?;
+    if id == [0; 16] {
+        return None;
+    }
+    Some((id, hex(flags)? & 1 == 1))
+}
+
+/// Whether this request gets spans: tracing is on and the sampler says so.
+#[inline]
+pub fn sampled(headers: &HeaderMap) -> bool {
+    enabled() && SAMPLER.get().is_some_and(|s| s.sample(headers))
 }
 
 fn nonempty(env: &dyn Env, key: &str) -> Option<String> {
@@ -156,7 +248,7 @@ pub fn from_env(env: &dyn Env, errors: &mut Vec<String>) -> Option<OtelSettings>
     let max_export_batch_size =
         (millis("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, errors).max(1) as usize).min(max_queue_size);
     let schedule_delay = Duration::from_millis(millis("OTEL_BSP_SCHEDULE_DELAY", 5000, errors));
-    check_sampler(env, errors);
+    let sampler = read_sampler(env, errors);
     let k8s_attributes = [
         ("k8s.pod.name", ENV_POD_NAME),
         ("k8s.namespace.name", ENV_POD_NAMESPACE),
@@ -184,40 +276,41 @@ pub fn from_env(env: &dyn Env, errors: &mut Vec<String>) -> Option<OtelSettings>
         schedule_delay,
         k8s_attributes,
         record_content,
+        sampler,
     })
 }
 
-/// The SDK reads `OTEL_TRACES_SAMPLER(_ARG)` itself but falls back silently on a typo: a bad
-/// value is reported here instead, before the process starts.
-fn check_sampler(env: &dyn Env, errors: &mut Vec<String>) {
-    let Some(sampler) = nonempty(env, "OTEL_TRACES_SAMPLER") else {
-        return;
+/// Reads `OTEL_TRACES_SAMPLER(_ARG)`; a typo stops the start instead of silently sampling
+/// everything.
+fn read_sampler(env: &dyn Env, errors: &mut Vec<String>) -> Sampler {
+    let Some(name) = nonempty(env, "OTEL_TRACES_SAMPLER") else {
+        return Sampler::default();
     };
-    const KNOWN: [&str; 6] = [
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    ];
-    if !KNOWN.contains(&sampler.as_str()) {
-        errors.push(format!(
-            "OTEL_TRACES_SAMPLER={sampler:?}: expected one of {}",
-            KNOWN.join(", ")
-        ));
-        return;
-    }
-    if sampler.ends_with("traceidratio") {
-        let ratio = nonempty(env, "OTEL_TRACES_SAMPLER_ARG").map(|v| v.parse::<f64>());
-        let valid = match ratio {
-            None => true,
-            Some(Ok(r)) => (0.0..=1.0).contains(&r),
-            Some(Err(_)) => false,
-        };
-        if !valid {
-            errors.push("OTEL_TRACES_SAMPLER_ARG: expected a ratio from 0 to 1".to_string());
+    let parent_based = name.starts_with("parentbased_");
+    let ratio = match name.trim_start_matches("parentbased_") {
+        "always_on" => 1.0,
+        "always_off" => 0.0,
+        "traceidratio" => {
+            match nonempty(env, "OTEL_TRACES_SAMPLER_ARG").map(|v| v.parse::<f64>()) {
+                None => 1.0,
+                Some(Ok(r)) if (0.0..=1.0).contains(&r) => r,
+                Some(_) => {
+                    errors
+                        .push("OTEL_TRACES_SAMPLER_ARG: expected a ratio from 0 to 1".to_string());
+                    1.0
+                }
+            }
         }
+        _ => {
+            errors.push(format!(
+                "OTEL_TRACES_SAMPLER={name:?}: expected one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio"
+            ));
+            1.0
+        }
+    };
+    Sampler {
+        parent_based,
+        ratio,
     }
 }
 
@@ -281,7 +374,11 @@ pub fn start(
         settings.schedule_delay,
         settings.timeout,
     ));
+    let _ = SAMPLER.set(settings.sampler);
     let provider = SdkTracerProvider::builder()
+        // The sampling decision is taken before a span is made (`sampled`): every span the
+        // SDK sees is kept.
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
         .with_span_processor(ExportQueue { tx })
         .with_resource(resource)
         .build();
@@ -572,6 +669,53 @@ mod tests {
             ]
         );
         assert!(!s.record_content);
+        assert_eq!(
+            s.sampler,
+            Sampler {
+                parent_based: true,
+                ratio: 0.25
+            }
+        );
+    }
+
+    fn traceparent(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn the_sampler_follows_the_parent_flag_then_the_ratio() {
+        let sampled = traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let unsampled = traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
+        let none = HeaderMap::new();
+        let parent_based_off = Sampler {
+            parent_based: true,
+            ratio: 0.0,
+        };
+        assert!(parent_based_off.sample(&sampled));
+        assert!(!parent_based_off.sample(&unsampled));
+        assert!(!parent_based_off.sample(&none));
+        let always = Sampler::default();
+        assert!(always.sample(&none) && !always.sample(&unsampled));
+        // A malformed parent is ignored: the root rule decides.
+        assert!(always.sample(&traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-00"
+        )));
+        assert!(always.sample(&traceparent("garbage")));
+
+        // Not parent-based: the ratio on the incoming trace id, the same answer every time.
+        let tenth = Sampler {
+            parent_based: false,
+            ratio: 0.1,
+        };
+        let low = traceparent("00-4bf92f3577b34da60000000000000001-00f067aa0ba902b7-00");
+        let high = traceparent("00-4bf92f3577b34da6ffffffffffffffff-00f067aa0ba902b7-01");
+        assert!(tenth.sample(&low) && tenth.sample(&low));
+        assert!(!tenth.sample(&high));
+        // Without a parent, about a tenth of requests.
+        let hits = (0..20_000).filter(|_| tenth.sample(&none)).count();
+        assert!((1_700..2_300).contains(&hits), "{hits}");
     }
 
     #[test]

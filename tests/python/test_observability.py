@@ -192,6 +192,33 @@ def test_streams_carry_time_to_first_token_and_their_cost_and_a_fresh_trace(rout
     assert attempt.attributes["llm_sidecar.path"] == "relay"
 
 
+def test_only_sampled_requests_make_spans_and_an_unsampled_parent_passes_through(routing_config):
+    env = {"OTEL_TRACES_SAMPLER": "parentbased_always_off"}
+    with otlp.receiver("http/protobuf") as rx:
+        env.update(rx.env())
+        sidecar = start_sidecar(routing_config, extra_env=env)
+        try:
+            client = client_for(sidecar)
+            ask = lambda headers: client.chat.completions.with_raw_response.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+            )
+            # Sent first: their spans, if any were made, would be exported before the last one's.
+            unsampled = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+            raw = ask({"traceparent": unsampled})
+            assert raw.headers["x-fake-traceparent"] == unsampled, "passed upstream unchanged"
+            assert "x-llm-sidecar-trace-id" not in raw.headers, "no trace to look up in Jaeger"
+            ask({})
+            sampled_trace = secrets.token_hex(16)
+            raw = ask({"traceparent": f"00-{sampled_trace}-{secrets.token_hex(8)}-01"})
+            assert raw.headers["x-fake-traceparent"].startswith(f"00-{sampled_trace}-")
+            assert raw.headers["x-llm-sidecar-trace-id"] == sampled_trace
+            spans = rx.wait_for(lambda spans: sum(s.trace_id == sampled_trace for s in spans) >= 2)
+        finally:
+            sidecar.stop()
+    assert {s.trace_id for s in spans} == {sampled_trace}, [str(s) for s in spans]
+    assert sorted(s.kind for s in spans) == ["CLIENT", "SERVER"]
+
+
 def test_a_shadow_call_is_its_own_trace_linked_to_the_request(routing_config, tmp_path):
     config = tmp_path / "shadow.yaml"
     config.write_text(routing_config.read_text().replace("shadow_percent: 0", "shadow_percent: 100"))
