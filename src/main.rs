@@ -237,23 +237,9 @@ fn default_config(upstream: Option<&str>) -> String {
 }
 
 fn inject(args: llm_sidecar::inject::server::InjectArgs) -> ExitCode {
-    let settings = match Settings::from_env(&ProcessEnv) {
-        Ok(s) => s,
-        Err(errors) => {
-            eprintln!("llm-sidecar: invalid settings:");
-            for e in errors {
-                eprintln!("  {e}");
-            }
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("llm-sidecar: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let (settings, rt) = match settings_and_runtime() {
+        Ok(pair) => pair,
+        Err(code) => return code,
     };
     rt.block_on(async move {
         telemetry::init_logging(settings.log_format);
@@ -273,29 +259,32 @@ fn inject(args: llm_sidecar::inject::server::InjectArgs) -> ExitCode {
     })
 }
 
-fn run(config_flag: Option<PathBuf>) -> ExitCode {
-    let mut settings = match Settings::from_env(&ProcessEnv) {
-        Ok(s) => s,
-        Err(errors) => {
-            eprintln!("llm-sidecar: invalid settings:");
-            for e in errors {
-                eprintln!("  {e}");
-            }
-            return ExitCode::from(EXIT_USAGE);
+/// The settings from the environment (every problem printed, exit 64) and the runtime, with
+/// the process's one crypto provider installed before any TLS is set up.
+fn settings_and_runtime() -> Result<(Settings, tokio::runtime::Runtime), ExitCode> {
+    let settings = Settings::from_env(&ProcessEnv).map_err(|errors| {
+        eprintln!("llm-sidecar: invalid settings:");
+        for e in errors {
+            eprintln!("  {e}");
         }
+        ExitCode::from(EXIT_USAGE)
+    })?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = runtime().map_err(|err| {
+        eprintln!("llm-sidecar: cannot start the runtime: {err}");
+        ExitCode::FAILURE
+    })?;
+    Ok((settings, rt))
+}
+
+fn run(config_flag: Option<PathBuf>) -> ExitCode {
+    let (mut settings, rt) = match settings_and_runtime() {
+        Ok(pair) => pair,
+        Err(code) => return code,
     };
     if config_flag.is_some() {
         settings.config_path = config_flag;
     }
-    // One crypto provider for the whole process, before any TLS is set up.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("llm-sidecar: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
     rt.block_on(async move {
         // Trace export runs on the runtime, so logging and tracing start inside it.
         let traces = match telemetry::init(

@@ -5,6 +5,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -17,6 +18,18 @@ KEYS = {
     "GEMINI_API_KEY": "sk-py-gemini-key",
     "OPENAI_API_KEY": "sk-py-openai-key",
 }
+
+
+def eventually(check, what, timeout=20.0):
+    """Polls `check` until it returns a true value (the admin port has no push channel)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def _lines(stream):

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 import otlp
-from conftest import KEYS, start_sidecar
+from conftest import KEYS, eventually, start_sidecar
 
 # The relay side of `flaky` always answers 500: two attempts there (the retry), then the
 # official side answers.
@@ -260,16 +260,6 @@ def test_content_is_recorded_only_when_enabled(routing_config):
     assert answer.choices[0].message.content in attempt.attributes["gen_ai.output.messages"]
 
 
-def eventually(check, what, timeout=20.0):
-    """Polls `check` until it returns a true value (the admin port has no push channel)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("collector", ["refusing", "failing"])
