@@ -313,16 +313,19 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     }
 }
 
+/// An environment made of `pairs`, for the settings tests here and in other modules.
+#[cfg(test)]
+pub(crate) fn env_of(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use env_of as env;
 
     #[test]
     fn defaults_bind_loopback() {

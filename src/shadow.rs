@@ -232,49 +232,41 @@ impl Shadows {
             .then(|| estimate_prompt_tokens(&request.body));
         let primary = with_estimates(primary, estimated_prompt);
         let shadow = with_estimates(shadow, estimated_prompt);
-        if !(200..300).contains(&shadow.status) || !shadow.complete {
-            self.count("shadow_error");
-            self.log(
-                request,
-                target,
-                primary_target,
-                &primary,
-                &shadow,
-                None,
-                "shadow_error",
-            );
-            return "shadow_error";
-        }
-        let score = equivalence(&primary.text, &shadow.text);
-        let equivalent = score >= cfg.equivalence_threshold;
-        let outcome = if equivalent {
-            "equivalent"
+        let (outcome, score) = if !(200..300).contains(&shadow.status) || !shadow.complete {
+            ("shadow_error", None)
         } else {
-            "different"
+            let score = equivalence(&primary.text, &shadow.text);
+            let equivalent = score >= cfg.equivalence_threshold;
+            {
+                let mut c = self.compared.lock().unwrap_or_else(|p| p.into_inner());
+                c.0 += u64::from(equivalent);
+                c.1 += 1;
+                self.metrics
+                    .shadow_equivalence_rate
+                    .set(c.0 as f64 / c.1 as f64);
+            }
+            let latency_delta = shadow.latency.as_secs_f64() - primary.latency.as_secs_f64();
+            self.metrics.shadow_equivalence.observe(score);
+            self.metrics.shadow_latency_delta.observe(latency_delta);
+            if !span.is_disabled() {
+                span.set_attribute("llm_sidecar.shadow.equivalence_score", score);
+                span.set_attribute("llm_sidecar.shadow.latency_delta", latency_delta);
+            }
+            let outcome = if equivalent {
+                "equivalent"
+            } else {
+                "different"
+            };
+            (outcome, Some(score))
         };
         self.count(outcome);
-        {
-            let mut c = self.compared.lock().unwrap_or_else(|p| p.into_inner());
-            c.0 += u64::from(equivalent);
-            c.1 += 1;
-            self.metrics
-                .shadow_equivalence_rate
-                .set(c.0 as f64 / c.1 as f64);
-        }
-        let latency_delta = shadow.latency.as_secs_f64() - primary.latency.as_secs_f64();
-        self.metrics.shadow_equivalence.observe(score);
-        self.metrics.shadow_latency_delta.observe(latency_delta);
-        if !span.is_disabled() {
-            span.set_attribute("llm_sidecar.shadow.equivalence_score", score);
-            span.set_attribute("llm_sidecar.shadow.latency_delta", latency_delta);
-        }
         self.log(
             request,
             target,
             primary_target,
             &primary,
             &shadow,
-            Some(score),
+            score,
             outcome,
         );
         outcome

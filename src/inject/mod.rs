@@ -211,8 +211,9 @@ pub fn review(pod: &Pod, namespace: &str, scope: Scope, template: &Template) -> 
     };
 
     let mut patch = Vec::new();
+    let base_url = template.base_url();
     for (i, app) in spec.containers.iter().enumerate() {
-        patch.extend(app_env(i, app, &template.base_url()));
+        patch.extend(app_env(i, app, &base_url));
     }
     match mode {
         Mode::Native => match &spec.init_containers {

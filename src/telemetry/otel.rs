@@ -618,14 +618,7 @@ pub fn link(span: &tracing::Span, other: &tracing::Span) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::settings::env_of as env;
 
     #[test]
     fn off_without_an_endpoint_or_when_disabled() {
