@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 BODY = b'{"model":"deepseek-v3.2","messages":[{"role":"user","content":"Say hello."}]}'
-TARGETS = ("direct", "nginx", "sidecar", "traced", "sampled")
+TARGETS = ("direct", "nginx", "sidecar", "stack", "traced", "sampled")
 
 
 def die(msg):
@@ -134,6 +134,13 @@ def summary(results_path, rss_mb, span_counts):
     rss = float(rss_mb)
     print(f"sidecar peak RSS (VmHWM): {rss:.1f} MB")
     print(f"sidecar / nginx req/s: {ratio:.2f} (target >= 0.90); RSS target < 30 MB")
+    stack = agg["stack"]
+    stack_ratio = stack["rps"] / n["rps"] if n["rps"] > 0 else 0.0
+    print(
+        f"stack floor / nginx req/s: {stack_ratio:.2f} (tokio + hyper server + pooled hyper client, "
+        f"none of the sidecar's work); sidecar / stack floor: "
+        f"{s['rps'] / stack['rps'] if stack['rps'] > 0 else 0.0:.2f}"
+    )
     traced = agg["traced"]
     cost = 1 - traced["rps"] / s["rps"] if s["rps"] > 0 else 0.0
     sampled = agg["sampled"]
@@ -142,7 +149,8 @@ def summary(results_path, rss_mb, span_counts):
     print(f"tracing on, 10 % of requests sampled (parentbased_traceidratio 0.1): {sampled_cost * 100:.1f} % fewer req/s")
     print(
         f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
-        f"sidecar_vs_nginx={ratio:.2f} added_p50_ms={s['p50'] - d['p50']:.2f} "
+        f"sidecar_vs_nginx={ratio:.2f} stack_rps={stack['rps']:.1f} stack_vs_nginx={stack_ratio:.2f} "
+        f"added_p50_ms={s['p50'] - d['p50']:.2f} "
         f"added_p99_ms={s['p99'] - d['p99']:.2f} sidecar_rss_mb={rss:.1f} "
         f"traced_rps={traced['rps']:.1f} tracing_cost={cost:.3f} sampled_rps={sampled['rps']:.1f} "
         f"sampled_tracing_cost={sampled_cost:.3f} {span_counts}"

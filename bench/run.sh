@@ -3,15 +3,18 @@
 #   direct  - the fake provider itself            (POST /holysheep/v1/chat/completions)
 #   nginx   - nginx reverse proxy in front of it  (same path, nothing rewritten)
 #   sidecar - llm-sidecar in front of it          (POST /v1/chat/completions, model deepseek-v3.2)
+#   stack   - examples/stack_floor.rs in front of it: the same tokio, hyper server and pooled
+#             hyper client data flow as the sidecar with none of its work; the stack's floor
 #   traced  - the same with trace export on: OTLP/HTTP to a sink in nginx (every span exported)
 #   sampled - the same with 10 % of requests sampled (parentbased_traceidratio 0.1)
 # Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
-#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=… traced_rps=… tracing_cost=… sampled_rps=… sampled_tracing_cost=…
+#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… stack_rps=… stack_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=… traced_rps=… tracing_cost=… sampled_rps=… sampled_tracing_cost=…
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
 # with nginx (the practical floor for a proxy here), not with direct.
 #
 # Environment: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds per target (1),
-# THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN (skip the build),
+# THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN and STACK_FLOOR_BIN
+# (skip the build; the floor defaults to examples/stack_floor next to LLM_SIDECAR_BIN),
 # STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
 # only, e.g. "TOKIO_WORKER_THREADS=1").
 set -euo pipefail
@@ -59,25 +62,28 @@ fi
 # --- build -------------------------------------------------------------------------------
 if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
     BIN="$LLM_SIDECAR_BIN"
+    STACK_BIN="${STACK_FLOOR_BIN:-$(dirname "$BIN")/examples/stack_floor}"
 else
-    log "cargo build --release"
-    (cd "$ROOT" && cargo build --release) >&2
+    log "cargo build --release --bin llm-sidecar --example stack_floor"
+    (cd "$ROOT" && cargo build --release --bin llm-sidecar --example stack_floor) >&2
     target_dir="${CARGO_TARGET_DIR:-target}"
     case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
     BIN="$target_dir/release/llm-sidecar"
+    STACK_BIN="$target_dir/release/examples/stack_floor"
 fi
 [ -x "$BIN" ] || die "no executable at $BIN"
+[ -x "$STACK_BIN" ] || die "no executable at $STACK_BIN (cargo build --release --example stack_floor)"
 
 # --- processes and cleanup ---------------------------------------------------------------
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/llm-sidecar-bench.XXXXXX")"
-FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID="" SAMPLED_PID=""
+FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID="" SAMPLED_PID="" STACK_PID=""
 
 cleanup() {
     local pid
-    for pid in "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$STACK_PID" "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
     done
-    for pid in "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$STACK_PID" "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
     done
     rm -rf "$TMP"
@@ -94,7 +100,7 @@ fail_with_log() { # NAME LOGFILE MESSAGE
 }
 alive() { kill -0 "$1" 2>/dev/null; }
 
-read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT SAMPLED_PORT SAMPLED_ADMIN_PORT < <(python3 "$UTIL" ports 8)
+read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT SAMPLED_PORT SAMPLED_ADMIN_PORT STACK_PORT < <(python3 "$UTIL" ports 9)
 
 # Fake provider.
 "$BIN" fake-provider --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
@@ -152,14 +158,21 @@ SAMPLED_PID=$!
 python3 "$UTIL" wait-http "http://127.0.0.1:$SAMPLED_ADMIN_PORT/ready" "$READY_TIMEOUT" ||
     fail_with_log sampled "$TMP/sampled.log" "sampled sidecar did not become ready"
 
+# The stack's floor: the sidecar's tokio and hyper data flow, none of its work.
+"$STACK_BIN" "127.0.0.1:$STACK_PORT" "127.0.0.1:$FAKE_PORT" /holysheep/v1/chat/completions >"$TMP/stack.log" 2>&1 &
+STACK_PID=$!
+python3 "$UTIL" wait-tcp "$STACK_PORT" "$READY_TIMEOUT" ||
+    fail_with_log stack "$TMP/stack.log" "the stack floor did not start"
+
 declare -A URL=(
     [direct]="http://127.0.0.1:$FAKE_PORT/holysheep/v1/chat/completions"
     [nginx]="http://127.0.0.1:$NGINX_PORT/holysheep/v1/chat/completions"
     [sidecar]="http://127.0.0.1:$SIDECAR_PORT/v1/chat/completions"
+    [stack]="http://127.0.0.1:$STACK_PORT/v1/chat/completions"
     [traced]="http://127.0.0.1:$TRACED_PORT/v1/chat/completions"
     [sampled]="http://127.0.0.1:$SAMPLED_PORT/v1/chat/completions"
 )
-TARGETS=(direct nginx sidecar traced sampled)
+TARGETS=(direct nginx sidecar stack traced sampled)
 
 # One request through each target must succeed before any load.
 for t in "${TARGETS[@]}"; do
@@ -182,7 +195,7 @@ run_wrk() {
         echo "$out" >&2
         die "$target: $RESULT (request errors or non-2xx responses)"
     fi
-    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$TRACED_PID" "$SAMPLED_PID"; do
+    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$STACK_PID" "$TRACED_PID" "$SAMPLED_PID"; do
         alive "$pid" || die "a benchmark process (pid $pid) died during the $target run"
     done
 }

@@ -63,6 +63,124 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
+/// The raw text of a top-level field of a JSON object (the last, when the key repeats), found
+/// without parsing any value: only the object's structure is followed. `None` when `json` is not
+/// an object or lacks the key. The value is the caller's to parse. An answer's `usage` is read
+/// this way: a full parse of the answer would cost more than the rest of proxying it.
+pub fn top_level_field<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let mut found = None;
+    top_level_fields(json, |key, value| {
+        if key_is(key, name) {
+            found = Some(value);
+        }
+    })?;
+    found
+}
+
+/// Calls `each(quoted key, raw value)` for every top-level field of the JSON object `json`, in
+/// order; `None` when `json` is not a whole object.
+pub fn top_level_fields<'a>(
+    json: &'a [u8],
+    mut each: impl FnMut(&'a [u8], &'a [u8]),
+) -> Option<()> {
+    let mut i = skip_whitespace(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_whitespace(json, i + 1);
+    if json.get(i) == Some(&b'}') {
+        return Some(());
+    }
+    loop {
+        if json.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(json, i)?;
+        let key = &json[i..key_end];
+        i = skip_whitespace(json, key_end);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_whitespace(json, i + 1);
+        let value_end = value_end(json, i)?;
+        each(key, &json[i..value_end]);
+        i = skip_whitespace(json, value_end);
+        match json.get(i)? {
+            b',' => i = skip_whitespace(json, i + 1),
+            b'}' => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_whitespace(json: &[u8], mut i: usize) -> usize {
+    while json
+        .get(i)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// Past the closing quote of the string opening at `start`.
+fn string_end(json: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        let at = i + memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        if json[at] == b'"' {
+            return Some(at + 1);
+        }
+        // A backslash escapes the next byte (`\uXXXX` has no quote or backslash after it).
+        i = at + 2;
+    }
+}
+
+/// Past the end of the value starting at `start`.
+fn value_end(json: &[u8], start: usize) -> Option<usize> {
+    let (open, close) = match json.get(start)? {
+        b'"' => return string_end(json, start),
+        b'{' => (b'{', b'}'),
+        b'[' => (b'[', b']'),
+        _ => {
+            let len = json[start..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))?;
+            return (len > 0).then_some(start + len);
+        }
+    };
+    // In well-formed JSON the brackets of one kind balance on their own: outside strings,
+    // only those of the value's kind need counting.
+    let mut depth = 0usize;
+    let mut i = start;
+    loop {
+        i += memchr::memchr3(b'"', open, close, json.get(i..)?)?;
+        match json[i] {
+            b'"' => {
+                i = string_end(json, i)?;
+                continue;
+            }
+            b if b == open => depth += 1,
+            _ => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+        }
+        i += 1;
+    }
+}
+
+/// Whether the quoted JSON string `quoted` is `name`; escapes are decoded only when present.
+pub fn key_is(quoted: &[u8], name: &str) -> bool {
+    let inner = &quoted[1..quoted.len() - 1];
+    if !inner.contains(&b'\\') {
+        return inner == name.as_bytes();
+    }
+    serde_json::from_slice::<String>(quoted).is_ok_and(|key| key == name)
+}
+
 impl<'a> RequestBody<'a> {
     /// Parses a request body; the error says what is wrong in words a client can act on.
     pub fn parse(bytes: &'a [u8]) -> Result<RequestBody<'a>, String> {
@@ -185,6 +303,62 @@ pub fn model_object(id: &str, created: u64) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_level_fields_are_found_by_structure_alone() {
+        let answer = br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} } ] , \\","usage":{"prompt_tokens":1}},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":13},"model":"m"}"#;
+        assert_eq!(
+            top_level_field(answer, "usage"),
+            Some(&br#"{"prompt_tokens":3,"completion_tokens":13}"#[..])
+        );
+        assert_eq!(top_level_field(answer, "model"), Some(&br#""m""#[..]));
+        assert_eq!(top_level_field(answer, "absent"), None);
+        let spaced = b" {\n \"n\" : -1.5e3 ,\t\"usage\" :null , \"b\":true}\n";
+        assert_eq!(top_level_field(spaced, "n"), Some(&b"-1.5e3"[..]));
+        assert_eq!(top_level_field(spaced, "usage"), Some(&b"null"[..]));
+        assert_eq!(top_level_field(spaced, "b"), Some(&b"true"[..]));
+        // The last of repeated keys wins, as in a full parse; escaped keys are decoded.
+        assert_eq!(
+            top_level_field(br#"{"usage":1,"usage":2}"#, "usage"),
+            Some(&b"2"[..])
+        );
+        assert_eq!(
+            top_level_field(br#"{"\u0075sage":[7]}"#, "usage"),
+            Some(&b"[7]"[..])
+        );
+        let mixed = br#"{"a":[{"b":"]}"},[[]],{"c":["{"]}],"o":{"x":[1,{"y":"}"}]},"usage":5}"#;
+        assert_eq!(top_level_field(mixed, "usage"), Some(&b"5"[..]));
+        assert_eq!(
+            top_level_field(mixed, "o"),
+            Some(&br#"{"x":[1,{"y":"}"}]}"#[..])
+        );
+        // A nested key never matches; what is not a whole object finds nothing.
+        assert_eq!(top_level_field(br#"{"a":{"usage":1}}"#, "usage"), None);
+        for broken in [
+            &b""[..],
+            b"[1]",
+            b"{}",
+            br#"{"usage""#,
+            br#"{"usage":"#,
+            br#"{"usage":{"prompt_tokens":1}"#,
+            br#"{"usage":"open"#,
+            br#"{"usage":12"#,
+            br#"{usage:1}"#,
+            br#"{"a":1 "usage":2}"#,
+        ] {
+            assert_eq!(
+                top_level_field(broken, "usage"),
+                None,
+                "{}",
+                String::from_utf8_lossy(broken)
+            );
+        }
+        // What it finds is what a full parse finds.
+        let full: serde_json::Value = serde_json::from_slice(answer).unwrap();
+        let raw: serde_json::Value =
+            serde_json::from_slice(top_level_field(answer, "usage").unwrap()).unwrap();
+        assert_eq!(raw, full["usage"]);
+    }
 
     #[test]
     fn rewrites_model_and_keeps_everything_else_verbatim() {

@@ -147,7 +147,12 @@ pub struct Provider {
     /// The `Host` header for requests to this provider.
     pub host_header: HeaderValue,
     pub key: KeySource,
+    /// The upstream URIs of the model endpoints, built once: most requests use one of them.
+    model_endpoints: Vec<(&'static str, Uri)>,
 }
+
+/// The client paths whose upstream URI a provider keeps ready.
+const MODEL_ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 /// What a request needs for its Authorization header.
 pub enum Auth {
@@ -190,7 +195,7 @@ impl Provider {
         let path_prefix = uri.path().trim_end_matches('/').to_string();
         let host_header = HeaderValue::from_str(authority.as_str())
             .map_err(|_| format!("`{base_url}` has a host that is not a valid header value"))?;
-        Ok(Provider {
+        let mut provider = Provider {
             host_header,
             name,
             kind,
@@ -199,11 +204,26 @@ impl Provider {
             authority,
             path_prefix,
             key,
-        })
+            model_endpoints: Vec::new(),
+        };
+        provider.model_endpoints = MODEL_ENDPOINTS
+            .iter()
+            .map(|path| Ok((*path, provider.build_uri(path, None)?)))
+            .collect::<Result<_, String>>()?;
+        Ok(provider)
     }
 
     /// Maps the client's `/v1/<rest>` path onto this provider's base URL.
     pub fn upstream_uri(&self, client_path: &str, query: Option<&str>) -> Result<Uri, String> {
+        if query.is_none() {
+            if let Some((_, uri)) = self.model_endpoints.iter().find(|(p, _)| *p == client_path) {
+                return Ok(uri.clone());
+            }
+        }
+        self.build_uri(client_path, query)
+    }
+
+    fn build_uri(&self, client_path: &str, query: Option<&str>) -> Result<Uri, String> {
         let rest = client_path.strip_prefix("/v1").unwrap_or(client_path);
         let mut path_and_query = String::with_capacity(self.path_prefix.len() + rest.len() + 16);
         path_and_query.push_str(&self.path_prefix);

@@ -4,6 +4,7 @@
 //! a cut, stall or broken chunk is never passed off as success: the answer is continued on a
 //! prefill-capable target or the stream ends with an explicit error event and no `[DONE]`.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -145,21 +146,19 @@ impl AttemptKind {
     }
 }
 
-/// What a plain answer's body says about itself.
+/// What a plain answer's body says about itself, for the attempt span.
 #[derive(Default, serde::Deserialize)]
-struct PlainAnswer {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    usage: Option<Value>,
-    #[serde(default)]
-    choices: Vec<PlainChoice>,
+struct PlainAnswer<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Vec<PlainChoice<'a>>,
 }
 
 #[derive(serde::Deserialize)]
-struct PlainChoice {
-    #[serde(default)]
-    finish_reason: Option<String>,
+struct PlainChoice<'a> {
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 /// What one answer (or one part of a continued stream) reported.
@@ -173,15 +172,23 @@ struct Reported {
 }
 
 impl Reported {
-    fn from_plain(bytes: &[u8]) -> Reported {
+    /// Reads a plain answer: its usage always, the rest only for a `traced` request.
+    fn from_plain(bytes: &[u8], traced: bool) -> Reported {
+        let usage = crate::openai::top_level_field(bytes, "usage").and_then(Usage::from_raw);
+        if !traced {
+            return Reported {
+                usage,
+                ..Reported::default()
+            };
+        }
         let answer: PlainAnswer = serde_json::from_slice(bytes).unwrap_or_default();
         Reported {
-            usage: answer.usage.as_ref().and_then(Usage::from_json),
-            model: answer.model,
+            usage,
+            model: answer.model.map(Cow::into_owned),
             finish_reasons: answer
                 .choices
                 .into_iter()
-                .filter_map(|c| c.finish_reason)
+                .filter_map(|c| c.finish_reason.map(Cow::into_owned))
                 .collect(),
             content: otel::record_content().then(|| cut(&String::from_utf8_lossy(bytes))),
         }
@@ -274,8 +281,15 @@ async fn read_answer(
     let mut read: Vec<Bytes> = Vec::new();
     let mut size = 0;
     loop {
-        let until = (Instant::now() + idle).min(deadline);
-        match tokio::time::timeout_at(until, body.frame()).await {
+        // A frame already read from the connection needs no timer.
+        let next = match futures_util::FutureExt::now_or_never(body.frame()) {
+            Some(frame) => Ok(frame),
+            None => {
+                let until = (Instant::now() + idle).min(deadline);
+                tokio::time::timeout_at(until, body.frame()).await
+            }
+        };
+        match next {
             Err(_) => {
                 return Err(Failure::ConnectionLost(format!(
                     "the answer body stalled (no data for {idle:?}, or the deadline passed)"
@@ -1338,7 +1352,7 @@ impl Exchange {
                         if let Some(lease) = lease {
                             lease.release();
                         }
-                        let reported = Reported::from_plain(&bytes);
+                        let reported = Reported::from_plain(&bytes, !span.is_disabled());
                         let bill = self.settle(target, &step.route, &span, started, reported);
                         if let Some(cost) = bill.cost {
                             if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {

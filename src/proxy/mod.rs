@@ -38,30 +38,6 @@ pub const HEADER_GENERATION: HeaderName =
 pub const HEADER_TRACE_ID: HeaderName = HeaderName::from_static("x-llm-sidecar-trace-id");
 const OWN_HEADER_PREFIX: &str = "x-llm-sidecar-";
 
-/// Headers that belong to one hop only.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Request headers carrying the app's own credentials, or recomputed for the upstream.
-const APP_ONLY: [HeaderName; 8] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("api-key"),
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("openai-organization"),
-    HeaderName::from_static("openai-project"),
-    header::PROXY_AUTHORIZATION,
-    header::HOST,
-    header::CONTENT_LENGTH,
-];
-
 /// Limits the proxy enforces on every request.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -690,9 +666,28 @@ fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
 
 /// Removes the headers that belong to one hop only.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    while let Some(name) = headers
+        .keys()
+        .find(|name| is_hop_by_hop(name.as_str()))
+        .cloned()
+    {
+        headers.remove(&name);
     }
+}
+
+/// Headers that belong to one hop only.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
@@ -728,22 +723,38 @@ pub(crate) fn decide_side(
 }
 
 pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
-    let mut extra: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    extra.extend(
-        headers
-            .keys()
-            .filter(|name| name.as_str().starts_with(OWN_HEADER_PREFIX))
-            .cloned(),
-    );
-    for name in HOP_BY_HOP.iter().chain(APP_ONLY.iter()).chain(extra.iter()) {
-        headers.remove(name);
+    let listed = headers.get(header::CONNECTION).cloned();
+    let doomed = |name: &HeaderName| {
+        let name = name.as_str();
+        is_hop_by_hop(name)
+            // The app's own credentials, and what is recomputed for the upstream.
+            || matches!(
+                name,
+                "authorization"
+                    | "api-key"
+                    | "x-api-key"
+                    | "openai-organization"
+                    | "openai-project"
+                    | "proxy-authorization"
+                    | "host"
+                    | "content-length"
+            )
+            || name.starts_with(OWN_HEADER_PREFIX)
+            || listed.as_ref().is_some_and(|value| connection_lists(value, name))
+    };
+    // A request has a few headers: finding each one to drop by a scan is cheaper than a
+    // lookup for every name that might be there.
+    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
+        headers.remove(&name);
     }
+}
+
+/// Whether a `Connection` header value names the header `name` (lower case).
+fn connection_lists(value: &HeaderValue, name: &str) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .any(|listed| listed.trim().eq_ignore_ascii_case(name))
+    })
 }
 
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
@@ -767,7 +778,15 @@ mod tests {
             ("authorization", "Bearer sk-app"),
             ("x-api-key", "sk-app"),
             ("openai-organization", "org-app"),
-            ("connection", "keep-alive, x-hop"),
+            ("openai-project", "proj-app"),
+            ("api-key", "sk-app"),
+            ("proxy-authorization", "Basic app"),
+            ("host", "127.0.0.1:4000"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("connection", "keep-alive, X-Hop"),
             ("x-hop", "1"),
             ("x-llm-sidecar-prefer", "a"),
             ("content-type", "application/json"),

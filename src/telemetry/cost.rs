@@ -37,6 +37,42 @@ impl Usage {
         })
     }
 
+    /// [`Usage::from_json`] on the raw text of a `usage` object, without building a JSON tree:
+    /// the counts are read as written, and one that is not a non-negative integer is absent.
+    pub fn from_raw(usage: &[u8]) -> Option<Usage> {
+        use crate::openai::{key_is, top_level_field, top_level_fields};
+        let count = |raw: Option<&[u8]>| {
+            raw.and_then(|r| std::str::from_utf8(r).ok())
+                .and_then(|r| r.parse::<u64>().ok())
+        };
+        let (mut input, mut output, mut hit, mut details) = (None, None, None, None);
+        top_level_fields(usage, |key, value| {
+            let slot = if key_is(key, "prompt_tokens") {
+                &mut input
+            } else if key_is(key, "completion_tokens") {
+                &mut output
+            } else if key_is(key, "prompt_cache_hit_tokens") {
+                &mut hit
+            } else if key_is(key, "prompt_tokens_details") {
+                &mut details
+            } else {
+                return;
+            };
+            *slot = Some(value);
+        })?;
+        let input = count(input)?;
+        let cached_input = details
+            .and_then(|d| count(top_level_field(d, "cached_tokens")))
+            .or_else(|| count(hit))
+            .unwrap_or(0)
+            .min(input);
+        Some(Usage {
+            input,
+            output: count(output).unwrap_or(0),
+            cached_input,
+        })
+    }
+
     pub fn add(&mut self, other: Usage) {
         self.input += other.input;
         self.output += other.output;
@@ -93,6 +129,32 @@ impl Bill {
 
 /// A USD amount for a header or a log line: up to 9 decimals, no trailing zeros.
 pub fn format_usd(usd: f64) -> String {
+    // The usual case in integer arithmetic, digit by digit: float formatting costs more than
+    // the rest of pricing an answer.
+    if (0.0..1e9).contains(&usd) {
+        let nanos = (usd * 1e9).round() as u64;
+        let mut digits = [b'0'; 20];
+        let mut start = digits.len();
+        let mut rest = nanos;
+        while rest > 0 || start > digits.len() - 10 {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        // At least ten digits: the whole part, then nine decimals.
+        let (whole, fraction) = digits[start..].split_at(digits.len() - start - 9);
+        let fraction = &fraction[..fraction
+            .iter()
+            .rposition(|d| *d != b'0')
+            .map_or(0, |i| i + 1)];
+        let mut text = String::with_capacity(whole.len() + fraction.len() + 1);
+        text.extend(whole.iter().map(|d| char::from(*d)));
+        if !fraction.is_empty() {
+            text.push('.');
+            text.extend(fraction.iter().map(|d| char::from(*d)));
+        }
+        return text;
+    }
     let text = format!("{usd:.9}");
     let text = text.trim_end_matches('0');
     text.strip_suffix('.').unwrap_or(text).to_string()
@@ -169,5 +231,57 @@ mod tests {
         assert_eq!(format_usd(0.00063), "0.00063");
         assert_eq!(format_usd(1.0), "1");
         assert_eq!(format_usd(0.0), "0");
+        assert_eq!(format_usd(12.5), "12.5");
+        assert_eq!(format_usd(0.00000609), "0.00000609");
+        assert_eq!(format_usd(-0.25), "-0.25");
+        // The integer path agrees with formatting the float to nine places.
+        let by_float = |usd: f64| {
+            let text = format!("{usd:.9}");
+            let text = text.trim_end_matches('0');
+            text.strip_suffix('.').unwrap_or(text).to_string()
+        };
+        let mut usd = 0.000000001;
+        while usd < 1000.0 {
+            for x in [usd, usd * 1.37, usd * 7.919, usd * 3.3333] {
+                assert_eq!(format_usd(x), by_float(x), "{x}");
+            }
+            usd *= 1.9;
+        }
+    }
+
+    #[test]
+    fn usage_from_raw_text_reads_like_the_json_tree() {
+        for text in [
+            r#"{"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}"#,
+            r#"{"prompt_tokens": 8, "total_tokens": 8}"#,
+            r#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0}}"#,
+            r#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_cache_hit_tokens": 80, "prompt_cache_miss_tokens": 10}"#,
+            r#"{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 64}}"#,
+            r#"{"prompt_tokens": 10, "prompt_tokens_details": null, "prompt_cache_hit_tokens": 4}"#,
+            r#"{"prompt_tokens": 10, "prompt_tokens_details": "none", "completion_tokens": null}"#,
+            r#"{"prompt_tokens": 10.5, "completion_tokens": 1}"#,
+            r#"{"prompt_tokens": -3}"#,
+            r#"{"prompt_tokens": "12"}"#,
+            r#"{"completion_tokens": 3}"#,
+            r#"{"prompt_tokens": 7, "completion_tokens": {"nested": [1, 2]}}"#,
+            r#"null"#,
+            r#"[1, 2]"#,
+            r#""usage""#,
+        ] {
+            let tree: Value = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                Usage::from_raw(text.as_bytes()),
+                Usage::from_json(&tree),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            Usage::from_raw(br#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}}"#),
+            Some(Usage {
+                input: 90,
+                output: 5,
+                cached_input: 64
+            })
+        );
     }
 }
