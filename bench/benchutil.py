@@ -137,8 +137,8 @@ def summary(results_path, rss_mb, span_counts):
     stack = agg["stack"]
     stack_ratio = stack["rps"] / n["rps"] if n["rps"] > 0 else 0.0
     print(
-        f"stack floor / nginx req/s: {stack_ratio:.2f} (tokio + hyper server + pooled hyper client, "
-        f"none of the sidecar's work); sidecar / stack floor: "
+        f"stack floor / nginx req/s: {stack_ratio:.2f} (the sidecar's server loop and upstream pool, "
+        f"none of its work); sidecar / stack floor: "
         f"{s['rps'] / stack['rps'] if stack['rps'] > 0 else 0.0:.2f}"
     )
     traced = agg["traced"]

@@ -3,8 +3,8 @@
 #   direct  - the fake provider itself            (POST /holysheep/v1/chat/completions)
 #   nginx   - nginx reverse proxy in front of it  (same path, nothing rewritten)
 #   sidecar - llm-sidecar in front of it          (POST /v1/chat/completions, model deepseek-v3.2)
-#   stack   - examples/stack_floor.rs in front of it: the same tokio, hyper server and pooled
-#             hyper client data flow as the sidecar with none of its work; the stack's floor
+#   stack   - examples/stack_floor.rs in front of it: the sidecar's own server loop and
+#             upstream pool doing only the data flow, none of its work; the stack's floor
 #   traced  - the same with trace export on: OTLP/HTTP to a sink in nginx (every span exported)
 #   sampled - the same with 10 % of requests sampled (parentbased_traceidratio 0.1)
 # Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
@@ -158,7 +158,7 @@ SAMPLED_PID=$!
 python3 "$UTIL" wait-http "http://127.0.0.1:$SAMPLED_ADMIN_PORT/ready" "$READY_TIMEOUT" ||
     fail_with_log sampled "$TMP/sampled.log" "sampled sidecar did not become ready"
 
-# The stack's floor: the sidecar's tokio and hyper data flow, none of its work.
+# The stack's floor: the sidecar's server loop and upstream pool, none of its work.
 "$STACK_BIN" "127.0.0.1:$STACK_PORT" "127.0.0.1:$FAKE_PORT" /holysheep/v1/chat/completions >"$TMP/stack.log" 2>&1 &
 STACK_PID=$!
 python3 "$UTIL" wait-tcp "$STACK_PORT" "$READY_TIMEOUT" ||

@@ -19,26 +19,14 @@ impl Usage {
     /// embeddings) and cached input as OpenAI (`prompt_tokens_details.cached_tokens`) or
     /// DeepSeek (`prompt_cache_hit_tokens`) report it.
     pub fn from_json(usage: &Value) -> Option<Usage> {
-        let input = usage.get("prompt_tokens")?.as_u64()?;
-        let output = usage
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let cached_input = usage
-            .pointer("/prompt_tokens_details/cached_tokens")
-            .and_then(Value::as_u64)
-            .or_else(|| usage.get("prompt_cache_hit_tokens").and_then(Value::as_u64))
-            .unwrap_or(0)
-            .min(input);
-        Some(Usage {
-            input,
-            output,
-            cached_input,
-        })
+        // One set of reading rules: the tree's text, read as an answer's raw usage is.
+        serde_json::to_vec(usage)
+            .ok()
+            .and_then(|text| Usage::from_raw(&text))
     }
 
-    /// [`Usage::from_json`] on the raw text of a `usage` object, without building a JSON tree:
-    /// the counts are read as written, and one that is not a non-negative integer is absent.
+    /// Reads the raw text of a `usage` object without building a JSON tree: the counts are read
+    /// as written, and one that is not a non-negative integer is absent.
     pub fn from_raw(usage: &[u8]) -> Option<Usage> {
         use crate::openai::{key_is, top_level_field, top_level_fields};
         let count = |raw: Option<&[u8]>| {
@@ -250,38 +238,59 @@ mod tests {
     }
 
     #[test]
-    fn usage_from_raw_text_reads_like_the_json_tree() {
-        for text in [
-            r#"{"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}"#,
-            r#"{"prompt_tokens": 8, "total_tokens": 8}"#,
-            r#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0}}"#,
-            r#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_cache_hit_tokens": 80, "prompt_cache_miss_tokens": 10}"#,
-            r#"{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 64}}"#,
-            r#"{"prompt_tokens": 10, "prompt_tokens_details": null, "prompt_cache_hit_tokens": 4}"#,
-            r#"{"prompt_tokens": 10, "prompt_tokens_details": "none", "completion_tokens": null}"#,
-            r#"{"prompt_tokens": 10.5, "completion_tokens": 1}"#,
-            r#"{"prompt_tokens": -3}"#,
-            r#"{"prompt_tokens": "12"}"#,
-            r#"{"completion_tokens": 3}"#,
-            r#"{"prompt_tokens": 7, "completion_tokens": {"nested": [1, 2]}}"#,
-            r#"null"#,
-            r#"[1, 2]"#,
-            r#""usage""#,
-        ] {
-            let tree: Value = serde_json::from_str(text).unwrap();
-            assert_eq!(
-                Usage::from_raw(text.as_bytes()),
-                Usage::from_json(&tree),
-                "{text}"
-            );
-        }
-        assert_eq!(
-            Usage::from_raw(br#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}}"#),
+    fn usage_from_raw_text_follows_the_reading_rules() {
+        let usage = |input, output, cached_input| {
             Some(Usage {
-                input: 90,
-                output: 5,
-                cached_input: 64
+                input,
+                output,
+                cached_input,
             })
-        );
+        };
+        for (text, want) in [
+            (
+                r#"{"prompt_tokens": 8, "completion_tokens": 5, "total_tokens": 13}"#,
+                usage(8, 5, 0),
+            ),
+            (r#"{"prompt_tokens": 8, "total_tokens": 8}"#, usage(8, 0, 0)),
+            (
+                r#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0}}"#,
+                usage(90, 5, 64),
+            ),
+            (
+                r#"{"prompt_tokens": 90, "completion_tokens": 5, "prompt_cache_hit_tokens": 80, "prompt_cache_miss_tokens": 10}"#,
+                usage(90, 5, 80),
+            ),
+            (
+                r#"{"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 64}}"#,
+                usage(10, 0, 10),
+            ),
+            (
+                r#"{"prompt_tokens": 10, "prompt_tokens_details": null, "prompt_cache_hit_tokens": 4}"#,
+                usage(10, 0, 4),
+            ),
+            (
+                r#"{"prompt_tokens": 10, "prompt_tokens_details": "none", "completion_tokens": null}"#,
+                usage(10, 0, 0),
+            ),
+            (
+                r#"{"prompt_tokens": 7, "completion_tokens": {"nested": [1, 2]}}"#,
+                usage(7, 0, 0),
+            ),
+            (r#" {"\u0070rompt_tokens": 3}"#, usage(3, 0, 0)),
+            (r#"{"prompt_tokens": 10.5, "completion_tokens": 1}"#, None),
+            (r#"{"prompt_tokens": -3}"#, None),
+            (r#"{"prompt_tokens": "12"}"#, None),
+            (r#"{"completion_tokens": 3}"#, None),
+            (r#"null"#, None),
+            (r#"[1, 2]"#, None),
+            (r#""usage""#, None),
+            (r#"{"prompt_tokens": 3"#, None),
+        ] {
+            assert_eq!(Usage::from_raw(text.as_bytes()), want, "{text}");
+            // The JSON tree of the same text reads the same.
+            if let Ok(tree) = serde_json::from_str::<Value>(text) {
+                assert_eq!(Usage::from_json(&tree), want, "{text}");
+            }
+        }
     }
 }
