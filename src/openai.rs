@@ -172,11 +172,112 @@ fn value_end(json: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// The raw text of the last top-level field `name` of the JSON object `json`, found by walking
+/// its members backwards from the closing brace: only the members after the one found are
+/// followed. An answer's `usage` comes at or near its end, so this reads a few dozen bytes where
+/// [`top_level_field`] follows the whole answer. For a well-formed object it finds what
+/// [`top_level_field`] finds; `None` when the walk meets anything but an object's structure.
+pub fn trailing_field<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    // `at` is always the index of the delimiter (`}` or `,`) after the member in hand.
+    let mut at = back_over_whitespace(json, json.len()).checked_sub(1)?;
+    if json[at] != b'}' || json.get(skip_whitespace(json, 0)) != Some(&b'{') {
+        return None;
+    }
+    loop {
+        let value_end = back_over_whitespace(json, at);
+        let value_start = value_start(json, value_end)?;
+        let colon = back_over_whitespace(json, value_start).checked_sub(1)?;
+        if json[colon] != b':' {
+            return None;
+        }
+        let key_end = back_over_whitespace(json, colon);
+        if json.get(key_end.checked_sub(1)?) != Some(&b'"') {
+            return None;
+        }
+        let key_start = string_start(json, key_end - 1)?;
+        if key_is(&json[key_start..key_end], name) {
+            return Some(&json[value_start..value_end]);
+        }
+        at = back_over_whitespace(json, key_start).checked_sub(1)?;
+        match json[at] {
+            b',' => {}
+            // The object's opening brace: no such field (or not an object, if text precedes).
+            _ => return None,
+        }
+    }
+}
+
+/// The start of the whitespace run that ends at `end` (exclusive).
+fn back_over_whitespace(json: &[u8], mut end: usize) -> usize {
+    while end > 0 && matches!(json[end - 1], b' ' | b'\t' | b'\n' | b'\r') {
+        end -= 1;
+    }
+    end
+}
+
+/// Whether the quote at `at` delimits a string: an escaped quote follows an odd run of
+/// backslashes.
+fn is_delimiter(json: &[u8], at: usize) -> bool {
+    let backslashes = json[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+    backslashes % 2 == 0
+}
+
+/// The opening quote of the string whose closing quote is at `close`.
+fn string_start(json: &[u8], close: usize) -> Option<usize> {
+    let mut end = close;
+    loop {
+        let at = memchr::memrchr(b'"', &json[..end])?;
+        if is_delimiter(json, at) {
+            return Some(at);
+        }
+        end = at;
+    }
+}
+
+/// The start of the value that ends at `end` (exclusive).
+fn value_start(json: &[u8], end: usize) -> Option<usize> {
+    let (open, close) = match json.get(end.checked_sub(1)?)? {
+        b'"' => return string_start(json, end - 1),
+        b'}' => (b'{', b'}'),
+        b']' => (b'[', b']'),
+        _ => {
+            let start = json[..end]
+                .iter()
+                .rposition(|b| {
+                    matches!(b, b',' | b':' | b'[' | b'{' | b' ' | b'\t' | b'\n' | b'\r')
+                })
+                .map_or(0, |p| p + 1);
+            return (start < end).then_some(start);
+        }
+    };
+    // As in `value_end`: outside strings, only the brackets of the value's kind need counting.
+    let mut depth = 0usize;
+    let mut i = end;
+    loop {
+        i = memchr::memrchr3(b'"', open, close, &json[..i])?;
+        match json[i] {
+            b'"' => i = string_start(json, i)?,
+            b if b == close => depth += 1,
+            _ => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+        }
+    }
+}
+
 /// Whether the quoted JSON string `quoted` is `name`; escapes are decoded only when present.
 pub fn key_is(quoted: &[u8], name: &str) -> bool {
     let inner = &quoted[1..quoted.len() - 1];
-    if !inner.contains(&b'\\') {
-        return inner == name.as_bytes();
+    if inner == name.as_bytes() {
+        return true;
+    }
+    // An escape is longer than what it stands for: a key written no longer than `name` (and
+    // not equal to it) cannot spell it.
+    if inner.len() <= name.len() || !inner.contains(&b'\\') {
+        return false;
     }
     serde_json::from_slice::<String>(quoted).is_ok_and(|key| key == name)
 }
@@ -303,6 +404,118 @@ pub fn model_object(id: &str, created: u64) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pseudo-random JSON value whose strings are full of quotes, backslashes and brackets.
+    fn random_value(seed: &mut u64, depth: u32) -> serde_json::Value {
+        fn next_of(seed: &mut u64, n: u64) -> u64 {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (*seed >> 33) % n
+        }
+        let next = |seed: &mut u64, n: u64| next_of(seed, n);
+        const PIECES: [&str; 10] = ["a", "\"", "\\", "}", "]", "{", "[", ",", ":", "é\n"];
+        let kind = if depth == 0 {
+            next(seed, 4)
+        } else {
+            next(seed, 6)
+        };
+        match kind {
+            0 => serde_json::Value::from(next(seed, 1000) as i64 - 500),
+            1 => serde_json::Value::Bool(next(seed, 2) == 0),
+            2 => serde_json::Value::Null,
+            3 => (0..next(seed, 6))
+                .map(|_| PIECES[next(seed, 10) as usize])
+                .collect::<String>()
+                .into(),
+            4 => (0..next(seed, 4))
+                .map(|_| random_value(seed, depth - 1))
+                .collect::<Vec<_>>()
+                .into(),
+            _ => {
+                let mut object = serde_json::Map::new();
+                for _ in 0..next(seed, 4) {
+                    let key = ["usage", "a\"b", "x\\", "}"][next(seed, 4) as usize];
+                    object.insert(key.to_string(), random_value(seed, depth - 1));
+                }
+                serde_json::Value::Object(object)
+            }
+        }
+    }
+
+    #[test]
+    fn the_trailing_field_is_the_top_level_field_of_any_well_formed_object() {
+        let mut seed = 7;
+        let mut found = 0;
+        for _ in 0..6000 {
+            let serde_json::Value::Object(object) = random_value(&mut seed, 4) else {
+                continue;
+            };
+            let value = serde_json::Value::Object(object.clone());
+            for text in [
+                value.to_string(),
+                serde_json::to_string_pretty(&value).unwrap(),
+            ] {
+                let text = format!(" \n{text}\t ");
+                for name in ["usage", "a\"b", "x\\", "}", "absent"] {
+                    let trailing = trailing_field(text.as_bytes(), name);
+                    assert_eq!(
+                        trailing,
+                        top_level_field(text.as_bytes(), name),
+                        "{text} {name}"
+                    );
+                    if let Some(raw) = trailing {
+                        let parsed: serde_json::Value = serde_json::from_slice(raw).unwrap();
+                        assert_eq!(Some(&parsed), object.get(name), "{text} {name}");
+                        found += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            found > 2000,
+            "only {found} fields found: the generator is too thin"
+        );
+        // Escaped keys are decoded; a key nested deeper never matches.
+        assert_eq!(
+            trailing_field(br#"{"\u0075sage":[7]}"#, "usage"),
+            Some(&b"[7]"[..])
+        );
+        assert_eq!(trailing_field(br#"{"a":{"usage":1}}"#, "usage"), None);
+        // Only the members after the one found are followed: a fault before it goes unseen,
+        // a fault after it (or a body that is not an object) finds nothing.
+        assert_eq!(
+            trailing_field(br#"{"a":1 "usage":2}"#, "usage"),
+            Some(&b"2"[..])
+        );
+        for broken in [
+            &b""[..],
+            b"}",
+            b"[1]",
+            b"{}",
+            br#"{"usage":2 "a":1}"#,
+            br#"x{"usage":1}"#,
+            br#"{"usage":1]"#,
+            br#"{"usage":{"prompt_tokens":1}"#,
+            br#"{usage:1}"#,
+            br#"{"usage" 1}"#,
+            br#"{:1}"#,
+        ] {
+            assert_eq!(
+                trailing_field(broken, "usage"),
+                None,
+                "{}",
+                String::from_utf8_lossy(broken)
+            );
+        }
+        // Every cut of an answer is walked without a panic.
+        let answer = br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {} } ] , \\","usage":{"prompt_tokens":1}}}],"usage":{"prompt_tokens":3},"model":"m"}"#;
+        for cut in 0..=answer.len() {
+            for start in [0, 1, 5] {
+                let _ = trailing_field(&answer[start.min(cut)..cut], "usage");
+            }
+        }
+    }
 
     #[test]
     fn top_level_fields_are_found_by_structure_alone() {

@@ -263,8 +263,9 @@ impl Provider {
             })
     }
 
-    /// Sets the headers that make a request this provider's: `Host` and the provider's key.
-    /// `Err` carries a hint when the key is missing; the request must not be sent then.
+    /// Sets the headers that make a request this provider's: `Host` and the provider's key (no
+    /// `Authorization` at all for a provider without one). `Err` carries a hint when the key is
+    /// missing; the request must not be sent then.
     pub fn authorize(&self, headers: &mut http::HeaderMap) -> Result<(), String> {
         headers.insert(http::header::HOST, self.host_header.clone());
         match self.auth() {
@@ -272,7 +273,10 @@ impl Provider {
                 headers.insert(http::header::AUTHORIZATION, secret.header_value().clone());
                 Ok(())
             }
-            Auth::None => Ok(()),
+            Auth::None => {
+                headers.remove(http::header::AUTHORIZATION);
+                Ok(())
+            }
             Auth::Missing(hint) => Err(hint),
         }
     }
@@ -336,6 +340,34 @@ mod tests {
                 Provider::new("p".into(), ProviderKind::Relay, base, KeySource::None).unwrap_err();
             assert!(err.contains(needle), "{base}: {err}");
         }
+    }
+
+    #[test]
+    fn authorizing_sets_host_and_key_and_leaves_no_authorization_for_a_keyless_provider() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::HOST, http::HeaderValue::from_static(""));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static(""),
+        );
+        let keyless = provider("http://127.0.0.1:9000/v1");
+        keyless.authorize(&mut headers).unwrap();
+        assert_eq!(headers[http::header::HOST], "127.0.0.1:9000");
+        assert!(headers.get(http::header::AUTHORIZATION).is_none());
+        let keyed = Provider::new(
+            "k".into(),
+            ProviderKind::Relay,
+            "https://relay.example/v1",
+            KeySource::Env {
+                var: "K".into(),
+                value: Some(Arc::new(Secret::bearer("sk-relay").unwrap())),
+            },
+        )
+        .unwrap();
+        keyed.authorize(&mut headers).unwrap();
+        assert_eq!(headers[http::header::HOST], "relay.example");
+        assert_eq!(headers[http::header::AUTHORIZATION], "Bearer sk-relay");
+        assert_eq!(headers.len(), 2);
     }
 
     #[test]

@@ -382,9 +382,27 @@ pub struct Route {
     pub truncate_to_fit: bool,
     pub relay: Option<Target>,
     pub official: Option<Target>,
+    /// The smallest context window of the route and its fallbacks, found on first use (a
+    /// route belongs to one snapshot, whose fallbacks never change).
+    smallest_window: std::sync::OnceLock<Option<u64>>,
 }
 
 impl Route {
+    /// The smallest context window of this route and its fallbacks in `snapshot`, the one
+    /// the route was compiled into.
+    pub fn smallest_window(&self, snapshot: &Snapshot) -> Option<u64> {
+        *self.smallest_window.get_or_init(|| {
+            std::iter::once(self.context_window)
+                .chain(
+                    self.fallbacks
+                        .iter()
+                        .filter_map(|f| snapshot.route(f).map(|r| r.context_window)),
+                )
+                .flatten()
+                .min()
+        })
+    }
+
     pub fn target(&self, side: ProviderKind) -> Option<&Target> {
         match side {
             ProviderKind::Relay => self.relay.as_ref(),
@@ -431,7 +449,8 @@ pub struct Snapshot {
     pub default_route: Option<Arc<Route>>,
     /// `generation` as a ready header value.
     pub generation_header: HeaderValue,
-    by_model: HashMap<String, Arc<Route>>,
+    /// Looked up on every request: a fast seeded hash (the keys are the config's own names).
+    by_model: HashMap<String, Arc<Route>, foldhash::fast::RandomState>,
 }
 
 impl Snapshot {
@@ -687,7 +706,7 @@ pub(crate) fn compile_raw(
         errors.push("routes", "at least one route is required");
     }
     let mut routes = BTreeMap::new();
-    let mut by_model: HashMap<String, Arc<Route>> = HashMap::new();
+    let mut by_model: HashMap<String, Arc<Route>, foldhash::fast::RandomState> = HashMap::default();
     let mut owner: HashMap<String, String> = HashMap::new();
     for (name, r) in raw.routes {
         let path = format!("routes.{name}");
@@ -788,6 +807,7 @@ pub(crate) fn compile_raw(
             truncate_to_fit: r.truncate_to_fit,
             relay,
             official,
+            smallest_window: std::sync::OnceLock::new(),
         });
         for model in std::iter::once(&route.name).chain(route.aliases.iter()) {
             if let Some(first) = owner.get(model) {

@@ -174,7 +174,7 @@ struct Reported {
 impl Reported {
     /// Reads a plain answer: its usage always, the rest only for a `traced` request.
     fn from_plain(bytes: &[u8], traced: bool) -> Reported {
-        let usage = crate::openai::top_level_field(bytes, "usage").and_then(Usage::from_raw);
+        let usage = crate::openai::trailing_field(bytes, "usage").and_then(Usage::from_raw);
         if !traced {
             return Reported {
                 usage,
@@ -398,6 +398,12 @@ impl Exchange {
         // The sidecar's own request headers are read here and never forwarded.
         let mut headers = headers;
         super::strip_request_headers(&mut headers);
+        // Slots for what each attempt's copy gets (`Provider::authorize`, the body's length):
+        // filled in place there, where a new header would grow the copy (a clone has no spare
+        // room). None is sent as it is: `attempt` replaces or drops each.
+        for slot in [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH] {
+            headers.insert(slot, HeaderValue::from_static(""));
+        }
         let stream = parsed.stream;
         let usage_added = stream
             && !parsed
@@ -594,10 +600,16 @@ impl Exchange {
         let uri = provider
             .upstream_uri_from(&self.path_and_query)
             .map_err(Failure::Connect)?;
-        let mut request = Request::new(Full::new(self.body_for(target, prefill, first)));
+        let body = self.body_for(target, prefill, first);
+        let mut headers = self.headers.clone();
+        if body.is_empty() {
+            headers.remove(header::CONTENT_LENGTH);
+        } else {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let mut request = Request::new(Full::new(body));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
-        let mut headers = self.headers.clone();
         if let Err(hint) = provider.authorize(&mut headers) {
             return Err(Failure::Status {
                 status: StatusCode::UNAUTHORIZED,
@@ -1753,15 +1765,7 @@ fn estimate_prompt(snapshot: &Snapshot, route: &Route, parsed: &RequestBody<'_>)
     let prompt = parsed.field("prompt").or_else(|| parsed.field("input"));
     let raw_len =
         messages.map(|m| m.get().len()).unwrap_or(0) + prompt.map(|p| p.get().len()).unwrap_or(0);
-    let smallest = std::iter::once(route)
-        .chain(
-            route
-                .fallbacks
-                .iter()
-                .filter_map(|f| snapshot.route(f).map(|r| r.as_ref())),
-        )
-        .filter_map(|r| r.context_window)
-        .min();
+    let smallest = route.smallest_window(snapshot);
     // No more tokens than bytes: a short prompt fits every window without parsing it.
     if smallest.is_none_or(|w| (raw_len as u64) < w) && !route.truncate_to_fit {
         return (raw_len as u64).div_ceil(4);

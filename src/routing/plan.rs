@@ -182,8 +182,16 @@ pub fn first_step(
     request: &PlanRequest<'_>,
     health: &dyn HealthLookup,
 ) -> Option<Step> {
-    let chain = chain_refs(snapshot, route, request.prefer);
-    let (r, side) = candidates(request.order, &chain).into_iter().next()?;
+    // Every side order starts with the asked route on its first side when that side exists and
+    // no other model is preferred: the chain and its candidates are only built otherwise.
+    let first_side = request.order.first_side();
+    let (r, side) = match (request.prefer, route.target(first_side)) {
+        (None, Some(_)) => (route, first_side),
+        _ => {
+            let chain = chain_refs(snapshot, route, request.prefer);
+            candidates(request.order, &chain).into_iter().next()?
+        }
+    };
     let target = r.target(side)?;
     let fits = r.context_window.is_none_or(|w| request.prompt_tokens <= w);
     let fast = !request.low_latency
@@ -370,6 +378,44 @@ routes:
             ..Default::default()
         };
         assert!(first_step(&snap, &route, &big, &health).is_none());
+    }
+
+    #[test]
+    fn the_first_step_matches_the_full_plan_for_every_order_route_and_preference() {
+        let snap = snapshot("");
+        let health = FakeHealth::default();
+        let orders = [
+            SideOrder::RelayFirst,
+            SideOrder::OfficialFirst,
+            SideOrder::OfficialOnly,
+            SideOrder::FallbackOnly,
+        ];
+        let mut checked = 0;
+        for order in orders {
+            for name in ["deepseek", "kimi", "gemini"] {
+                let route = snap.route(name).unwrap().clone();
+                for prefer in [None, Some("kimi"), Some("gemini"), Some("absent")] {
+                    let request = PlanRequest {
+                        order,
+                        prefer,
+                        ..Default::default()
+                    };
+                    let first =
+                        first_step(&snap, &route, &request, &health).expect("nothing is skipped");
+                    let full = plan(&snap, &route, &request, &health);
+                    assert_eq!(
+                        (first.target().health_key.as_ref(), first.side),
+                        (
+                            full.steps[0].target().health_key.as_ref(),
+                            full.steps[0].side
+                        ),
+                        "{order:?} {name} prefer {prefer:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 48);
     }
 
     #[test]
