@@ -16,6 +16,10 @@ use llm_sidecar::proxy::server;
 use llm_sidecar::proxy::upstream::Upstream;
 use tokio::net::TcpListener;
 
+// The sidecar binary's allocator: the floor differs from it only by the work it leaves out.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Floor {
     upstream: Arc<Upstream>,
     uri: Uri,

@@ -11,6 +11,9 @@ use llm_sidecar::config::{self, ConfigSource, EMBEDDED_DEFAULT};
 use llm_sidecar::settings::{ProcessEnv, Settings};
 use llm_sidecar::{telemetry, Sidecar};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad usage or settings (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
