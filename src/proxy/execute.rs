@@ -37,6 +37,7 @@ use crate::routing::tokens;
 use crate::telemetry::cost::{format_usd, Bill, Usage};
 use crate::telemetry::metrics::{Metrics, TargetMetrics};
 use crate::telemetry::{otel, Operation};
+use opentelemetry::KeyValue;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub const HEADER_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-sidecar-attempts");
@@ -868,11 +869,12 @@ impl Exchange {
             outcome.bill.add(bill);
         }
         if !span.is_disabled() {
+            let mut attributes = Vec::with_capacity(8);
             if let Some(model) = reported.model {
-                span.set_attribute("gen_ai.response.model", model);
+                attributes.push(KeyValue::new("gen_ai.response.model", model));
             }
             if !reported.finish_reasons.is_empty() {
-                span.set_attribute(
+                attributes.push(KeyValue::new(
                     "gen_ai.response.finish_reasons",
                     opentelemetry::Value::Array(
                         reported
@@ -882,27 +884,34 @@ impl Exchange {
                             .collect::<Vec<_>>()
                             .into(),
                     ),
-                );
+                ));
             }
             if let Some(usage) = reported.usage {
-                span.set_attribute("gen_ai.usage.input_tokens", usage.input as i64);
-                span.set_attribute("gen_ai.usage.output_tokens", usage.output as i64);
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.input_tokens",
+                    usage.input as i64,
+                ));
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.output_tokens",
+                    usage.output as i64,
+                ));
                 if usage.cached_input > 0 {
-                    span.set_attribute(
+                    attributes.push(KeyValue::new(
                         "gen_ai.usage.cache_read.input_tokens",
                         usage.cached_input as i64,
-                    );
+                    ));
                 }
             }
             if let Some(cost) = bill.cost {
-                span.set_attribute("llm_sidecar.cost_usd", cost);
+                attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
             }
             if let Some(savings) = bill.savings() {
-                span.set_attribute("llm_sidecar.savings_usd", savings);
+                attributes.push(KeyValue::new("llm_sidecar.savings_usd", savings));
             }
             if let Some(content) = reported.content {
-                span.set_attribute("gen_ai.output.messages", content);
+                attributes.push(KeyValue::new("gen_ai.output.messages", content));
             }
+            otel::set_attributes(span, attributes);
         }
         bill
     }

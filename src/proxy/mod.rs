@@ -16,6 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use opentelemetry::KeyValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
@@ -209,19 +210,26 @@ impl OnFinish for Record {
             "request"
         );
         if !span.is_disabled() {
-            span.set_attribute("http.response.status_code", i64::from(status));
-            span.set_attribute("llm_sidecar.outcome", label);
-            span.set_attribute("llm_sidecar.attempts", i64::from(out.attempts));
-            span.set_attribute("llm_sidecar.fallbacks", i64::from(out.fallbacks));
-            span.set_attribute("llm_sidecar.fallback", out.fell_back);
+            let mut attributes = Vec::with_capacity(8);
+            attributes.extend([
+                KeyValue::new("http.response.status_code", i64::from(status)),
+                KeyValue::new("llm_sidecar.outcome", label),
+                KeyValue::new("llm_sidecar.attempts", i64::from(out.attempts)),
+                KeyValue::new("llm_sidecar.fallbacks", i64::from(out.fallbacks)),
+                KeyValue::new("llm_sidecar.fallback", out.fell_back),
+            ]);
             if let Some(t) = who {
-                span.set_attribute("llm_sidecar.path", t.path);
+                attributes.push(KeyValue::new("llm_sidecar.path", t.path));
             }
             if let Some(cost) = out.bill.cost {
-                span.set_attribute("llm_sidecar.cost_usd", cost);
+                attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
             }
-            if !matches!(label, "success" | "fallback") {
-                span.set_attribute("error.type", label);
+            let failed = !matches!(label, "success" | "fallback");
+            if failed {
+                attributes.push(KeyValue::new("error.type", label));
+            }
+            otel::set_attributes(&span, attributes);
+            if failed {
                 span.set_status(opentelemetry::trace::Status::error(label));
             }
         }
