@@ -65,8 +65,8 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 
 /// The raw text of a top-level field of a JSON object (the last, when the key repeats), found
 /// without parsing any value: only the object's structure is followed. `None` when `json` is not
-/// an object or lacks the key. The value is the caller's to parse. An answer's `usage` is read
-/// this way: a full parse of the answer would cost more than the rest of proxying it.
+/// an object or lacks the key. The value is the caller's to parse. Small objects (a `usage`
+/// object's fields) are read this way; an answer's `usage` is found by [`trailing_field`].
 pub fn top_level_field<'a>(json: &'a [u8], name: &str) -> Option<&'a [u8]> {
     let mut found = None;
     top_level_fields(json, |key, value| {
