@@ -155,15 +155,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+            (tcp, peer) = crate::proxy::server::accept(&listener) => {
                 let acceptor = acceptor.clone();
                 let builder = builder.clone();
                 let template = template.clone();

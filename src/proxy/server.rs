@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::body::ProxyBody;
@@ -29,6 +29,20 @@ pub fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
+}
+
+/// The next connection. A failed accept (out of file descriptors and the like) is logged and
+/// retried after a short pause instead of spinning. Cancel-safe, for use in `select!`.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(pair) => return pair,
+            Err(err) => {
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Serves until `shutdown` flips to true, then stops accepting and waits up to `grace` for open
@@ -50,16 +64,7 @@ where
             break;
         }
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+            (stream, peer) = accept(&listener) => {
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let service = service_fn(move |req| handler(req, peer));
