@@ -279,6 +279,8 @@ async fn read_answer(
     idle: Duration,
     deadline: Instant,
 ) -> Result<PlainBody, Failure> {
+    // Most answers come in one frame: it is kept apart, without a list to hold it.
+    let mut first: Option<Bytes> = None;
     let mut read: Vec<Bytes> = Vec::new();
     let mut size = 0;
     loop {
@@ -308,17 +310,20 @@ async fn read_answer(
                     continue;
                 };
                 size += data.len();
-                read.push(data);
+                match first.take() {
+                    None if read.is_empty() => first = Some(data),
+                    earlier => read.extend(earlier.into_iter().chain([data])),
+                }
                 if size > MAX_BUFFERED_ANSWER {
+                    read.extend(first);
                     return Ok(PlainBody::Large { read, rest: body });
                 }
             }
         }
     }
-    Ok(PlainBody::Whole(match read.len() {
-        0 => Bytes::new(),
-        1 => read.pop().unwrap_or_default(),
-        _ => read.concat().into(),
+    Ok(PlainBody::Whole(match first {
+        Some(only) => only,
+        None => read.concat().into(),
     }))
 }
 
@@ -398,11 +403,14 @@ impl Exchange {
             });
         // The sidecar's own request headers are read here and never forwarded.
         let mut headers = headers;
-        super::strip_request_headers(&mut headers);
         // Slots for what each attempt's copy gets (`Provider::authorize`, the body's length):
         // filled in place there, where a new header would grow the copy (a clone has no spare
-        // room). None is sent as it is: `attempt` replaces or drops each.
-        for slot in [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH] {
+        // room). None is sent as it is: `attempt` replaces or drops each. The app's own values
+        // of these are overwritten here, not removed first.
+        const SLOTS: [HeaderName; 3] =
+            [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH];
+        super::strip_request_headers_but(&mut headers, &SLOTS);
+        for slot in SLOTS {
             headers.insert(slot, HeaderValue::from_static(""));
         }
         let stream = parsed.stream;
@@ -596,13 +604,14 @@ impl Exchange {
         prefill: Option<&str>,
         first: bool,
         span: &tracing::Span,
+        own_headers: Option<HeaderMap>,
     ) -> Result<Answer, AttemptError> {
         let provider = &target.provider;
         let uri = provider
             .upstream_uri_from(&self.path_and_query)
             .map_err(Failure::Connect)?;
         let body = self.body_for(target, prefill, first);
-        let mut headers = self.headers.clone();
+        let mut headers = own_headers.unwrap_or_else(|| self.headers.clone());
         if body.is_empty() {
             headers.remove(header::CONTENT_LENGTH);
         } else {
@@ -1015,7 +1024,17 @@ impl Exchange {
                 let span =
                     self.attempt_span(step, kind, last_failed.as_ref().map(|l| l.2), admission);
                 let started = Instant::now();
-                match self.attempt(target, None, step_index == 0, &span).await {
+                // The first attempt sends the request's own header map and keeps a copy for
+                // any later one: hyper reuses a sent map, spare room and all, for the answer's
+                // headers, so the sidecar's response headers then fit without growing it.
+                let own_headers = self.attempts.is_empty().then(|| {
+                    let copy = self.headers.clone();
+                    std::mem::replace(&mut self.headers, copy)
+                });
+                match self
+                    .attempt(target, None, step_index == 0, &span, own_headers)
+                    .await
+                {
                     Ok(answer) => {
                         let latency = started.elapsed();
                         self.core.health.record_success(
@@ -1579,7 +1598,7 @@ impl Exchange {
                 );
                 let started = Instant::now();
                 match self
-                    .attempt(step.target(), Some(&pump.state.text), false, &span)
+                    .attempt(step.target(), Some(&pump.state.text), false, &span, None)
                     .await
                 {
                     Ok(Answer::Stream {
@@ -1782,4 +1801,81 @@ fn estimate_prompt(snapshot: &Snapshot, route: &Route, parsed: &RequestBody<'_>)
     let messages = messages.and_then(|m| serde_json::from_str::<Value>(m.get()).ok());
     let prompt = prompt.and_then(|p| serde_json::from_str::<Value>(p.get()).ok());
     tokens::estimate_prompt(messages.as_ref(), prompt.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The body of one HTTP/1.1 answer sent with the given chunks (chunked encoding: each
+    /// chunk reaches the reader as its own frame), read by a real hyper client.
+    async fn answer_body(chunks: Vec<Vec<u8>>) -> Incoming {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let _ = stream.read(&mut request).await.unwrap();
+            let mut reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for chunk in &chunks {
+                reply.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                reply.extend_from_slice(chunk);
+                reply.extend_from_slice(b"\r\n");
+            }
+            reply.extend_from_slice(b"0\r\n\r\n");
+            stream.write_all(&reply).await.unwrap();
+        });
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .uri("/")
+            .header(header::HOST, addr.to_string())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        sender.send_request(request).await.unwrap().into_body()
+    }
+
+    async fn read(chunks: Vec<Vec<u8>>) -> PlainBody {
+        let body = answer_body(chunks).await;
+        let far = Instant::now() + Duration::from_secs(30);
+        match read_answer(body, Duration::from_secs(10), far).await {
+            Ok(body) => body,
+            Err(failure) => panic!("the answer was not read: {failure:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plain_answer_in_one_or_several_frames_is_read_whole_and_in_order() {
+        for chunks in [
+            vec![],
+            vec![b"{\"id\":1}".to_vec()],
+            vec![b"{\"id\"".to_vec(), b":".to_vec(), b"1}".to_vec()],
+        ] {
+            let expected = chunks.concat();
+            match read(chunks).await {
+                PlainBody::Whole(bytes) => assert_eq!(&bytes[..], &expected[..]),
+                PlainBody::Large { .. } => panic!("a small answer was not held whole"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_cap_keeps_what_was_read_and_the_rest_follows() {
+        let chunks: Vec<Vec<u8>> = (0..9u8).map(|i| vec![b'a' + i; 1024 * 1024]).collect();
+        let expected = chunks.concat();
+        match read(chunks).await {
+            PlainBody::Whole(_) => panic!("an answer over the cap was held whole"),
+            PlainBody::Large { read, rest } => {
+                let mut all = read.concat();
+                all.extend_from_slice(&rest.collect().await.unwrap().to_bytes());
+                assert_eq!(all.len(), expected.len());
+                assert!(all == expected, "the answer's bytes were reordered or lost");
+            }
+        }
+    }
 }

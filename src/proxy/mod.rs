@@ -403,12 +403,14 @@ impl Proxy {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(SidecarError::BodyTooLarge { limit });
         }
-        let collected = tokio::time::timeout(
-            self.limits.body_read_timeout,
-            Limited::new(body, limit).collect(),
-        )
-        .await
-        .map_err(|_| SidecarError::BodyTimeout(self.limits.body_read_timeout))?;
+        let mut collect = Limited::new(body, limit).collect();
+        // A small body usually came with the request's head: then no timer is needed.
+        let collected = match futures_util::FutureExt::now_or_never(&mut collect) {
+            Some(collected) => collected,
+            None => tokio::time::timeout(self.limits.body_read_timeout, collect)
+                .await
+                .map_err(|_| SidecarError::BodyTimeout(self.limits.body_read_timeout))?,
+        };
         match collected {
             Ok(c) => Ok(c.to_bytes()),
             Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
@@ -731,8 +733,17 @@ pub(crate) fn decide_side(
 }
 
 pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
+    strip_request_headers_but(headers, &[]);
+}
+
+/// [`strip_request_headers`], leaving the headers named in `kept` (lower case) for the caller
+/// to overwrite: replacing a value in place is cheaper than removing it and inserting it again.
+pub(crate) fn strip_request_headers_but(headers: &mut HeaderMap, kept: &[HeaderName]) {
     let listed = headers.get(header::CONNECTION).cloned();
     let doomed = |name: &HeaderName| {
+        if kept.contains(name) {
+            return false;
+        }
         let name = name.as_str();
         is_hop_by_hop(name)
             // The app's own credentials, and what is recomputed for the upstream.
@@ -802,9 +813,21 @@ mod tests {
         ] {
             from.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
+        let mut kept = from.clone();
         strip_request_headers(&mut from);
         let mut names: Vec<&str> = from.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-type", "traceparent"]);
+
+        // The slots an exchange overwrites stay, with the app's values, for the caller to
+        // replace; nothing else does.
+        strip_request_headers_but(&mut kept, &[header::HOST, header::AUTHORIZATION]);
+        let mut names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["authorization", "content-type", "host", "traceparent"]
+        );
+        assert_eq!(kept[header::AUTHORIZATION], "Bearer sk-app");
     }
 }
