@@ -310,9 +310,11 @@ async fn read_answer(
                     continue;
                 };
                 size += data.len();
-                match first.take() {
-                    None if read.is_empty() => first = Some(data),
-                    earlier => read.extend(earlier.into_iter().chain([data])),
+                if first.is_none() && read.is_empty() {
+                    first = Some(data);
+                } else {
+                    read.extend(first.take());
+                    read.push(data);
                 }
                 if size > MAX_BUFFERED_ANSWER {
                     read.extend(first);

@@ -676,11 +676,13 @@ fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
 
 /// Removes the headers that belong to one hop only.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    while let Some(name) = headers
-        .keys()
-        .find(|name| is_hop_by_hop(name.as_str()))
-        .cloned()
-    {
+    remove_where(headers, |name| is_hop_by_hop(name.as_str()));
+}
+
+/// Removes every header whose name `doomed` picks. A message has a few headers: finding each
+/// one to drop by a scan is cheaper than a lookup for every name that might be there.
+fn remove_where(headers: &mut HeaderMap, mut doomed: impl FnMut(&HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
         headers.remove(&name);
     }
 }
@@ -700,8 +702,6 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-/// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
-/// headers (including those the `Connection` header names) and the sidecar's own controls.
 /// The app's rollout key header: the same key always lands on the same side.
 pub const HEADER_ROLLOUT_KEY: HeaderName = HeaderName::from_static("x-llm-sidecar-rollout-key");
 /// The request's rollout bucket (0..10000), when the rollout decided its side.
@@ -732,6 +732,8 @@ pub(crate) fn decide_side(
     })
 }
 
+/// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
+/// headers (including those the `Connection` header names) and the sidecar's own controls.
 pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
     strip_request_headers_but(headers, &[]);
 }
@@ -739,7 +741,12 @@ pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
 /// [`strip_request_headers`], leaving the headers named in `kept` (lower case) for the caller
 /// to overwrite: replacing a value in place is cheaper than removing it and inserting it again.
 pub(crate) fn strip_request_headers_but(headers: &mut HeaderMap, kept: &[HeaderName]) {
-    let listed = headers.get(header::CONNECTION).cloned();
+    // Every `Connection` header's list counts (empty, and not allocated, without one).
+    let listed: Vec<HeaderValue> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
     let doomed = |name: &HeaderName| {
         if kept.contains(name) {
             return false;
@@ -759,13 +766,9 @@ pub(crate) fn strip_request_headers_but(headers: &mut HeaderMap, kept: &[HeaderN
                     | "content-length"
             )
             || name.starts_with(OWN_HEADER_PREFIX)
-            || listed.as_ref().is_some_and(|value| connection_lists(value, name))
+            || listed.iter().any(|value| connection_lists(value, name))
     };
-    // A request has a few headers: finding each one to drop by a scan is cheaper than a
-    // lookup for every name that might be there.
-    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
-        headers.remove(&name);
-    }
+    remove_where(headers, doomed);
 }
 
 /// Whether a `Connection` header value names the header `name` (lower case).
@@ -806,7 +809,9 @@ mod tests {
             ("te", "trailers"),
             ("upgrade", "h2c"),
             ("connection", "keep-alive, X-Hop"),
+            ("connection", "x-hop-two"),
             ("x-hop", "1"),
+            ("x-hop-two", "1"),
             ("x-llm-sidecar-prefer", "a"),
             ("content-type", "application/json"),
             ("traceparent", "00-abc-def-01"),
