@@ -16,7 +16,7 @@
 # THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN and STACK_FLOOR_BIN
 # (skip the build; the floor defaults to examples/stack_floor next to LLM_SIDECAR_BIN),
 # STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
-# only, e.g. "TOKIO_WORKER_THREADS=1").
+# only, e.g. "LLM_SIDECAR_WORKERS=1").
 set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,8 +29,8 @@ DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-1}"
 THREADS="${THREADS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
-# `auto` = one worker per core (2 here), so nginx is not handicapped against the sidecar's
-# multi-threaded tokio runtime (which also uses one worker thread per core).
+# `auto` = one worker per core (2 here), as the sidecar runs one data-port worker thread per
+# core: neither is handicapped.
 NGINX_WORKERS="${NGINX_WORKERS:-auto}"
 READY_TIMEOUT=10
 

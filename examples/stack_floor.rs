@@ -1,5 +1,5 @@
 //! The stack's floor for `make bench`: the sidecar's own server loop and upstream pool (tokio,
-//! hyper server, pooled hyper client) doing only the data flow: read the request, send it
+//! hyper server on one worker thread per core, pooled hyper client) doing only the data flow: read the request, send it
 //! upstream on a kept-alive connection, read the answer whole, send it back. None of the
 //! sidecar's routing, parsing, pricing, headers or metrics.
 //! Usage: `stack_floor LISTEN UPSTREAM_ADDR UPSTREAM_PATH`.
@@ -64,8 +64,10 @@ async fn main() -> std::io::Result<()> {
         eprintln!("usage: stack_floor LISTEN UPSTREAM_ADDR UPSTREAM_PATH");
         std::process::exit(64);
     };
+    // The sidecar's default: one data-port worker per core, each with its own pools.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let floor = Arc::new(Floor {
-        upstream: Upstream::new(Duration::from_secs(5), None)?,
+        upstream: Upstream::sharded(Duration::from_secs(5), None, workers + 1)?,
         uri: format!("http://{upstream}{path}")
             .parse()
             .map_err(std::io::Error::other)?,
@@ -79,13 +81,14 @@ async fn main() -> std::io::Result<()> {
         let floor = floor.clone();
         async move { Ok::<_, Infallible>(floor.forward(req).await) }
     };
-    server::serve(
+    server::serve_on_workers(
         listener,
         // The sidecar's default header-read timeout.
         server::builder(Duration::from_secs(10)),
         handler,
         shutdown,
         Duration::ZERO,
+        workers,
     )
     .await;
     Ok(())

@@ -151,9 +151,10 @@ impl Sidecar {
                 error,
             })?;
 
-        let upstream = proxy::upstream::Upstream::new(
+        let upstream = proxy::upstream::Upstream::sharded(
             settings.connect_timeout,
             settings.extra_ca_file.as_deref(),
+            settings.workers + 1,
         )
         .map_err(StartError::Client)?;
         let core = Arc::new(proxy::execute::Core {
@@ -210,12 +211,13 @@ impl Sidecar {
         let (admin_stop, admin_stop_rx) = watch::channel(false);
         let builder = proxy::server::builder(settings.header_read_timeout);
         let grace = settings.shutdown_grace;
-        let data = tokio::spawn(proxy::server::serve(
+        let data = tokio::spawn(proxy::server::serve_on_workers(
             data_listener,
             builder.clone(),
             move |req, _peer| proxy.clone().handle(req),
             shutdown_rx.clone(),
             grace,
+            settings.workers,
         ));
         let admin_for_server = admin.clone();
         let admin_server = tokio::spawn(proxy::server::serve(

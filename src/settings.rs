@@ -13,6 +13,7 @@ pub const ENV_CONFIG: &str = "LLM_SIDECAR_CONFIG";
 pub const ENV_CONFIG_POLL: &str = "LLM_SIDECAR_CONFIG_POLL";
 pub const ENV_MAX_BODY_BYTES: &str = "LLM_SIDECAR_MAX_BODY_BYTES";
 pub const ENV_MAX_CONCURRENCY: &str = "LLM_SIDECAR_MAX_CONCURRENCY";
+pub const ENV_WORKERS: &str = "LLM_SIDECAR_WORKERS";
 pub const ENV_HEADER_READ_TIMEOUT: &str = "LLM_SIDECAR_HEADER_READ_TIMEOUT";
 pub const ENV_BODY_READ_TIMEOUT: &str = "LLM_SIDECAR_BODY_READ_TIMEOUT";
 pub const ENV_CONNECT_TIMEOUT: &str = "LLM_SIDECAR_CONNECT_TIMEOUT";
@@ -68,6 +69,8 @@ pub struct Settings {
     pub config_poll: Duration,
     pub max_body_bytes: usize,
     pub max_concurrency: usize,
+    /// Threads serving the data port, each with its own single-threaded runtime.
+    pub workers: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub connect_timeout: Duration,
@@ -92,6 +95,7 @@ impl Default for Settings {
             config_poll: Duration::from_millis(250),
             max_body_bytes: 10 * 1024 * 1024,
             max_concurrency: 1024,
+            workers: default_workers(),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -204,6 +208,7 @@ impl Settings {
             parse_positive,
             &mut s.max_concurrency,
         );
+        read(env, ENV_WORKERS, &mut errors, parse_workers, &mut s.workers);
         read(
             env,
             ENV_HEADER_READ_TIMEOUT,
@@ -288,6 +293,20 @@ fn parse_positive(raw: &str) -> Result<usize, String> {
     }
 }
 
+/// One data-port worker per CPU the process may use (the cgroup quota counts).
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn parse_workers(raw: &str) -> Result<usize, String> {
+    match parse_positive(raw)? {
+        n if n > MAX_WORKERS => Err(format!("must be at most {MAX_WORKERS}")),
+        n => Ok(n),
+    }
+}
+
+const MAX_WORKERS: usize = 256;
+
 fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
     match raw.to_ascii_lowercase().as_str() {
         "text" | "" => Ok(LogFormat::Text),
@@ -333,6 +352,9 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:4000");
         assert_eq!(s.admin_listen.to_string(), "127.0.0.1:4001");
         assert_eq!(s.shutdown_grace, Duration::from_secs(25));
+        assert!(s.workers >= 1);
+        let two = Settings::from_env(&env(&[(ENV_WORKERS, "2")])).unwrap();
+        assert_eq!(two.workers, 2);
     }
 
     #[test]
@@ -342,9 +364,11 @@ mod tests {
             (ENV_SHUTDOWN_GRACE, "25"),
             (ENV_MAX_BODY_BYTES, "0"),
             (ENV_LOG_FORMAT, "xml"),
+            (ENV_WORKERS, "100000"),
         ]))
         .unwrap_err();
-        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("at most 256")));
         assert!(errors[0].starts_with(ENV_LISTEN));
         assert!(errors.iter().any(|e| e.contains("missing unit")));
     }

@@ -1,5 +1,7 @@
 //! Accept loop shared by the data and admin ports: HTTP/1.1 and h2c on one socket, a header-read
 //! timeout, and graceful shutdown that lets in-flight requests and streams finish up to a deadline.
+//! The data port runs on worker threads, one single-threaded runtime each: a connection, its
+//! requests and the provider connections they use stay on one thread (see [`serve_on_workers`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::body::ProxyBody;
 
@@ -66,15 +68,7 @@ where
         tokio::select! {
             (stream, peer) = accept(&listener) => {
                 let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |req| handler(req, peer));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(error = %err, %peer, "connection ended with an error");
-                    }
-                });
+                spawn_connection(&builder, &graceful, stream, peer, handler.clone());
             }
             changed = shutdown.changed() => {
                 // A dropped sender means the owner is gone: stop as for a shutdown.
@@ -85,8 +79,252 @@ where
         }
     }
     drop(listener);
+    drain(graceful, grace).await
+}
+
+/// Serves one connection on the current runtime, watched by `graceful`.
+fn spawn_connection<F, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
+    let service = service_fn(move |req| handler(req, peer));
+    let conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(err) = conn.await {
+            tracing::debug!(error = %err, %peer, "connection ended with an error");
+        }
+    });
+}
+
+/// Waits up to `grace` for the connections `graceful` watches; true when all finished.
+async fn drain(graceful: GracefulShutdown, grace: Duration) -> bool {
     tokio::select! {
         _ = graceful.shutdown() => true,
         _ = tokio::time::sleep(grace) => false,
+    }
+}
+
+/// An accepted connection on its way from the accept loop to a worker.
+type Handoff = (std::net::TcpStream, SocketAddr);
+
+/// Like [`serve`], but the connections are served by `workers` threads, each running its own
+/// single-threaded runtime, handed out in turn by an accept loop on the caller's runtime.
+///
+/// A request's tasks (the client connection, the provider connection it borrows from the pool,
+/// their timers) then wake each other on one thread, in one cache, with no work stealing
+/// between them: the way nginx runs a worker process per core. One connection's requests all
+/// run on its worker; with keep-alive clients the turn-by-turn hand-out keeps workers even.
+/// Returns true when every worker drained in time. With no worker thread to be had, serves on
+/// the caller's runtime instead.
+pub async fn serve_on_workers<F, Fut>(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    workers: usize,
+) -> bool
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
+    let mut queues = Vec::with_capacity(workers);
+    let mut finished = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let (queue, arrivals) = mpsc::unbounded_channel();
+        let (report, result) = oneshot::channel();
+        let (builder, handler, shutdown) = (builder.clone(), handler.clone(), shutdown.clone());
+        let started = std::thread::Builder::new()
+            .name(format!("llm-sidecar-w{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        tracing::error!(error = %err, worker = index, "cannot start a worker runtime");
+                        return;
+                    }
+                };
+                super::upstream::use_shard(index + 1);
+                let drained =
+                    runtime.block_on(worker(arrivals, builder, handler, shutdown, grace));
+                let _ = report.send(drained);
+            });
+        match started {
+            Ok(_) => {
+                queues.push(queue);
+                finished.push(result);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, worker = index, "cannot start a worker thread")
+            }
+        }
+    }
+    if queues.is_empty() {
+        tracing::warn!("no data-port worker could start: serving on the main runtime");
+        return serve(listener, builder, handler, shutdown, grace).await;
+    }
+    let mut turn = 0;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            (stream, peer) = accept(&listener) => {
+                let _ = stream.set_nodelay(true);
+                // Moved to the worker's runtime as a plain socket, registered there.
+                let mut handoff: Handoff = match stream.into_std() {
+                    Ok(stream) => (stream, peer),
+                    Err(err) => {
+                        tracing::debug!(error = %err, %peer, "accepted connection lost");
+                        continue;
+                    }
+                };
+                // A worker that has stopped hands the connection back: the next one gets it.
+                for _ in 0..queues.len() {
+                    turn = (turn + 1) % queues.len();
+                    match queues[turn].send(handoff) {
+                        Ok(()) => break,
+                        Err(mpsc::error::SendError(back)) => handoff = back,
+                    }
+                }
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(listener);
+    drop(queues);
+    let mut drained = true;
+    for result in finished {
+        drained &= result.await.unwrap_or(false);
+    }
+    drained
+}
+
+/// One worker: serves the connections it is handed until shutdown, then drains them.
+async fn worker<F, Fut>(
+    mut arrivals: mpsc::UnboundedReceiver<Handoff>,
+    builder: auto::Builder<TokioExecutor>,
+    handler: F,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> bool
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let adopt = |(stream, peer): Handoff| match TcpStream::from_std(stream) {
+        Ok(stream) => spawn_connection(&builder, &graceful, stream, peer, handler.clone()),
+        Err(err) => tracing::warn!(error = %err, %peer, "cannot serve an accepted connection"),
+    };
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            arrival = arrivals.recv() => match arrival {
+                Some(handoff) => adopt(handoff),
+                // The accept loop has stopped.
+                None => break,
+            },
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    // Connections accepted before the shutdown are served like the others: graceful shutdown
+    // lets a request already sent finish and closes the idle ones.
+    arrivals.close();
+    while let Ok(handoff) = arrivals.try_recv() {
+        adopt(handoff);
+    }
+    drain(graceful, grace).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::body::full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends one request on `stream` and returns the answer's body (the serving thread's name).
+    async fn ask(stream: &mut tokio::net::TcpStream) -> String {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed early");
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if body.len() == length {
+                    return body.to_string();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn workers_share_the_connections_each_keeps_its_own_and_all_drain() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let handler = |_req, _peer| async {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            Ok::<_, Infallible>(Response::new(full(name)))
+        };
+        let served = tokio::spawn(serve_on_workers(
+            listener,
+            builder(Duration::from_secs(5)),
+            handler,
+            shutdown,
+            Duration::from_secs(5),
+            2,
+        ));
+        let mut connections = Vec::new();
+        for _ in 0..4 {
+            connections.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut names = Vec::new();
+        for stream in &mut connections {
+            let first = ask(stream).await;
+            // Every request of a connection is served by the worker it was handed to.
+            assert_eq!(ask(stream).await, first);
+            names.push(first);
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names, ["llm-sidecar-w0", "llm-sidecar-w1"]);
+
+        stop.send(true).unwrap();
+        assert!(served.await.unwrap(), "idle connections drain at once");
     }
 }

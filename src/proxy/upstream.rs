@@ -2,7 +2,10 @@
 //! when its response body has been read to the end, and one multiplexed HTTP/2 connection per
 //! origin where TLS negotiates h2. A connection task is spawned once per connection, never per
 //! request; a request that a pooled connection closed before sending is replayed on a new one.
+//! Each data-port worker thread has pools of its own ([`use_shard`]), so a connection's task and
+//! the requests sent on it run on one thread.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -83,10 +86,22 @@ enum Conn {
     H2(http2::SendRequest<RequestBody>),
 }
 
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes this thread use pool set `shard` of every [`Upstream`] (modulo their number). A
+/// data-port worker takes its own: the connections it opens have their tasks on its runtime,
+/// and it gets them back from the pool. Other threads share set 0.
+pub fn use_shard(shard: usize) {
+    SHARD.with(|s| s.set(shard));
+}
+
 pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
-    /// Searched twice per request (checkout, release): a fast seeded hash.
-    pools: Mutex<Pools>,
+    /// One set of pools per shard. Searched twice per request (checkout, release): a fast
+    /// seeded hash.
+    pools: Box<[Mutex<Pools>]>,
     max_idle_per_origin: usize,
     idle_timeout: Duration,
 }
@@ -95,6 +110,7 @@ pub struct Upstream {
 /// the response body has ended; dropping it instead closes the connection.
 pub struct Lease {
     upstream: Arc<Upstream>,
+    shard: usize,
     origin: Origin,
     sender: http1::SendRequest<RequestBody>,
 }
@@ -104,7 +120,7 @@ impl Lease {
         if self.sender.is_closed() {
             return;
         }
-        let mut pools = self.upstream.lock();
+        let mut pools = self.upstream.lock(self.shard);
         let pool = pools.entry(self.origin).or_default();
         if pool.idle.len() < self.upstream.max_idle_per_origin {
             pool.idle.push((self.sender, Instant::now()));
@@ -151,6 +167,15 @@ impl Upstream {
         connect_timeout: Duration,
         extra_ca: Option<&Path>,
     ) -> std::io::Result<Arc<Upstream>> {
+        Upstream::sharded(connect_timeout, extra_ca, 1)
+    }
+
+    /// With `shards` sets of pools: one for each data-port worker plus one for other threads.
+    pub fn sharded(
+        connect_timeout: Duration,
+        extra_ca: Option<&Path>,
+        shards: usize,
+    ) -> std::io::Result<Arc<Upstream>> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -164,14 +189,21 @@ impl Upstream {
             .wrap_connector(http);
         Ok(Arc::new(Upstream {
             connector,
-            pools: Mutex::new(Pools::default()),
+            pools: (0..shards.max(1))
+                .map(|_| Mutex::new(Pools::default()))
+                .collect(),
             max_idle_per_origin: 512,
             idle_timeout: Duration::from_secs(90),
         }))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pools> {
-        self.pools
+    /// This thread's shard.
+    fn shard(&self) -> usize {
+        SHARD.with(Cell::get) % self.pools.len()
+    }
+
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Pools> {
+        self.pools[shard]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -184,14 +216,19 @@ impl Upstream {
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
         let origin = Origin::of(req.uri())?;
         let absolute = req.uri().clone();
+        let shard = self.shard();
         // A pooled connection may have been closed by the server just as it was picked; such a
         // request was never sent and is replayed once on a new connection.
         for fresh in [false, true] {
-            let conn = match if fresh { None } else { self.checkout(&origin) } {
+            let conn = match if fresh {
+                None
+            } else {
+                self.checkout(shard, &origin)
+            } {
                 Some(conn) => conn,
                 // Connecting (TCP, TLS, h2 handshake) is a large state machine and rare with a
                 // warm pool: boxed, it does not bloat every request's future.
-                None => Box::pin(self.connect(&origin, &absolute)).await?,
+                None => Box::pin(self.connect(shard, &origin, &absolute)).await?,
             };
             match conn {
                 Conn::H2(mut sender) => {
@@ -213,6 +250,7 @@ impl Upstream {
                         Ok(response) => {
                             let lease = Lease {
                                 upstream: self.clone(),
+                                shard,
                                 origin,
                                 sender,
                             };
@@ -231,8 +269,8 @@ impl Upstream {
         ))
     }
 
-    fn checkout(&self, origin: &Origin) -> Option<Conn> {
-        let mut pools = self.lock();
+    fn checkout(&self, shard: usize, origin: &Origin) -> Option<Conn> {
+        let mut pools = self.lock(shard);
         let pool = pools.get_mut(origin)?;
         if let Some(h2) = &pool.h2 {
             if !h2.is_closed() {
@@ -248,7 +286,12 @@ impl Upstream {
         None
     }
 
-    async fn connect(&self, origin: &Origin, uri: &Uri) -> Result<Conn, UpstreamError> {
+    async fn connect(
+        &self,
+        shard: usize,
+        origin: &Origin,
+        uri: &Uri,
+    ) -> Result<Conn, UpstreamError> {
         let mut connector = self.connector.clone();
         let io = connector
             .call(uri.clone())
@@ -266,7 +309,7 @@ impl Upstream {
                     tracing::debug!(error = %err, "upstream h2 connection ended");
                 }
             });
-            self.lock().entry(origin.clone()).or_default().h2 = Some(sender.clone());
+            self.lock(shard).entry(origin.clone()).or_default().h2 = Some(sender.clone());
             Ok(Conn::H2(sender))
         } else {
             let (sender, conn) = http1::Builder::new()
@@ -365,6 +408,23 @@ mod tests {
             exchange(&upstream, addr, true).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn each_shard_keeps_its_own_connections() {
+        let (addr, accepted) = server(false).await;
+        let upstream = Upstream::sharded(Duration::from_secs(1), None, 3).unwrap();
+        use_shard(1);
+        exchange(&upstream, addr, true).await;
+        use_shard(2);
+        exchange(&upstream, addr, true).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "shard 2 opened its own");
+        use_shard(1);
+        exchange(&upstream, addr, true).await;
+        use_shard(2);
+        exchange(&upstream, addr, true).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "each got its own back");
+        use_shard(0);
     }
 
     #[tokio::test]
