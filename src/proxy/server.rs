@@ -184,20 +184,15 @@ where
             (stream, peer) = accept(&listener) => {
                 let _ = stream.set_nodelay(true);
                 // Moved to the worker's runtime as a plain socket, registered there.
-                let mut handoff: Handoff = match stream.into_std() {
+                let handoff: Handoff = match stream.into_std() {
                     Ok(stream) => (stream, peer),
                     Err(err) => {
                         tracing::debug!(error = %err, %peer, "accepted connection lost");
                         continue;
                     }
                 };
-                // A worker that has stopped hands the connection back: the next one gets it.
-                for _ in 0..queues.len() {
-                    turn = (turn + 1) % queues.len();
-                    match queues[turn].send(handoff) {
-                        Ok(()) => break,
-                        Err(mpsc::error::SendError(back)) => handoff = back,
-                    }
+                if !hand_out(&queues, &mut turn, handoff) {
+                    tracing::error!(%peer, "no data-port worker is running: connection closed");
                 }
             }
             changed = shutdown.changed() => {
@@ -214,6 +209,23 @@ where
         drained &= result.await.unwrap_or(false);
     }
     drained
+}
+
+/// Gives `handoff` to the worker after `turn`; a worker that has stopped hands it back and the
+/// one after it gets it. False when none took it.
+fn hand_out(
+    queues: &[mpsc::UnboundedSender<Handoff>],
+    turn: &mut usize,
+    mut handoff: Handoff,
+) -> bool {
+    for _ in 0..queues.len() {
+        *turn = (*turn + 1) % queues.len();
+        match queues[*turn].send(handoff) {
+            Ok(()) => return true,
+            Err(mpsc::error::SendError(back)) => handoff = back,
+        }
+    }
+    false
 }
 
 /// One worker: serves the connections it is handed until shutdown, then drains them.
@@ -290,6 +302,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_connection_skips_a_stopped_worker_and_is_refused_only_when_all_have_stopped() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connection = || (std::net::TcpStream::connect(addr).unwrap(), addr);
+        let (live, mut arrivals) = mpsc::unbounded_channel();
+        let (stopped, gone) = mpsc::unbounded_channel();
+        drop(gone);
+        let queues = [stopped, live];
+        let mut turn = 1; // the stopped worker is next
+        assert!(hand_out(&queues, &mut turn, connection()));
+        assert!(arrivals.try_recv().is_ok(), "the live worker got it");
+        assert_eq!(turn, 1);
+        drop(arrivals);
+        assert!(!hand_out(&queues, &mut turn, connection()));
     }
 
     #[tokio::test]
