@@ -61,25 +61,37 @@ where
     Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    while let Some((stream, peer)) =
+        unless_shutdown(&mut shutdown, async { Some(accept(&listener).await) }).await
+    {
+        let _ = stream.set_nodelay(true);
+        spawn_connection(&builder, &graceful, stream, peer, handler.clone());
+    }
+    drop(listener);
+    drain(graceful, grace).await
+}
+
+/// `next`, unless the shutdown flag is (or becomes) true first, or its sender is gone: then
+/// None. `next` must be cancel-safe.
+async fn unless_shutdown<T>(
+    shutdown: &mut watch::Receiver<bool>,
+    next: impl Future<Output = Option<T>>,
+) -> Option<T> {
+    tokio::pin!(next);
     loop {
-        if *shutdown.borrow() {
-            break;
+        if *shutdown.borrow_and_update() {
+            return None;
         }
         tokio::select! {
-            (stream, peer) = accept(&listener) => {
-                let _ = stream.set_nodelay(true);
-                spawn_connection(&builder, &graceful, stream, peer, handler.clone());
-            }
+            next = &mut next => return next,
             changed = shutdown.changed() => {
                 // A dropped sender means the owner is gone: stop as for a shutdown.
                 if changed.is_err() {
-                    break;
+                    return None;
                 }
             }
         }
     }
-    drop(listener);
-    drain(graceful, grace).await
 }
 
 /// Serves one connection on the current runtime, watched by `graceful`.
@@ -176,30 +188,20 @@ where
         return serve(listener, builder, handler, shutdown, grace).await;
     }
     let mut turn = 0;
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        tokio::select! {
-            (stream, peer) = accept(&listener) => {
-                let _ = stream.set_nodelay(true);
-                // Moved to the worker's runtime as a plain socket, registered there.
-                let handoff: Handoff = match stream.into_std() {
-                    Ok(stream) => (stream, peer),
-                    Err(err) => {
-                        tracing::debug!(error = %err, %peer, "accepted connection lost");
-                        continue;
-                    }
-                };
-                if !hand_out(&queues, &mut turn, handoff) {
-                    tracing::error!(%peer, "no data-port worker is running: connection closed");
-                }
+    while let Some((stream, peer)) =
+        unless_shutdown(&mut shutdown, async { Some(accept(&listener).await) }).await
+    {
+        let _ = stream.set_nodelay(true);
+        // Moved to the worker's runtime as a plain socket, registered there.
+        let handoff: Handoff = match stream.into_std() {
+            Ok(stream) => (stream, peer),
+            Err(err) => {
+                tracing::debug!(error = %err, %peer, "accepted connection lost");
+                continue;
             }
-            changed = shutdown.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
+        };
+        if !hand_out(&queues, &mut turn, handoff) {
+            tracing::error!(%peer, "no data-port worker is running: connection closed");
         }
     }
     drop(listener);
@@ -245,22 +247,9 @@ where
         Ok(stream) => spawn_connection(&builder, &graceful, stream, peer, handler.clone()),
         Err(err) => tracing::warn!(error = %err, %peer, "cannot serve an accepted connection"),
     };
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        tokio::select! {
-            arrival = arrivals.recv() => match arrival {
-                Some(handoff) => adopt(handoff),
-                // The accept loop has stopped.
-                None => break,
-            },
-            changed = shutdown.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-        }
+    // None from the queue: the accept loop has stopped.
+    while let Some(handoff) = unless_shutdown(&mut shutdown, arrivals.recv()).await {
+        adopt(handoff);
     }
     // Connections accepted before the shutdown are served like the others: graceful shutdown
     // lets a request already sent finish and closes the idle ones.
