@@ -67,7 +67,7 @@ async fn main() -> std::io::Result<()> {
     // The sidecar's default: one data-port worker per core, each with its own pools.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let floor = Arc::new(Floor {
-        upstream: Upstream::sharded(Duration::from_secs(5), None, workers + 1)?,
+        upstream: Upstream::for_workers(Duration::from_secs(5), None, workers)?,
         uri: format!("http://{upstream}{path}")
             .parse()
             .map_err(std::io::Error::other)?,

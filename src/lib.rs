@@ -151,10 +151,10 @@ impl Sidecar {
                 error,
             })?;
 
-        let upstream = proxy::upstream::Upstream::sharded(
+        let upstream = proxy::upstream::Upstream::for_workers(
             settings.connect_timeout,
             settings.extra_ca_file.as_deref(),
-            settings.workers + 1,
+            settings.workers,
         )
         .map_err(StartError::Client)?;
         let core = Arc::new(proxy::execute::Core {

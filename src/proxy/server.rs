@@ -47,19 +47,33 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
+/// What serves a request on the data or admin port: an async function of the request and the
+/// client's address.
+pub trait Handler: Clone + Send + Sync + 'static {
+    type Future: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static;
+    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Self::Future;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
+    type Future = Fut;
+    fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> Fut {
+        self(req, peer)
+    }
+}
+
 /// Serves until `shutdown` flips to true, then stops accepting and waits up to `grace` for open
 /// connections to finish. Returns true when everything drained in time.
-pub async fn serve<F, Fut>(
+pub async fn serve<F: Handler>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
-) -> bool
-where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
-{
+) -> bool {
     let graceful = GracefulShutdown::new();
     while let Some((stream, peer)) =
         unless_shutdown(&mut shutdown, async { Some(accept(&listener).await) }).await
@@ -95,17 +109,14 @@ async fn unless_shutdown<T>(
 }
 
 /// Serves one connection on the current runtime, watched by `graceful`.
-fn spawn_connection<F, Fut>(
+fn spawn_connection<F: Handler>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     stream: TcpStream,
     peer: SocketAddr,
     handler: F,
-) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
-{
-    let service = service_fn(move |req| handler(req, peer));
+) {
+    let service = service_fn(move |req| handler.call(req, peer));
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned();
@@ -137,18 +148,14 @@ type Handoff = (std::net::TcpStream, SocketAddr);
 /// run on its worker; with keep-alive clients the turn-by-turn hand-out keeps workers even.
 /// Returns true when every worker drained in time. With no worker thread to be had, serves on
 /// the caller's runtime instead.
-pub async fn serve_on_workers<F, Fut>(
+pub async fn serve_on_workers<F: Handler>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     workers: usize,
-) -> bool
-where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
-{
+) -> bool {
     let mut queues = Vec::with_capacity(workers);
     let mut finished = Vec::with_capacity(workers);
     for index in 0..workers {
@@ -168,7 +175,7 @@ where
                         return;
                     }
                 };
-                super::upstream::use_shard(index + 1);
+                super::upstream::as_worker(index);
                 let drained =
                     runtime.block_on(worker(arrivals, builder, handler, shutdown, grace));
                 let _ = report.send(drained);
@@ -231,17 +238,13 @@ fn hand_out(
 }
 
 /// One worker: serves the connections it is handed until shutdown, then drains them.
-async fn worker<F, Fut>(
+async fn worker<F: Handler>(
     mut arrivals: mpsc::UnboundedReceiver<Handoff>,
     builder: auto::Builder<TokioExecutor>,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
-) -> bool
-where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
-{
+) -> bool {
     let graceful = GracefulShutdown::new();
     let adopt = |(stream, peer): Handoff| match TcpStream::from_std(stream) {
         Ok(stream) => spawn_connection(&builder, &graceful, stream, peer, handler.clone()),

@@ -2,7 +2,7 @@
 //! when its response body has been read to the end, and one multiplexed HTTP/2 connection per
 //! origin where TLS negotiates h2. A connection task is spawned once per connection, never per
 //! request; a request that a pooled connection closed before sending is replayed on a new one.
-//! Each data-port worker thread has pools of its own ([`use_shard`]), so a connection's task and
+//! Each data-port worker thread has pools of its own ([`as_worker`]), so a connection's task and
 //! the requests sent on it run on one thread.
 
 use std::cell::Cell;
@@ -90,10 +90,14 @@ thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Makes this thread use pool set `shard` of every [`Upstream`] (modulo their number). A
-/// data-port worker takes its own: the connections it opens have their tasks on its runtime,
-/// and it gets them back from the pool. Other threads share set 0.
-pub fn use_shard(shard: usize) {
+/// Makes this thread data-port worker `index`: it uses pool set `index + 1` of every
+/// [`Upstream`] (modulo their number). The connections a worker opens have their tasks on its
+/// runtime, and it gets them back from the pool. Other threads share set 0.
+pub fn as_worker(index: usize) {
+    use_shard(index + 1);
+}
+
+fn use_shard(shard: usize) {
     SHARD.with(|s| s.set(shard));
 }
 
@@ -167,14 +171,15 @@ impl Upstream {
         connect_timeout: Duration,
         extra_ca: Option<&Path>,
     ) -> std::io::Result<Arc<Upstream>> {
-        Upstream::sharded(connect_timeout, extra_ca, 1)
+        Upstream::for_workers(connect_timeout, extra_ca, 0)
     }
 
-    /// With `shards` sets of pools: one for each data-port worker plus one for other threads.
-    pub fn sharded(
+    /// With a set of pools for each of `workers` data-port workers ([`as_worker`]) and one for
+    /// other threads.
+    pub fn for_workers(
         connect_timeout: Duration,
         extra_ca: Option<&Path>,
-        shards: usize,
+        workers: usize,
     ) -> std::io::Result<Arc<Upstream>> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -189,7 +194,7 @@ impl Upstream {
             .wrap_connector(http);
         Ok(Arc::new(Upstream {
             connector,
-            pools: (0..shards.max(1))
+            pools: (0..=workers)
                 .map(|_| Mutex::new(Pools::default()))
                 .collect(),
             max_idle_per_origin: 512,
@@ -411,17 +416,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn each_shard_keeps_its_own_connections() {
+    async fn each_worker_keeps_its_own_connections() {
         let (addr, accepted) = server(false).await;
-        let upstream = Upstream::sharded(Duration::from_secs(1), None, 3).unwrap();
-        use_shard(1);
+        let upstream = Upstream::for_workers(Duration::from_secs(1), None, 2).unwrap();
+        as_worker(0);
         exchange(&upstream, addr, true).await;
-        use_shard(2);
+        as_worker(1);
         exchange(&upstream, addr, true).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "shard 2 opened its own");
-        use_shard(1);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "worker 1 opened its own"
+        );
+        as_worker(0);
         exchange(&upstream, addr, true).await;
-        use_shard(2);
+        as_worker(1);
         exchange(&upstream, addr, true).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "each got its own back");
         use_shard(0);
