@@ -21,7 +21,6 @@ use tokio::time::Instant;
 use super::body::{full, BoxError, ChannelBody, ProxyBody};
 use super::sse::{inspect, Chunk, RawEvent, SseParser};
 use super::upstream::{Lease, Upstream, UpstreamError};
-use super::{HEADER_GENERATION, HEADER_REASON};
 use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
@@ -1211,9 +1210,6 @@ impl Exchange {
     fn add_headers(&self, headers: &mut HeaderMap, step: &Step) {
         let target = step.target();
         headers.reserve(10);
-        for (name, value) in &target.tags.headers {
-            headers.insert(name.clone(), value.clone());
-        }
         let reason = if self.attempts.iter().any(|a| a.outcome != "ok") {
             FALLBACK
         } else if step.side != self.decision.order.first_side() {
@@ -1230,11 +1226,13 @@ impl Exchange {
         } else {
             self.decision.why.as_str()
         };
-        headers.insert(HEADER_REASON, HeaderValue::from_static(reason));
-        if let Some(bucket) = self.decision.bucket {
-            headers.insert(super::HEADER_ROLLOUT_BUCKET, HeaderValue::from(bucket));
-        }
-        headers.insert(HEADER_GENERATION, self.snapshot.generation_header.clone());
+        super::add_route_headers(
+            headers,
+            target,
+            reason,
+            self.decision.bucket,
+            &self.snapshot,
+        );
         headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len().max(1)));
         headers.insert(HEADER_FALLBACKS, small_number(self.moves()));
         if self.attempts.len() > 1 {

@@ -566,14 +566,7 @@ impl Proxy {
         let headers = out.headers_mut();
         strip_hop_by_hop(headers);
         headers.reserve(6);
-        for (name, value) in &target.tags.headers {
-            headers.insert(name.clone(), value.clone());
-        }
-        headers.insert(HEADER_REASON, HeaderValue::from_static(reason));
-        if let Some(bucket) = decision.bucket {
-            headers.insert(HEADER_ROLLOUT_BUCKET, HeaderValue::from(bucket));
-        }
-        headers.insert(HEADER_GENERATION, snapshot.generation_header.clone());
+        add_route_headers(headers, target, reason, decision.bucket, &snapshot);
         Ok(out)
     }
 }
@@ -672,6 +665,26 @@ fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
     }
+}
+
+/// The headers every answer from a provider gets: the route, provider, upstream model and path
+/// of the target that answered, why its side was chosen, the rollout bucket when the rollout
+/// decided, and the config generation that served it.
+pub(crate) fn add_route_headers(
+    headers: &mut HeaderMap,
+    target: &crate::config::Target,
+    reason: &'static str,
+    bucket: Option<u16>,
+    snapshot: &Snapshot,
+) {
+    for (name, value) in &target.tags.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    headers.insert(HEADER_REASON, HeaderValue::from_static(reason));
+    if let Some(bucket) = bucket {
+        headers.insert(HEADER_ROLLOUT_BUCKET, HeaderValue::from(bucket));
+    }
+    headers.insert(HEADER_GENERATION, snapshot.generation_header.clone());
 }
 
 /// Removes the headers that belong to one hop only.
