@@ -34,6 +34,13 @@ pub enum SidecarError {
     MethodNotAllowed { method: String, path: String },
     #[error("unknown path {0}")]
     NotFound(String),
+    #[error("refused path {path}: {reason}")]
+    InvalidPath {
+        path: String,
+        reason: crate::path::PathError,
+    },
+    #[error("{path} is not passed through to providers; the routing config allows {allowed}")]
+    PathNotAllowed { path: String, allowed: String },
     #[error("the sidecar is at its limit of {0} concurrent requests")]
     Overloaded(usize),
     #[error("provider `{provider}` has no API key: {hint}")]
@@ -65,7 +72,8 @@ impl SidecarError {
             }
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyRead(_) | Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
+            Self::PathNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded(_) | Self::ProviderKeyMissing { .. } | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -87,6 +95,8 @@ impl SidecarError {
             Self::BodyRead(_) => "request_body_error",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::NotFound(_) => "not_found",
+            Self::InvalidPath { .. } => "invalid_path",
+            Self::PathNotAllowed { .. } => "path_not_allowed",
             Self::Overloaded(_) => "sidecar_overloaded",
             Self::ProviderKeyMissing { .. } => "provider_key_missing",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",

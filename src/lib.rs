@@ -8,6 +8,7 @@ pub mod errors;
 pub mod fake_provider;
 pub mod inject;
 pub mod openai;
+pub mod path;
 pub mod probe;
 pub mod providers;
 pub mod proxy;

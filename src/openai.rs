@@ -282,11 +282,43 @@ pub fn key_is(quoted: &[u8], name: &str) -> bool {
     serde_json::from_slice::<String>(quoted).is_ok_and(|key| key == name)
 }
 
+/// Why a request body cannot be served, in words a client can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON, or JSON but not an object: a pass-through call may still carry it (an upload).
+    #[error("{0}")]
+    NotAnObject(String),
+    /// A JSON object the sidecar refuses to forward.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl BodyError {
+    fn invalid(message: &str) -> BodyError {
+        BodyError::Invalid(message.to_string())
+    }
+}
+
+/// A top-level key that appears twice (compared after unescaping), if any.
+fn duplicate_key<'f>(fields: &'f [(Cow<'_, str>, &RawValue)]) -> Option<&'f str> {
+    let mut keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_ref()).collect();
+    keys.sort_unstable();
+    keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+}
+
 impl<'a> RequestBody<'a> {
     /// Parses a request body; the error says what is wrong in words a client can act on.
-    pub fn parse(bytes: &'a [u8]) -> Result<RequestBody<'a>, String> {
-        let Fields(fields) = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the request body is not a valid JSON object: {e}"))?;
+    pub fn parse(bytes: &'a [u8]) -> Result<RequestBody<'a>, BodyError> {
+        let Fields(fields) = serde_json::from_slice(bytes).map_err(|e| {
+            BodyError::NotAnObject(format!("the request body is not a valid JSON object: {e}"))
+        })?;
+        if let Some(key) = duplicate_key(&fields) {
+            // The provider may read the other copy: the sidecar would route, price and budget
+            // by one value and the provider bill by another.
+            return Err(BodyError::Invalid(format!(
+                "the request body has the key `{key}` more than once; send each field once"
+            )));
+        }
         let mut model = None;
         let mut stream = false;
         for (key, value) in &fields {
@@ -295,12 +327,12 @@ impl<'a> RequestBody<'a> {
                     model = Some(
                         serde_json::from_str::<CowStr<'a>>(value.get())
                             .map(|CowStr(s)| s)
-                            .map_err(|_| "`model` must be a string".to_string())?,
+                            .map_err(|_| BodyError::invalid("`model` must be a string"))?,
                     )
                 }
                 "stream" => {
                     stream = serde_json::from_str::<Option<bool>>(value.get())
-                        .map_err(|_| "`stream` must be a boolean".to_string())?
+                        .map_err(|_| BodyError::invalid("`stream` must be a boolean"))?
                         .unwrap_or(false)
                 }
                 _ => {}
@@ -404,6 +436,39 @@ pub fn model_object(id: &str, created: u64) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duplicate_top_level_key_is_refused_naming_it_in_either_order() {
+        for (body, key) in [
+            (
+                r#"{"model":"gpt-4.1","model":"deepseek-v3.2","messages":[]}"#,
+                "model",
+            ),
+            (
+                r#"{"model":"deepseek-v3.2","messages":[],"model":"gpt-4.1"}"#,
+                "model",
+            ),
+            (r#"{"model":"m","stream":true,"stream":false}"#, "stream"),
+            (
+                r#"{"model":"m","max_tokens":1,"max_tokens":100000}"#,
+                "max_tokens",
+            ),
+            (r#"{"model":"m","user":"a","user":"b"}"#, "user"),
+            (r#"{"model":"m","messages":[],"messages":[]}"#, "messages"),
+            (r#"{"model":"m","x-any":1,"x-any":1}"#, "x-any"),
+            // The same key spelled with an escape is still the same key.
+            (r#"{"model":"a","mod\u0065l":"b"}"#, "model"),
+        ] {
+            let err = RequestBody::parse(body.as_bytes()).err().expect(body);
+            assert!(
+                err.to_string().contains(&format!("`{key}` more than once")),
+                "{body}: {err}"
+            );
+        }
+        // Keys that are equal only inside nested objects are the provider's business.
+        let nested = r#"{"model":"m","messages":[{"role":"user","content":"a"},{"role":"user","content":"b"}]}"#;
+        assert!(RequestBody::parse(nested.as_bytes()).is_ok());
+    }
 
     /// A pseudo-random JSON value whose strings are full of quotes, backslashes and brackets.
     fn random_value(seed: &mut u64, depth: u32) -> serde_json::Value {
@@ -600,7 +665,7 @@ mod tests {
             (br#"{"model": "m""#, "not a valid JSON object"),
         ] {
             let err = RequestBody::parse(body).err().unwrap();
-            assert!(err.contains(needle), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
         }
         let parsed = RequestBody::parse(br#"{"stream": null}"#).unwrap();
         assert_eq!(parsed.model, None);

@@ -444,6 +444,8 @@ pub struct Snapshot {
     pub resilience: Resilience,
     pub guard: GuardConfig,
     pub shadow: ShadowConfig,
+    /// The paths passed through to providers besides the model endpoints.
+    pub passthrough: crate::path::Allowlist,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
@@ -529,6 +531,7 @@ impl Snapshot {
             },
             "timeouts": { "response_headers_ms": self.timeouts.response_headers.as_millis() as u64 },
             "default_route": self.default_route.as_ref().map(|r| r.name.clone()),
+            "passthrough": { "paths": self.passthrough.describe() },
             "providers": providers,
             "routes": routes,
         })
@@ -645,6 +648,15 @@ pub(crate) fn compile_raw(
     let resilience = compile_resilience(&raw.resilience, &mut errors);
     let guard = compile_guard(&raw.guard, &mut errors);
     let shadow = compile_shadow(&raw.shadow, &mut errors);
+    let passthrough = match &raw.passthrough.paths {
+        None => crate::path::Allowlist::default(),
+        Some(paths) => crate::path::Allowlist::new(paths).unwrap_or_else(|problems| {
+            for (i, message) in problems {
+                errors.push(format!("passthrough.paths[{i}]"), message);
+            }
+            crate::path::Allowlist::default()
+        }),
+    };
 
     if raw.providers.is_empty() {
         errors.push("providers", "at least one provider is required");
@@ -867,6 +879,7 @@ pub(crate) fn compile_raw(
         resilience,
         guard,
         shadow,
+        passthrough,
         providers,
         routes,
         default_route,

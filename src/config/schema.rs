@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub guard: RawGuard,
     #[serde(default)]
     pub shadow: RawShadow,
+    #[serde(default)]
+    pub passthrough: RawPassthrough,
     pub providers: BTreeMap<String, RawProvider>,
     pub routes: BTreeMap<String, RawRoute>,
 }
@@ -165,6 +167,15 @@ pub struct RawPrice {
     /// USD per million input tokens served from the provider's prompt cache (default: `input`).
     #[serde(default)]
     pub cached_input: Option<f64>,
+}
+
+/// Which `/v1/*` paths other than the model endpoints reach a provider.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPassthrough {
+    /// `/v1/files` (that path) or `/v1/files*` (a prefix); absent: every path.
+    #[serde(default)]
+    pub paths: Option<Vec<String>>,
 }
 
 /// Shadow traffic: how the mirrored calls are bounded, compared and logged.

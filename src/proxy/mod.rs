@@ -7,6 +7,7 @@ pub mod server;
 pub mod sse;
 pub mod upstream;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
 use crate::errors::SidecarError;
-use crate::openai::{self, RequestBody};
+use crate::openai::{self, BodyError, RequestBody};
+use crate::path::Normalized;
 use crate::routing::rollout::{self, Decision};
 
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
@@ -328,6 +330,9 @@ impl Proxy {
         });
         record.status = response.status().as_u16();
         let mut response = response;
+        // The answer speaks the protocol of the client's connection, whatever the provider's
+        // was (an HTTP/1.0 upstream must not make an HTTP/1.1 client read a 1.0 status line).
+        *response.version_mut() = http::Version::default();
         if !record.span.is_disabled() {
             if let Some(value) = record
                 .trace_id
@@ -342,13 +347,11 @@ impl Proxy {
 
     async fn dispatch(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         record: &mut Record,
     ) -> Result<Response<ProxyBody>, SidecarError> {
+        normalize_path(&mut req)?;
         let path = req.uri().path();
-        if !path.starts_with("/v1/") {
-            return Err(SidecarError::NotFound(path.to_string()));
-        }
         let is_get = req.method() == Method::GET;
         match path {
             "/v1/models" if is_get => Ok(self.list_models()),
@@ -365,6 +368,13 @@ impl Proxy {
                 self.forward(req, record, true).await
             }
             _ => {
+                let passthrough = &self.store.load().passthrough;
+                if !passthrough.allows(path) {
+                    return Err(SidecarError::PathNotAllowed {
+                        path: path.to_string(),
+                        allowed: passthrough.describe().unwrap_or_default().join(", "),
+                    });
+                }
                 record.counted = true;
                 self.forward(req, record, false).await
             }
@@ -428,8 +438,13 @@ impl Proxy {
         headers: &HeaderMap,
         bytes: Bytes,
     ) -> Result<(Arc<Route>, Bytes, Decision), SidecarError> {
-        // Multipart uploads and bodiless calls name no model and are passed through as they are.
-        let parsed = RequestBody::parse(&bytes).ok();
+        // Multipart uploads and bodiless calls name no model and are passed through as they are;
+        // a JSON object is read as on the model endpoints, so a duplicate `model` cannot pass.
+        let parsed = match RequestBody::parse(&bytes) {
+            Ok(parsed) => Some(parsed),
+            Err(BodyError::NotAnObject(_)) => None,
+            Err(err) => return Err(SidecarError::MalformedRequest(err.to_string())),
+        };
         let decision = decide_side(snapshot, guard_tripped, headers, parsed.as_ref());
         let Some((parsed, model)) = parsed
             .as_ref()
@@ -580,7 +595,8 @@ impl Proxy {
         bytes: Bytes,
         record: &mut Record,
     ) -> Result<Response<ProxyBody>, SidecarError> {
-        let parsed = RequestBody::parse(&bytes).map_err(SidecarError::MalformedRequest)?;
+        let parsed = RequestBody::parse(&bytes)
+            .map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
         let Some(model) = parsed.model.as_deref() else {
             return Err(SidecarError::MalformedRequest(
                 "the request body has no `model` field".into(),
@@ -658,6 +674,36 @@ impl Proxy {
             _ => Ok(committed.response),
         }
     }
+}
+
+/// Puts the request's path in the form it is served and forwarded in ([`crate::path`]), or
+/// refuses it: nothing outside `/v1/` reaches a provider.
+fn normalize_path<B>(req: &mut Request<B>) -> Result<(), SidecarError> {
+    let uri = req.uri();
+    let refused = |reason| SidecarError::InvalidPath {
+        path: uri.path().to_string(),
+        reason,
+    };
+    let normalized = match crate::path::normalize(uri.path()).map_err(refused)? {
+        Normalized::Api(Cow::Borrowed(_)) => return Ok(()),
+        Normalized::Api(Cow::Owned(path)) => path,
+        Normalized::Elsewhere => return Err(SidecarError::NotFound(uri.path().to_string())),
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized,
+    };
+    // The normalised path holds only characters the client's URI already had.
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| refused(crate::path::PathError::BadEscape))?,
+    );
+    let uri =
+        http::Uri::from_parts(parts).map_err(|_| refused(crate::path::PathError::BadEscape))?;
+    *req.uri_mut() = uri;
+    Ok(())
 }
 
 fn method_not_allowed<B>(req: &Request<B>) -> SidecarError {
