@@ -176,6 +176,21 @@ impl Sidecar {
             },
         ));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let prober_core = core.clone();
+        let prober_store = store.clone();
+        let mut prober_stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let upstream = prober_core.upstream.clone();
+            proxy::prober::run(
+                &prober_core.health,
+                || prober_store.load(),
+                |provider, timeout| proxy::prober::reachable(upstream.clone(), provider, timeout),
+                async move {
+                    let _ = prober_stop.wait_for(|stop| *stop).await;
+                },
+            )
+            .await
+        });
         let configmap = match &settings.kube {
             None => None,
             Some(kube) => {

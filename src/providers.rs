@@ -149,7 +149,12 @@ pub struct Provider {
     pub key: KeySource,
     /// The upstream URIs of the model endpoints, built once: most requests use one of them.
     model_endpoints: Vec<(&'static str, Uri)>,
+    /// What a background probe `GET`s while a breaker of this provider is open.
+    pub probe_uri: Uri,
 }
+
+/// The default probe: listing models is free, and every OpenAI-compatible API answers it.
+pub const DEFAULT_PROBE_PATH: &str = "/models";
 
 /// The client paths whose upstream URI a provider keeps ready.
 const MODEL_ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
@@ -205,12 +210,28 @@ impl Provider {
             path_prefix,
             key,
             model_endpoints: Vec::new(),
+            probe_uri: Uri::default(),
         };
         provider.model_endpoints = MODEL_ENDPOINTS
             .iter()
             .map(|path| Ok((*path, provider.build_uri(path, None)?)))
             .collect::<Result<_, String>>()?;
+        provider.set_probe_path(DEFAULT_PROBE_PATH)?;
         Ok(provider)
+    }
+
+    /// Points the background probe at `path` under the base URL (`/models`, `/health`).
+    pub fn set_probe_path(&mut self, path: &str) -> Result<(), String> {
+        let normalized = match crate::path::normalize(&format!("/v1{path}")) {
+            Ok(crate::path::Normalized::Api(p)) if path.starts_with('/') => p.into_owned(),
+            _ => {
+                return Err(format!(
+                    "`{path}` must be a path under the base URL, starting with `/`, without dot segments"
+                ))
+            }
+        };
+        self.probe_uri = self.build_uri(&normalized, None)?;
+        Ok(())
     }
 
     /// Maps the client's `/v1/<rest>` path onto this provider's base URL.

@@ -419,3 +419,113 @@ async fn a_client_that_stops_reading_holds_back_the_provider_and_releases_it_on_
     )
     .await;
 }
+
+/// A provider that can be taken down and brought back: while down, every request (the
+/// sidecar's probes included) gets a 503. Counts the chat requests and the probes it saw.
+struct Switchable {
+    addr: std::net::SocketAddr,
+    down: Arc<AtomicBool>,
+    chats: Arc<AtomicU64>,
+    probes: Arc<AtomicU64>,
+}
+
+async fn switchable() -> Switchable {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let down = Arc::new(AtomicBool::new(true));
+    let chats = Arc::new(AtomicU64::new(0));
+    let probes = Arc::new(AtomicU64::new(0));
+    let state = (down.clone(), chats.clone(), probes.clone());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (down, chats, probes) = state.clone();
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let counter = if req.uri().path().ends_with("/models") {
+                    &probes
+                } else {
+                    &chats
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (status, body) = if down.load(Ordering::SeqCst) {
+                    (503, r#"{"error":{"message":"down","type":"server_error"}}"#)
+                } else {
+                    (
+                        200,
+                        r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"back"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+                    )
+                };
+                let response = http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                async move { response }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(socket), service),
+            );
+        }
+    });
+    Switchable {
+        addr,
+        down,
+        chats,
+        probes,
+    }
+}
+
+#[tokio::test]
+async fn a_primary_that_recovers_gets_its_traffic_back_from_the_background_probe() {
+    let primary = switchable().await;
+    let fake = fake().await;
+    let config = format!(
+        "resilience: {{ attempts_per_target: 1, breaker_failures: 3, breaker_cooldown: 200ms }}
+providers:
+  sheep: {{ kind: relay, base_url: 'http://{}/v1' }}
+  deep: {{ kind: official, base_url: {}, api_key: {{ env: TEST_OFFICIAL_KEY }} }}
+routes:
+  chat:
+    relay: {{ provider: sheep, model: m }}
+    official: {{ provider: deep, model: official-model }}
+",
+        primary.addr,
+        fake.base_url("deep")
+    );
+    let sidecar = sidecar(&config).await;
+    let served_by =
+        |headers: &http::HeaderMap| header(headers, "x-llm-sidecar-provider").to_string();
+
+    // Down: every answer comes from the fallback while the sidecar probes in the background.
+    eventually(
+        Duration::from_secs(20),
+        "three background probes failed",
+        || async {
+            let (status, headers, _) = ask(&sidecar, "chat", false).await;
+            assert_eq!((status, served_by(&headers).as_str()), (200, "deep"));
+            primary.probes.load(Ordering::SeqCst) >= 3
+        },
+    )
+    .await;
+    // The three requests that opened the breaker; no user request paid for a probe since.
+    assert_eq!(primary.chats.load(Ordering::SeqCst), 3);
+
+    primary.down.store(false, Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(20),
+        "the primary answers again",
+        || async {
+            let (status, headers, _) = ask(&sidecar, "chat", false).await;
+            assert_eq!(status, 200);
+            served_by(&headers) == "sheep"
+        },
+    )
+    .await;
+    let text = metrics_text(&client(), sidecar.admin_addr).await;
+    assert_eq!(
+        metric_value(&text, r#"llm_sidecar_breaker_state{target="sheep/m"}"#),
+        Some(0.0),
+        "{text}"
+    );
+}

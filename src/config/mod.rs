@@ -707,7 +707,12 @@ pub(crate) fn compile_raw(
             }
         };
         match Provider::new(name.clone(), p.kind, p.base_url.trim(), key) {
-            Ok(provider) => {
+            Ok(mut provider) => {
+                if let Some(probe) = &p.probe_path {
+                    if let Err(why) = provider.set_probe_path(probe.trim()) {
+                        errors.push(format!("{path}.probe_path"), why);
+                    }
+                }
                 providers.insert(name, Arc::new(provider));
             }
             Err(why) => errors.push(format!("{path}.base_url"), why),
@@ -889,6 +894,7 @@ pub(crate) fn compile_raw(
 }
 
 fn compile_resilience(raw: &schema::RawResilience, errors: &mut Errors) -> Resilience {
+    use crate::routing::breaker::ProbeMode;
     let d = Resilience::default();
     let mut duration =
         |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| {
@@ -936,6 +942,18 @@ fn compile_resilience(raw: &schema::RawResilience, errors: &mut Errors) -> Resil
                 d.breaker.max_cooldown,
                 false,
             ),
+            probe: match raw.breaker_probe.as_deref().map(str::trim) {
+                None => d.breaker.probe,
+                Some("background") => ProbeMode::Background,
+                Some("request") => ProbeMode::Request,
+                Some(other) => {
+                    errors.push(
+                        "resilience.breaker_probe",
+                        format!("`{other}` is not `background` or `request`"),
+                    );
+                    d.breaker.probe
+                }
+            },
         },
         attempts_per_target: raw.attempts_per_target.unwrap_or(d.attempts_per_target),
         rate_limit_waits: raw.rate_limit_waits.unwrap_or(d.rate_limit_waits),
@@ -1133,8 +1151,10 @@ routes:
     #[test]
     fn errors_name_the_field_path() {
         let text = "
+resilience: { breaker_probe: sometimes }
+passthrough: { paths: ['/v1/files*', '/files'] }
 providers:
-  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1' }
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1', probe_path: '/../admin' }
   ds: { kind: official, base_url: 'nope' }
 routes:
   chat:
@@ -1148,7 +1168,10 @@ default_route: missing
         assert_eq!(
             paths,
             [
+                "resilience.breaker_probe",
+                "passthrough.paths[1]",
                 "providers.ds.base_url",
+                "providers.sheep.probe_path",
                 "routes.chat.relay.provider",
                 "routes.chat.official.provider",
                 "routes.empty",

@@ -82,6 +82,9 @@ pub struct RawResilience {
     pub breaker_cooldown: Option<String>,
     #[serde(default)]
     pub breaker_max_cooldown: Option<String>,
+    /// `background` (the sidecar tests an open target itself) or `request` (a user request does).
+    #[serde(default)]
+    pub breaker_probe: Option<String>,
     #[serde(default)]
     pub retry_budget_ratio: Option<f64>,
     #[serde(default)]
@@ -113,6 +116,9 @@ pub struct RawProvider {
     pub base_url: String,
     #[serde(default)]
     pub api_key: Option<RawKeySource>,
+    /// The path, under `base_url`, of the `GET` that tests the provider while a breaker is open.
+    #[serde(default)]
+    pub probe_path: Option<String>,
 }
 
 /// `{ env: NAME }` or `{ file: PATH }`; exactly one of the two.

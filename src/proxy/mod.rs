@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod execute;
+pub mod prober;
 pub mod server;
 pub mod sse;
 pub mod upstream;

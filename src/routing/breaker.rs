@@ -1,5 +1,7 @@
-//! A circuit breaker per target: opens after N consecutive failures, stays open for a cooldown
-//! that grows on repeated trips, then lets exactly one probe through; the probe's success closes it.
+//! A circuit breaker per target: opens after N consecutive failures, then tests the target once
+//! per cooldown. With background probing (the default) a cheap request the sidecar sends itself
+//! tests it, and its success lets one user request through to confirm; without, the first user
+//! request after the cooldown is the probe and the cooldown doubles on each failed one.
 
 use std::time::Duration;
 
@@ -9,7 +11,20 @@ use tokio::time::Instant;
 pub struct BreakerConfig {
     pub failures: u32,
     pub cooldown: Duration,
+    /// Only for probing by user requests: the cooldown doubles up to this.
     pub max_cooldown: Duration,
+    pub probe: ProbeMode,
+}
+
+/// Who tests a target whose breaker is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// The sidecar, once per cooldown, with a cheap request of its own: however long the outage,
+    /// the target is back within one cooldown of recovering, and no user request pays for a
+    /// probe of a dead target.
+    Background,
+    /// The first user request after the cooldown; the cooldown doubles on each failed probe.
+    Request,
 }
 
 impl Default for BreakerConfig {
@@ -18,15 +33,25 @@ impl Default for BreakerConfig {
             failures: 3,
             cooldown: Duration::from_secs(30),
             max_cooldown: Duration::from_secs(300),
+            probe: ProbeMode::Background,
         }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Closed {
+        failures: u32,
+    },
+    /// `until`: when the next probe is due. Under background probing, user requests are turned
+    /// away until a background probe succeeds, however late it is.
+    Open {
+        until: Instant,
+        probe: ProbeMode,
+    },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 /// What the breaker says about sending a request now.
@@ -49,7 +74,8 @@ pub enum Phase {
 #[derive(Clone, Debug)]
 pub struct Breaker {
     state: State,
-    /// Consecutive trips without a success in between: each one doubles the cooldown.
+    /// Consecutive trips without a success in between: under request probing, each one
+    /// doubles the cooldown.
     trips: u32,
     last_failure: Option<Instant>,
 }
@@ -68,7 +94,11 @@ impl Breaker {
     pub fn phase(&self, now: Instant) -> Phase {
         match self.state {
             State::Closed { .. } => Phase::Closed,
-            State::Open { until } if now < until => Phase::Open,
+            State::Open {
+                probe: ProbeMode::Background,
+                ..
+            } => Phase::Open,
+            State::Open { until, .. } if now < until => Phase::Open,
             State::Open { .. } | State::HalfOpen { .. } => Phase::HalfOpen,
         }
     }
@@ -77,7 +107,11 @@ impl Breaker {
     pub fn is_blocking(&self, now: Instant) -> bool {
         match self.state {
             State::Closed { .. } => false,
-            State::Open { until } => now < until,
+            State::Open {
+                probe: ProbeMode::Background,
+                ..
+            } => true,
+            State::Open { until, .. } => now < until,
             State::HalfOpen { probing } => probing,
         }
     }
@@ -93,14 +127,15 @@ impl Breaker {
 
     /// Asks to send a request now; a half-open breaker admits exactly one probe at a time.
     pub fn admit(&mut self, now: Instant) -> Admission {
+        if self.is_blocking(now) {
+            return Admission::Rejected;
+        }
         match self.state {
             State::Closed { .. } => Admission::Allowed,
-            State::Open { until } if now < until => Admission::Rejected,
-            State::Open { .. } | State::HalfOpen { probing: false } => {
+            _ => {
                 self.state = State::HalfOpen { probing: true };
                 Admission::Probe
             }
-            State::HalfOpen { probing: true } => Admission::Rejected,
         }
     }
 
@@ -115,6 +150,52 @@ impl Breaker {
                 Admission::Probe
             }
         }
+    }
+
+    /// When the next background probe is due, while one is wanted.
+    pub fn background_probe_due(&self) -> Option<Instant> {
+        match self.state {
+            State::Open {
+                until,
+                probe: ProbeMode::Background,
+            } => Some(until),
+            _ => None,
+        }
+    }
+
+    /// Takes the background probe that is due now, if any, and schedules the next one a
+    /// cooldown later: a dead target is tested once per cooldown, however slow each test is.
+    pub fn start_background_probe(&mut self, now: Instant, config: &BreakerConfig) -> bool {
+        match self.state {
+            State::Open {
+                until,
+                probe: ProbeMode::Background,
+            } if now >= until => {
+                self.state = State::Open {
+                    until: now + config.cooldown,
+                    probe: ProbeMode::Background,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A background probe reached the target: the next user request confirms it (a reachable
+    /// API is not yet a working model), and its success closes the breaker.
+    pub fn on_background_success(&mut self) {
+        if let State::Open {
+            probe: ProbeMode::Background,
+            ..
+        } = self.state
+        {
+            self.state = State::HalfOpen { probing: false };
+        }
+    }
+
+    /// A failure that tells nothing new about the state (a failed background probe).
+    pub fn note_failure(&mut self, now: Instant) {
+        self.last_failure = Some(now);
     }
 
     pub fn on_success(&mut self) {
@@ -145,15 +226,21 @@ impl Breaker {
     }
 
     fn trip(&mut self, now: Instant, config: &BreakerConfig) {
-        let factor = 1u32.checked_shl(self.trips.min(16)).unwrap_or(u32::MAX);
-        let cooldown = config
-            .cooldown
-            .checked_mul(factor)
-            .unwrap_or(config.max_cooldown)
-            .min(config.max_cooldown);
+        let cooldown = match config.probe {
+            ProbeMode::Background => config.cooldown,
+            ProbeMode::Request => {
+                let factor = 1u32.checked_shl(self.trips.min(16)).unwrap_or(u32::MAX);
+                config
+                    .cooldown
+                    .checked_mul(factor)
+                    .unwrap_or(config.max_cooldown)
+                    .min(config.max_cooldown)
+            }
+        };
         self.trips = self.trips.saturating_add(1);
         self.state = State::Open {
             until: now + cooldown,
+            probe: config.probe,
         };
     }
 }
@@ -162,8 +249,12 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    /// The user-request probing these tests were written for.
     fn config() -> BreakerConfig {
-        BreakerConfig::default()
+        BreakerConfig {
+            probe: ProbeMode::Request,
+            ..BreakerConfig::default()
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -72,6 +72,8 @@ struct TargetHealth {
 #[derive(Default)]
 pub struct Health {
     targets: Mutex<HashMap<Arc<str>, TargetHealth>>,
+    /// Woken when a breaker starts wanting background probes, so the prober can plan for it.
+    probe_wanted: tokio::sync::Notify,
 }
 
 impl Health {
@@ -92,13 +94,64 @@ impl Health {
     }
 
     fn with_breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {
-        let cell = self.cell(target);
+        self.cell(target);
+        self.with_key(&target.health_key, f)
+    }
+
+    fn with_key<T>(&self, key: &Arc<str>, f: impl FnOnce(&mut Breaker) -> T) -> T {
         let mut targets = self.locked();
-        let entry = targets.entry(target.health_key.clone()).or_default();
+        let entry = targets.entry(key.clone()).or_default();
+        let probing_before = entry.breaker.background_probe_due().is_some();
         let out = f(&mut entry.breaker);
-        cell.troubled
+        entry
+            .cell
+            .troubled
             .store(!entry.breaker.is_clean(), Ordering::Release);
+        if !probing_before && entry.breaker.background_probe_due().is_some() {
+            self.probe_wanted.notify_one();
+        }
         out
+    }
+
+    /// When the soonest background probe is due, if any breaker wants one.
+    pub fn next_background_probe(&self) -> Option<Instant> {
+        self.locked()
+            .values()
+            .filter_map(|t| t.breaker.background_probe_due())
+            .min()
+    }
+
+    /// Resolves when a breaker has newly opened for background probing (or already had, since
+    /// the last call): the prober's cue to plan again.
+    pub async fn background_probe_wanted(&self) {
+        self.probe_wanted.notified().await
+    }
+
+    /// Claims every background probe due now, each breaker's next a cooldown later.
+    pub fn start_due_background_probes(
+        &self,
+        now: Instant,
+        config: &BreakerConfig,
+    ) -> Vec<Arc<str>> {
+        self.locked()
+            .iter_mut()
+            .filter_map(|(key, t)| {
+                t.breaker
+                    .start_background_probe(now, config)
+                    .then(|| key.clone())
+            })
+            .collect()
+    }
+
+    /// A background probe's result: reachable lets the next request through to confirm.
+    pub fn record_background_probe(&self, key: &Arc<str>, reachable: bool, now: Instant) {
+        self.with_key(key, |b| {
+            if reachable {
+                b.on_background_success()
+            } else {
+                b.note_failure(now)
+            }
+        })
     }
 
     pub fn admit(&self, target: &Target, now: Instant, forced: bool) -> Admission {
@@ -230,7 +283,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_mark_a_target_troubled_until_it_recovers_and_survive_a_reload() {
         let health = Health::default();
-        let cfg = BreakerConfig::default();
+        let cfg = BreakerConfig {
+            probe: crate::routing::breaker::ProbeMode::Request,
+            ..BreakerConfig::default()
+        };
         let snap = snapshot();
         let t = target(&snap);
         assert!(health.lookup(Instant::now()).closed(t));
