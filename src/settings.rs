@@ -324,13 +324,21 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| "expected a whole number followed by ms, s or m".to_string())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit `{unit}` (use ms, s or m)")),
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("unknown unit `{unit}` (use ms, s or m)")),
+    };
+    // Deadlines are added to the clock: an absurd one would overflow it mid-request.
+    if duration > MAX_DURATION {
+        return Err("must be at most 366 days".to_string());
     }
+    Ok(duration)
 }
+
+/// The longest duration any setting or config field takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// An environment made of `pairs`, for the settings tests here and in other modules.
 #[cfg(test)]
@@ -439,6 +447,11 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5h").is_err());
+        // Nothing the clock cannot add: a year is fine, more would overflow deadlines.
+        assert_eq!(parse_duration("527040m"), Ok(MAX_DURATION));
+        assert!(parse_duration("527041m").is_err());
+        assert!(parse_duration("18446744073709551615m").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
         assert!(parse_duration("s").is_err());
     }
 }

@@ -40,8 +40,9 @@ pub fn unit_sample() -> f64 {
 /// `Retry-After` as delta-seconds or an HTTP date, relative to `now`. Dates in the past are zero.
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
+    // A provider's number is added to the clock: a day is the most that means anything.
     if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+        return Some(Duration::from_secs(seconds.min(86_400)));
     }
     if let Ok(seconds) = value.parse::<f64>() {
         if seconds.is_finite() && seconds >= 0.0 {
@@ -130,6 +131,11 @@ mod tests {
     fn retry_after_reads_seconds_and_http_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
         assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        // A huge value is capped, so adding it to the clock cannot overflow.
+        let day = Some(Duration::from_secs(86_400));
+        assert_eq!(parse_retry_after("18446744073709551615", now), day);
+        assert_eq!(parse_retry_after("1e300", now), day);
+        let _ = tokio::time::Instant::now() + day.unwrap_or_default();
         assert_eq!(
             parse_retry_after(" 1.5 ", now),
             Some(Duration::from_millis(1500))

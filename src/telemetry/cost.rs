@@ -61,10 +61,11 @@ impl Usage {
         })
     }
 
+    /// Adds a continuation's usage; saturating, since the counts are the provider's numbers.
     pub fn add(&mut self, other: Usage) {
-        self.input += other.input;
-        self.output += other.output;
-        self.cached_input += other.cached_input;
+        self.input = self.input.saturating_add(other.input);
+        self.output = self.output.saturating_add(other.output);
+        self.cached_input = self.cached_input.saturating_add(other.cached_input);
     }
 }
 
