@@ -529,3 +529,34 @@ routes:
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused_before_it_reaches_a_provider() {
+    let fake = fake().await;
+    let sidecar = sidecar(&config(&fake, true)).await;
+    let big = "a".repeat(80 * 1024);
+    let answer = raw(
+        sidecar.data_addr,
+        &format!("POST /v1/chat/completions HTTP/1.1\r\nX-Big: {big}"),
+        &chat_body("chat", false),
+    )
+    .await;
+    assert!(
+        answer.status_line.starts_with("HTTP/1.1 431"),
+        "{}",
+        answer.status_line
+    );
+    let many: String = (0..150).map(|i| format!("\r\nX-H{i}: v")).collect();
+    let answer = raw(
+        sidecar.data_addr,
+        &format!("POST /v1/chat/completions HTTP/1.1{many}"),
+        &chat_body("chat", false),
+    )
+    .await;
+    assert!(
+        answer.status_line.starts_with("HTTP/1.1 431"),
+        "{}",
+        answer.status_line
+    );
+    assert!(fake.requests().is_empty());
+}

@@ -25,13 +25,24 @@ pub fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        // A request head larger than this is answered 431 before the sidecar reads it.
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        .max_concurrent_streams(MAX_H2_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }
+
+/// Header limits: an OpenAI SDK request has a dozen headers in about a kilobyte.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub const MAX_HEADERS: usize = 100;
+/// Streams of one HTTP/2 connection at a time (the concurrency cap still counts each).
+const MAX_H2_STREAMS: u32 = 256;
 
 /// The next connection. A failed accept (out of file descriptors and the like) is logged and
 /// retried after a short pause instead of spinning. Cancel-safe, for use in `select!`.
