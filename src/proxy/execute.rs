@@ -25,12 +25,13 @@ use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
 use crate::providers::ProviderKind;
-use crate::routing::backoff::{full_jitter, parse_retry_after, unit_sample};
+use crate::routing::backoff::{parse_retry_after, unit_sample};
 use crate::routing::breaker::Admission;
 use crate::routing::budget::RetryBudget;
 use crate::routing::classify::{classify, Class, Failure, UpstreamErrorBody};
 use crate::routing::health::Health;
 use crate::routing::plan::{plan, PlanRequest, Step};
+use crate::routing::policy::{self, AtEnd, Failed, Next};
 use crate::routing::rollout::Decision;
 use crate::routing::tokens;
 use crate::telemetry::cost::{format_usd, Bill, Usage};
@@ -954,24 +955,16 @@ impl Exchange {
                     self.expand_plan(&mut steps, &mut skipped);
                     continue;
                 }
-                None => {
-                    // Everything failed: wait once for the soonest rate limit that clears in time.
-                    let soonest = limited
-                        .iter()
-                        .filter(|(_, at)| *at < self.deadline)
-                        .min_by_key(|(_, at)| *at)
-                        .copied();
-                    match soonest {
-                        Some((i, at)) if waits < r.rate_limit_waits => {
-                            waits += 1;
-                            limited.retain(|(j, _)| *j != i);
-                            tokio::time::sleep_until(at).await;
-                            requeued = Some(i);
-                            continue;
-                        }
-                        _ => break,
+                None => match policy::at_end_of_plan(&limited, waits, &r, self.deadline) {
+                    AtEnd::WaitFor { step, at } => {
+                        waits += 1;
+                        limited.retain(|(j, _)| *j != step);
+                        tokio::time::sleep_until(at).await;
+                        requeued = Some(step);
+                        continue;
                     }
-                }
+                    AtEnd::GiveUp => break,
+                },
             };
             let step = &steps[step_index];
             let target = step.target();
@@ -1102,11 +1095,6 @@ impl Exchange {
                         } else {
                             tracing::warn!(provider = %target.provider.name, model = %target.model, outcome = class.label(), status, "upstream attempt failed");
                         }
-                        if class == Class::ClientError {
-                            if let Some((status, headers, body)) = passthrough {
-                                return Ok(self.passthrough_error(step, status, headers, body));
-                            }
-                        }
                         if worst
                             .as_ref()
                             .is_none_or(|w| class.weight() > w.class.weight())
@@ -1117,44 +1105,39 @@ impl Exchange {
                                 target: describe,
                             });
                         }
-                        let retry_wait = match class {
-                            Class::ContextTooLong => {
-                                context_limit = Some(
-                                    step.route
-                                        .context_window
-                                        .unwrap_or(self.prompt_tokens.saturating_sub(1)),
-                                );
-                                None
-                            }
-                            Class::Silent | Class::Misconfigured | Class::ClientError => None,
-                            Class::Transient | Class::ServerError => (tries
-                                < self.max_tries(class))
-                            .then(|| {
-                                full_jitter(r.backoff_base, r.backoff_max, tries - 1, unit_sample())
-                            }),
-                            Class::RateLimited(Some(after)) => {
-                                if after <= r.backoff_max && tries < r.attempts_per_target {
-                                    Some(after)
-                                } else {
-                                    limited.push((step_index, Instant::now() + after));
-                                    None
+                        let failed = Failed {
+                            class,
+                            tries,
+                            route_window: step.route.context_window,
+                            prompt_tokens: self.prompt_tokens,
+                            answer_kept: passthrough.is_some(),
+                        };
+                        let wait = match policy::after_failure(
+                            failed,
+                            &r,
+                            self.remaining(),
+                            unit_sample(),
+                        ) {
+                            Next::Retry { after } => after,
+                            Next::MoveOn {
+                                context_limit: limit,
+                                rate_limited_for,
+                            } => {
+                                if limit.is_some() {
+                                    context_limit = limit;
                                 }
+                                if let Some(after) = rate_limited_for {
+                                    limited.push((step_index, Instant::now() + after));
+                                }
+                                break;
                             }
-                            Class::RateLimited(None) => {
-                                (tries < r.attempts_per_target).then(|| {
-                                    full_jitter(
-                                        r.backoff_base,
-                                        r.backoff_max,
-                                        tries - 1,
-                                        unit_sample(),
-                                    )
-                                })
+                            Next::ReturnAnswer => {
+                                if let Some((status, headers, body)) = passthrough {
+                                    return Ok(self.passthrough_error(step, status, headers, body));
+                                }
+                                break;
                             }
                         };
-                        let Some(wait) = retry_wait else { break };
-                        if wait >= self.remaining() {
-                            break;
-                        }
                         if !self.core.budget.try_retry(
                             Instant::now(),
                             r.retry_budget_ratio,
@@ -1189,14 +1172,6 @@ impl Exchange {
             }
         }
         skipped.extend(more_skipped);
-    }
-
-    fn max_tries(&self, class: Class) -> u32 {
-        match class {
-            // "Retry the same target once" for server errors.
-            Class::ServerError => self.snapshot.resilience.attempts_per_target.min(2),
-            _ => self.snapshot.resilience.attempts_per_target,
-        }
     }
 
     /// Fallbacks: how many times the request moved on to another target.

@@ -8,5 +8,6 @@ pub mod classify;
 pub mod guard;
 pub mod health;
 pub mod plan;
+pub mod policy;
 pub mod rollout;
 pub mod tokens;
