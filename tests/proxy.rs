@@ -486,7 +486,6 @@ async fn a_silent_upstream_is_a_504_after_one_header_timeout() {
     let text =
         config_with(&fake, true, extra).replace("response_headers: 2s", "response_headers: 300ms");
     let sidecar = sidecar(&text).await;
-    let started = std::time::Instant::now();
     let (status, headers, body) = ask_json(&sidecar, "quiet", false).await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(
@@ -494,11 +493,13 @@ async fn a_silent_upstream_is_a_504_after_one_header_timeout() {
         "all_targets_failed"
     );
     assert_eq!(body["error"]["code"], "timeout");
-    assert!(
-        started.elapsed() < Duration::from_millis(600),
-        "a silent target is not retried: {:?}",
-        started.elapsed()
-    );
+    // A silent target is not retried: one attempt, one request upstream.
+    let attempts = body["error"]["attempts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(attempts.len(), 1, "{body}");
+    assert_eq!(attempts[0]["outcome"], "timeout");
     assert_eq!(fake.requests().len(), 1);
 }
 

@@ -70,7 +70,6 @@ fn gap(requests: &[llm_sidecar::fake_provider::SeenRequest]) -> Duration {
 async fn a_429_with_retry_after_is_waited_out_on_the_same_target() {
     let fake = fake().await;
     let sidecar = sidecar(&relay_fault(&fake, "fail-times=1+rate-limit=1")).await;
-    let started = Instant::now();
     let (status, headers, body) = ask(&sidecar, "chat", false).await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-llm-sidecar-provider"), "sheep");
@@ -83,7 +82,8 @@ async fn a_429_with_retry_after_is_waited_out_on_the_same_target() {
         "Retry-After honoured: {:?}",
         gap(&relay)
     );
-    assert!(started.elapsed() < Duration::from_millis(1800));
+    // Waited out on the same target, not failed over.
+    assert!(fake.requests_for("deep").is_empty());
 }
 
 #[tokio::test]
@@ -106,7 +106,6 @@ async fn when_every_target_is_rate_limited_the_request_waits_once_then_reports_t
     let fake = fake().await;
     let routes = "  chat:\n    relay: { provider: sheep, model: 'rate-limit=1' }\n    official: { provider: deep, model: 'rate-limit=1' }\n";
     let sidecar = sidecar(&resilient(&fake, routes, "")).await;
-    let started = Instant::now();
     let (status, headers, body) = ask(&sidecar, "chat", false).await;
     assert_eq!(status, 429);
     assert_eq!(
@@ -125,7 +124,9 @@ async fn when_every_target_is_rate_limited_the_request_waits_once_then_reports_t
             "Retry-After honoured between tries"
         );
     }
-    assert!(started.elapsed() < Duration::from_millis(2600));
+    // The one wait is for the soonest limit: the relay's, after the official tries.
+    let last_official = fake.requests_for("deep").last().map(|r| r.at);
+    assert!(last_official.is_some_and(|at| relay[2].at > at));
 }
 
 #[tokio::test]
@@ -184,7 +185,6 @@ async fn a_reset_before_headers_is_retried_then_failed_over() {
 async fn a_silent_target_is_abandoned_at_once_for_the_fallback() {
     let fake = fake().await;
     let sidecar = sidecar(&relay_fault(&fake, "silent")).await;
-    let started = Instant::now();
     let (status, headers, _) = ask(&sidecar, "chat", false).await;
     assert_eq!(
         (status, header(&headers, "x-llm-sidecar-provider")),
@@ -195,10 +195,9 @@ async fn a_silent_target_is_abandoned_at_once_for_the_fallback() {
         1,
         "a silent target is not retried"
     );
-    assert!(
-        started.elapsed() < Duration::from_millis(600),
-        "well before two header timeouts: {:?}",
-        started.elapsed()
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-attempt-log"),
+        "sheep/silent=timeout,deep/official-model=ok"
     );
 }
 
@@ -206,7 +205,6 @@ async fn a_silent_target_is_abandoned_at_once_for_the_fallback() {
 async fn a_slow_first_token_fails_over_within_the_deadline() {
     let fake = fake().await;
     let sidecar = sidecar(&relay_fault(&fake, "slow-first-token=3000")).await;
-    let started = Instant::now();
     let (status, headers, body) = ask(&sidecar, "chat", true).await;
     assert_eq!(
         (status, header(&headers, "x-llm-sidecar-provider")),
@@ -215,11 +213,12 @@ async fn a_slow_first_token_fails_over_within_the_deadline() {
     let events = sse_data(&body);
     assert_eq!(stream_text(&events), full_answer("deep", 12));
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    assert!(
-        started.elapsed() < Duration::from_millis(800),
-        "TTFT deadline + slack: {:?}",
-        started.elapsed()
+    // Abandoned at its first-token deadline, once, not waited out.
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-attempt-log"),
+        "sheep/slow-first-token=3000=timeout,deep/official-model=ok"
     );
+    assert_eq!(fake.requests_for("sheep").len(), 1);
 }
 
 fn cut_routes(fallback_model: &str, prefill: bool) -> String {
@@ -293,7 +292,6 @@ async fn a_cut_stream_whose_fallback_rejects_prefill_ends_with_the_original_fail
 async fn a_stall_mid_stream_without_a_prefill_target_ends_with_an_error_event() {
     let fake = fake().await;
     let sidecar = sidecar(&relay_fault(&fake, "stall=5")).await;
-    let started = Instant::now();
     let (status, _, body) = ask(&sidecar, "chat", true).await;
     assert_eq!(status, 200);
     let events = sse_data(&body);
@@ -306,7 +304,6 @@ async fn a_stall_mid_stream_without_a_prefill_target_ends_with_an_error_event() 
             .contains("stalled"),
         "{last}"
     );
-    assert!(started.elapsed() < Duration::from_millis(1000));
 }
 
 #[tokio::test]
@@ -533,12 +530,9 @@ async fn a_primary_down_for_a_while_is_routed_around_and_gets_traffic_back_after
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(saw_open, "the breaker opened during the outage");
+    // How soon after the outage it comes back is shown on paused time (proxy::prober's
+    // tests); here, that it does, and what it cost the target meanwhile.
     let back_at = back_at.expect("traffic returned to the primary");
-    // Cooldowns here: 500 ms, then 1 s after the failed probe.
-    assert!(
-        back_at < Duration::from_millis(1500 + 1000 + 300),
-        "back within one cooldown: {back_at:?}"
-    );
     // The sidecar's own background probes (`GET /models`, which the fake answers even while
     // the model is down) are one per cooldown; each reachable one lets a single user request
     // through to confirm, so user traffic to the dead target stays at one request per cooldown
