@@ -32,7 +32,6 @@ use crate::openai::RequestBody;
 use crate::providers::ProviderKind;
 use crate::proxy::body::{Observed, OnFinish, ProxyBody};
 use crate::proxy::upstream::Upstream;
-use crate::routing::rollout::random_u64;
 use crate::routing::tokens;
 use crate::telemetry::metrics::{Metrics, OutcomeLabels};
 use crate::telemetry::otel;
@@ -103,7 +102,7 @@ impl Shadows {
         let percent = u64::from(snapshot.flags.shadow_percent);
         percent > 0
             && matches!(path, "/v1/chat/completions" | "/v1/completions")
-            && random_u64() % 100 < percent
+            && fastrand::u64(..100) < percent
     }
 
     /// Starts the shadow of a successful primary answer and returns the primary response with

@@ -25,7 +25,7 @@ use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
 use crate::providers::ProviderKind;
-use crate::routing::backoff::{parse_retry_after, unit_sample};
+use crate::routing::backoff::parse_retry_after;
 use crate::routing::breaker::Admission;
 use crate::routing::budget::RetryBudget;
 use crate::routing::classify::{classify, Class, Failure, UpstreamErrorBody};
@@ -405,16 +405,7 @@ impl Exchange {
             });
         // The sidecar's own request headers are read here and never forwarded.
         let mut headers = headers;
-        // Slots for what each attempt's copy gets (`Provider::authorize`, the body's length):
-        // filled in place there, where a new header would grow the copy (a clone has no spare
-        // room). None is sent as it is: `attempt` replaces or drops each. The app's own values
-        // of these are overwritten here, not removed first.
-        const SLOTS: [HeaderName; 3] =
-            [header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH];
-        super::strip_request_headers_but(&mut headers, &SLOTS);
-        for slot in SLOTS {
-            headers.insert(slot, HeaderValue::from_static(""));
-        }
+        super::strip_request_headers(&mut headers);
         let stream = parsed.stream;
         let usage_added = stream
             && !parsed
@@ -606,17 +597,14 @@ impl Exchange {
         prefill: Option<&str>,
         first: bool,
         span: &tracing::Span,
-        own_headers: Option<HeaderMap>,
     ) -> Result<Answer, AttemptError> {
         let provider = &target.provider;
         let uri = provider
             .upstream_uri_from(&self.path_and_query)
             .map_err(Failure::Connect)?;
         let body = self.body_for(target, prefill, first);
-        let mut headers = own_headers.unwrap_or_else(|| self.headers.clone());
-        if body.is_empty() {
-            headers.remove(header::CONTENT_LENGTH);
-        } else {
+        let mut headers = self.headers.clone();
+        if !body.is_empty() {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         let mut request = Request::new(Full::new(body));
@@ -1018,17 +1006,7 @@ impl Exchange {
                 let span =
                     self.attempt_span(step, kind, last_failed.as_ref().map(|l| l.2), admission);
                 let started = Instant::now();
-                // The first attempt sends the request's own header map and keeps a copy for
-                // any later one: hyper reuses a sent map, spare room and all, for the answer's
-                // headers, so the sidecar's response headers then fit without growing it.
-                let own_headers = self.attempts.is_empty().then(|| {
-                    let copy = self.headers.clone();
-                    std::mem::replace(&mut self.headers, copy)
-                });
-                match self
-                    .attempt(target, None, step_index == 0, &span, own_headers)
-                    .await
-                {
+                match self.attempt(target, None, step_index == 0, &span).await {
                     Ok(answer) => {
                         let latency = started.elapsed();
                         self.core.health.record_success(
@@ -1116,7 +1094,7 @@ impl Exchange {
                             failed,
                             &r,
                             self.remaining(),
-                            unit_sample(),
+                            fastrand::f64(),
                         ) {
                             Next::Retry { after } => after,
                             Next::MoveOn {
@@ -1208,8 +1186,11 @@ impl Exchange {
             self.decision.bucket,
             &self.snapshot,
         );
-        headers.insert(HEADER_ATTEMPTS, small_number(self.attempts.len().max(1)));
-        headers.insert(HEADER_FALLBACKS, small_number(self.moves()));
+        headers.insert(
+            HEADER_ATTEMPTS,
+            HeaderValue::from(self.attempts.len().max(1)),
+        );
+        headers.insert(HEADER_FALLBACKS, HeaderValue::from(self.moves()));
         if self.attempts.len() > 1 {
             let log: Vec<String> = self
                 .attempts
@@ -1573,7 +1554,7 @@ impl Exchange {
                 );
                 let started = Instant::now();
                 match self
-                    .attempt(step.target(), Some(&pump.state.text), false, &span, None)
+                    .attempt(step.target(), Some(&pump.state.text), false, &span)
                     .await
                 {
                     Ok(Answer::Stream {
@@ -1750,15 +1731,6 @@ impl Pump {
                 self.send(event.raw).await
             }
         }
-    }
-}
-
-/// Small counts as ready header values, so the common answer allocates nothing for them.
-fn small_number(n: usize) -> HeaderValue {
-    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
-    match DIGITS.get(n) {
-        Some(d) => HeaderValue::from_static(d),
-        None => HeaderValue::from(n),
     }
 }
 

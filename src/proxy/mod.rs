@@ -795,12 +795,6 @@ pub(crate) fn decide_side(
 /// Removes, in place, what must not reach the provider: the app's credentials, hop-by-hop
 /// headers (including those the `Connection` header names) and the sidecar's own controls.
 pub(crate) fn strip_request_headers(headers: &mut HeaderMap) {
-    strip_request_headers_but(headers, &[]);
-}
-
-/// [`strip_request_headers`], leaving the headers named in `kept` (lower case) for the caller
-/// to overwrite: replacing a value in place is cheaper than removing it and inserting it again.
-pub(crate) fn strip_request_headers_but(headers: &mut HeaderMap, kept: &[HeaderName]) {
     // Every `Connection` header's list counts (empty, and not allocated, without one).
     let listed: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
@@ -808,9 +802,6 @@ pub(crate) fn strip_request_headers_but(headers: &mut HeaderMap, kept: &[HeaderN
         .cloned()
         .collect();
     let doomed = |name: &HeaderName| {
-        if kept.contains(name) {
-            return false;
-        }
         let name = name.as_str();
         is_hop_by_hop(name)
             // The app's own credentials, and what is recomputed for the upstream.
@@ -878,21 +869,9 @@ mod tests {
         ] {
             from.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let mut kept = from.clone();
         strip_request_headers(&mut from);
         let mut names: Vec<&str> = from.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["content-type", "traceparent"]);
-
-        // The slots an exchange overwrites stay, with the app's values, for the caller to
-        // replace; nothing else does.
-        strip_request_headers_but(&mut kept, &[header::HOST, header::AUTHORIZATION]);
-        let mut names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
-        names.sort();
-        assert_eq!(
-            names,
-            ["authorization", "content-type", "host", "traceparent"]
-        );
-        assert_eq!(kept[header::AUTHORIZATION], "Bearer sk-app");
     }
 }

@@ -7,8 +7,6 @@
 //! percentage only moves buckets from official to relay. Requests without a key get a random
 //! bucket.
 
-use std::hash::{BuildHasher, Hasher};
-
 use crate::config::Flags;
 
 /// Buckets a key hashes into.
@@ -122,14 +120,7 @@ pub fn bucket_for_key(key: &str) -> u16 {
 
 /// A uniformly random bucket, for requests without a key.
 pub fn random_bucket() -> u16 {
-    (random_u64() % u64::from(BUCKETS)) as u16
-}
-
-/// A random number from the standard library's per-process random hash keys.
-pub fn random_u64() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0x9e37_79b9_7f4a_7c15);
-    hasher.finish()
+    fastrand::u16(..BUCKETS)
 }
 
 #[cfg(test)]
@@ -193,7 +184,7 @@ mod tests {
         let n = 100_000;
         let relay = (0..n)
             .filter(|_| {
-                let key = format!("{:016x}", random_u64());
+                let key = format!("{:016x}", fastrand::u64(..));
                 on_relay(25, bucket_for_key(&key))
             })
             .count();

@@ -128,18 +128,12 @@ impl Sampler {
             Some((trace_id, _)) => {
                 u64::from_be_bytes(trace_id[8..16].try_into().unwrap_or_default())
             }
-            None => {
-                use std::hash::{BuildHasher, Hasher};
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_u64(SAMPLE_COUNTER.fetch_add(1, Ordering::Relaxed));
-                h.finish()
-            }
+            None => fastrand::u64(..),
         };
         (low >> 1) < (self.ratio * (1u64 << 63) as f64) as u64
     }
 }
 
-static SAMPLE_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static SAMPLER: std::sync::OnceLock<Sampler> = std::sync::OnceLock::new();
 
 /// W3C `traceparent`: the trace id and the sampled flag of a valid header.
