@@ -156,6 +156,13 @@ struct PlainAnswer<'a> {
     choices: Vec<PlainChoice<'a>>,
 }
 
+/// A plain answer's usage, read on its own so an odd field elsewhere cannot lose it.
+#[derive(Default, serde::Deserialize)]
+struct PlainUsage {
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
 #[derive(serde::Deserialize)]
 struct PlainChoice<'a> {
     #[serde(borrow, default)]
@@ -175,7 +182,8 @@ struct Reported {
 impl Reported {
     /// Reads a plain answer: its usage always, the rest only for a `traced` request.
     fn from_plain(bytes: &[u8], traced: bool) -> Reported {
-        let usage = crate::openai::trailing_field(bytes, "usage").and_then(Usage::from_raw);
+        let read: PlainUsage = serde_json::from_slice(bytes).unwrap_or_default();
+        let usage = read.usage.as_ref().and_then(Usage::from_json);
         if !traced {
             return Reported {
                 usage,

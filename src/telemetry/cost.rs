@@ -17,46 +17,18 @@ pub struct Usage {
 impl Usage {
     /// Reads an OpenAI-style `usage` object: `prompt_tokens`, `completion_tokens` (absent for
     /// embeddings) and cached input as OpenAI (`prompt_tokens_details.cached_tokens`) or
-    /// DeepSeek (`prompt_cache_hit_tokens`) report it.
+    /// DeepSeek (`prompt_cache_hit_tokens`) report it. A count that is not a non-negative
+    /// integer is absent; without `prompt_tokens` there is no usage.
     pub fn from_json(usage: &Value) -> Option<Usage> {
-        // One set of reading rules: the tree's text, read as an answer's raw usage is.
-        serde_json::to_vec(usage)
-            .ok()
-            .and_then(|text| Usage::from_raw(&text))
-    }
-
-    /// Reads the raw text of a `usage` object without building a JSON tree: the counts are read
-    /// as written, and one that is not a non-negative integer is absent.
-    pub fn from_raw(usage: &[u8]) -> Option<Usage> {
-        use crate::openai::{key_is, top_level_field, top_level_fields};
-        let count = |raw: Option<&[u8]>| {
-            raw.and_then(|r| std::str::from_utf8(r).ok())
-                .and_then(|r| r.parse::<u64>().ok())
-        };
-        let (mut input, mut output, mut hit, mut details) = (None, None, None, None);
-        top_level_fields(usage, |key, value| {
-            let slot = if key_is(key, "prompt_tokens") {
-                &mut input
-            } else if key_is(key, "completion_tokens") {
-                &mut output
-            } else if key_is(key, "prompt_cache_hit_tokens") {
-                &mut hit
-            } else if key_is(key, "prompt_tokens_details") {
-                &mut details
-            } else {
-                return;
-            };
-            *slot = Some(value);
-        })?;
-        let input = count(input)?;
-        let cached_input = details
-            .and_then(|d| count(top_level_field(d, "cached_tokens")))
-            .or_else(|| count(hit))
+        let count = |value: Option<&Value>| value.and_then(Value::as_u64);
+        let input = count(usage.get("prompt_tokens"))?;
+        let cached_input = count(usage.pointer("/prompt_tokens_details/cached_tokens"))
+            .or_else(|| count(usage.get("prompt_cache_hit_tokens")))
             .unwrap_or(0)
             .min(input);
         Some(Usage {
             input,
-            output: count(output).unwrap_or(0),
+            output: count(usage.get("completion_tokens")).unwrap_or(0),
             cached_input,
         })
     }
@@ -202,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn usage_from_raw_text_follows_the_reading_rules() {
+    fn usage_follows_the_reading_rules() {
         let usage = |input, output, cached_input| {
             Some(Usage {
                 input,
@@ -250,11 +222,10 @@ mod tests {
             (r#""usage""#, None),
             (r#"{"prompt_tokens": 3"#, None),
         ] {
-            assert_eq!(Usage::from_raw(text.as_bytes()), want, "{text}");
-            // The JSON tree of the same text reads the same.
-            if let Ok(tree) = serde_json::from_str::<Value>(text) {
-                assert_eq!(Usage::from_json(&tree), want, "{text}");
-            }
+            let read = serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|tree| Usage::from_json(&tree));
+            assert_eq!(read, want, "{text}");
         }
     }
 }
