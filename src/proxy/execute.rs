@@ -377,8 +377,6 @@ pub struct Exchange {
     skipped: Vec<crate::routing::plan::Skipped>,
     /// The body for the first planned target, rendered while the request was parsed anyway.
     first_body: Option<Bytes>,
-    /// Only the first step is planned so far.
-    partial: bool,
     /// The request's server span, parent of the attempt spans (disabled without tracing).
     trace: tracing::Span,
     operation: Operation,
@@ -453,31 +451,9 @@ impl Exchange {
             steps: Vec::new(),
             skipped: Vec::new(),
             first_body: None,
-            partial: false,
         };
         exchange.truncate_if_needed();
-        // Most requests are answered by their first target: plan the rest only when needed.
-        let first = {
-            let request = PlanRequest {
-                prefer: exchange.prefer.as_deref(),
-                low_latency: exchange.low_latency,
-                prompt_tokens: exchange.prompt_tokens,
-                order: exchange.decision.order,
-            };
-            crate::routing::plan::first_step(
-                &exchange.snapshot,
-                &exchange.route,
-                &request,
-                &exchange.core.health.lookup(Instant::now()),
-            )
-        };
-        let (steps, skipped) = match first {
-            Some(step) => {
-                exchange.partial = true;
-                (vec![step], Vec::new())
-            }
-            None => exchange.plan_steps(),
-        };
+        let (steps, skipped) = exchange.plan_steps();
         if let Some(first) = steps.first() {
             let target = first.target();
             exchange.first_body = Some(exchange.render_body(parsed, target, None));
@@ -928,7 +904,7 @@ impl Exchange {
     pub async fn run(mut self) -> Result<Committed, SidecarError> {
         self.core.budget.record_request(Instant::now());
         let mut steps = std::mem::take(&mut self.steps);
-        let mut skipped = std::mem::take(&mut self.skipped);
+        let skipped = std::mem::take(&mut self.skipped);
         let r = self.snapshot.resilience;
         let mut worst: Option<Worst> = None;
         let mut context_limit: Option<u64> = None;
@@ -946,10 +922,6 @@ impl Exchange {
                 None if index < steps.len() => {
                     index += 1;
                     index - 1
-                }
-                None if self.partial => {
-                    self.expand_plan(&mut steps, &mut skipped);
-                    continue;
                 }
                 None => match policy::at_end_of_plan(&limited, waits, &r, self.deadline) {
                     AtEnd::WaitFor { step, at } => {
@@ -1035,9 +1007,7 @@ impl Exchange {
                         }
                         let rest = if self.stream {
                             // A committed stream may need the rest of the plan to continue.
-                            let mut all = steps.clone();
-                            self.expand_plan(&mut all, &mut skipped);
-                            all.split_off(step_index + 1)
+                            steps.split_off(step_index + 1)
                         } else {
                             Vec::new()
                         };
@@ -1138,26 +1108,6 @@ impl Exchange {
             }
         }
         Err(self.give_up(worst, &skipped))
-    }
-
-    /// Plans the rest of the chain after a partial plan, leaving out targets already in it.
-    fn expand_plan(
-        &mut self,
-        steps: &mut Vec<Step>,
-        skipped: &mut Vec<crate::routing::plan::Skipped>,
-    ) {
-        if !self.partial {
-            return;
-        }
-        self.partial = false;
-        let (all, more_skipped) = self.plan_steps();
-        for step in all {
-            let key = &step.target().health_key;
-            if !steps.iter().any(|s| &s.target().health_key == key) {
-                steps.push(step);
-            }
-        }
-        skipped.extend(more_skipped);
     }
 
     /// Fallbacks: how many times the request moved on to another target.

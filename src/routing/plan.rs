@@ -97,25 +97,12 @@ pub struct Plan {
 /// The chain for a route: itself, then its fallbacks, rotated to start at `prefer` when the
 /// preferred route is in the chain.
 pub fn chain(snapshot: &Snapshot, route: &Arc<Route>, prefer: Option<&str>) -> Vec<Arc<Route>> {
-    chain_refs(snapshot, route, prefer)
-        .into_iter()
-        .cloned()
-        .collect()
-}
-
-/// The chain as references into the snapshot: planning clones only what it returns, because
-/// reference counts of shared routes touched by every request bounce between cores.
-fn chain_refs<'a>(
-    snapshot: &'a Snapshot,
-    route: &'a Arc<Route>,
-    prefer: Option<&str>,
-) -> Vec<&'a Arc<Route>> {
-    let mut chain: Vec<&Arc<Route>> = std::iter::once(route)
+    let mut chain: Vec<Arc<Route>> = std::iter::once(route.clone())
         .chain(
             route
                 .fallbacks
                 .iter()
-                .filter_map(|name| snapshot.route(name)),
+                .filter_map(|name| snapshot.route(name).cloned()),
         )
         .collect();
     if let Some(preferred) = prefer.and_then(|p| snapshot.route(p)) {
@@ -129,18 +116,18 @@ fn chain_refs<'a>(
 /// Every target of the chain in the order the request's side order gives, before any filtering.
 fn candidates<'a>(
     order: SideOrder,
-    chain: &[&'a Arc<Route>],
+    chain: &'a [Arc<Route>],
 ) -> Vec<(&'a Arc<Route>, ProviderKind)> {
-    let mut candidates: Vec<(&'a Arc<Route>, ProviderKind)> = Vec::with_capacity(chain.len() * 2);
+    let mut candidates = Vec::with_capacity(chain.len() * 2);
     let push_side = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, side: ProviderKind| {
-        for r in chain.iter().copied() {
+        for r in chain {
             if r.target(side).is_some() {
                 c.push((r, side));
             }
         }
     };
     let per_model = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, sides: [ProviderKind; 2]| {
-        for r in chain.iter().copied() {
+        for r in chain {
             for side in sides {
                 if r.target(side).is_some() {
                     c.push((r, side));
@@ -174,45 +161,13 @@ fn candidates<'a>(
     candidates
 }
 
-/// The plan's first step when nothing would be skipped before it (the common case), so the
-/// rest of the chain is planned only if that target fails. `None`: plan the whole chain.
-pub fn first_step(
-    snapshot: &Snapshot,
-    route: &Arc<Route>,
-    request: &PlanRequest<'_>,
-    health: &dyn HealthLookup,
-) -> Option<Step> {
-    // Every side order starts with the asked route on its first side when that side exists and
-    // no other model is preferred: the chain and its candidates are only built otherwise.
-    let first_side = request.order.first_side();
-    let (r, side) = match (request.prefer, route.target(first_side)) {
-        (None, Some(_)) => (route, first_side),
-        _ => {
-            let chain = chain_refs(snapshot, route, request.prefer);
-            candidates(request.order, &chain).into_iter().next()?
-        }
-    };
-    let target = r.target(side)?;
-    let fits = r.context_window.is_none_or(|w| request.prompt_tokens <= w);
-    let fast = !request.low_latency
-        || health
-            .latency(target)
-            .is_none_or(|l| l <= snapshot.resilience.low_latency_threshold);
-    (fits && fast && health.closed(target)).then(|| Step {
-        route: r.clone(),
-        side,
-        forced_probe: false,
-        closed: true,
-    })
-}
-
 pub fn plan<'a>(
     snapshot: &'a Snapshot,
     route: &'a Arc<Route>,
     request: &PlanRequest<'_>,
     health: &dyn HealthLookup,
 ) -> Plan {
-    let chain = chain_refs(snapshot, route, request.prefer);
+    let chain = chain(snapshot, route, request.prefer);
     let candidates = candidates(request.order, &chain);
     let mut plan = Plan::default();
     let threshold = snapshot.resilience.low_latency_threshold;
@@ -360,62 +315,6 @@ routes:
                 format!("{}{probe}", s.target().health_key)
             })
             .collect()
-    }
-
-    #[test]
-    fn the_first_step_alone_is_the_plans_first_step_when_nothing_is_skipped() {
-        let snap = snapshot("");
-        let route = snap.route("deepseek").unwrap().clone();
-        let health = FakeHealth::default();
-        let first = first_step(&snap, &route, &PlanRequest::default(), &health).unwrap();
-        let full = plan(&snap, &route, &PlanRequest::default(), &health);
-        assert_eq!(first.target().health_key, full.steps[0].target().health_key);
-        let mut open = FakeHealth::default();
-        open.open.insert("sheep/ds-relay");
-        assert!(first_step(&snap, &route, &PlanRequest::default(), &open).is_none());
-        let big = PlanRequest {
-            prompt_tokens: 3000,
-            ..Default::default()
-        };
-        assert!(first_step(&snap, &route, &big, &health).is_none());
-    }
-
-    #[test]
-    fn the_first_step_matches_the_full_plan_for_every_order_route_and_preference() {
-        let snap = snapshot("");
-        let health = FakeHealth::default();
-        let orders = [
-            SideOrder::RelayFirst,
-            SideOrder::OfficialFirst,
-            SideOrder::OfficialOnly,
-            SideOrder::FallbackOnly,
-        ];
-        let mut checked = 0;
-        for order in orders {
-            for name in ["deepseek", "kimi", "gemini"] {
-                let route = snap.route(name).unwrap().clone();
-                for prefer in [None, Some("kimi"), Some("gemini"), Some("absent")] {
-                    let request = PlanRequest {
-                        order,
-                        prefer,
-                        ..Default::default()
-                    };
-                    let first =
-                        first_step(&snap, &route, &request, &health).expect("nothing is skipped");
-                    let full = plan(&snap, &route, &request, &health);
-                    assert_eq!(
-                        (first.target().health_key.as_ref(), first.side),
-                        (
-                            full.steps[0].target().health_key.as_ref(),
-                            full.steps[0].side
-                        ),
-                        "{order:?} {name} prefer {prefer:?}"
-                    );
-                    checked += 1;
-                }
-            }
-        }
-        assert_eq!(checked, 48);
     }
 
     #[test]
