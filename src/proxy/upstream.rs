@@ -37,27 +37,10 @@ pub enum UpstreamError {
     Exchange(String),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Origin {
     https: bool,
     authority: Authority,
-}
-
-// Compared and hashed as written, in one pass: `Authority`'s own `Hash` feeds the hasher a
-// byte at a time, on every request.
-impl PartialEq for Origin {
-    fn eq(&self, other: &Origin) -> bool {
-        self.https == other.https && self.authority.as_str() == other.authority.as_str()
-    }
-}
-
-impl Eq for Origin {}
-
-impl std::hash::Hash for Origin {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.https.hash(state);
-        self.authority.as_str().hash(state);
-    }
 }
 
 impl Origin {
@@ -79,7 +62,7 @@ struct OriginPool {
     h2: Option<http2::SendRequest<RequestBody>>,
 }
 
-type Pools = HashMap<Origin, OriginPool, foldhash::fast::RandomState>;
+type Pools = HashMap<Origin, OriginPool>;
 
 enum Conn {
     H1(http1::SendRequest<RequestBody>),
