@@ -208,18 +208,31 @@ async fn a_missing_key_fails_over_and_is_reported_instead_of_calling_unauthentic
     let fake = fake().await;
     let text = config(&fake, true).replace("TEST_RELAY_KEY", "UNSET_KEY_VARIABLE");
     let sidecar = sidecar(&text).await;
-    let (status, headers, _) = ask_json(&sidecar, "chat", false).await;
-    assert_eq!(
-        (status.as_u16(), header(&headers, "x-llm-sidecar-provider")),
-        (200, "deep")
-    );
-    assert_eq!(
-        header(&headers, "x-llm-sidecar-attempt-log"),
-        "sheep/relay-model=misconfigured,deep/official-model=ok"
-    );
+    // A local misconfiguration is not the target's fault: its breaker never opens, so every
+    // request still looks at it first (and says why it moved on).
+    for _ in 0..5 {
+        let (status, headers, _) = ask_json(&sidecar, "chat", false).await;
+        assert_eq!(
+            (status.as_u16(), header(&headers, "x-llm-sidecar-provider")),
+            (200, "deep")
+        );
+        assert_eq!(
+            header(&headers, "x-llm-sidecar-attempt-log"),
+            "sheep/relay-model=sidecar_config,deep/official-model=ok"
+        );
+    }
     assert!(
         fake.requests_for("sheep").is_empty(),
         "no unauthenticated call"
+    );
+    let (_, _, config) = call_json(&client(), get(sidecar.admin_addr, "/config")).await;
+    let problem = config["config"]["providers"]["sheep"]["problem"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(problem.contains("UNSET_KEY_VARIABLE"), "{config}");
+    assert_eq!(
+        config["providers"]["deep"]["problem"],
+        serde_json::Value::Null
     );
 
     let text = text.replace("TEST_OFFICIAL_KEY", "ANOTHER_UNSET_VARIABLE");
@@ -231,14 +244,13 @@ async fn a_missing_key_fails_over_and_is_reported_instead_of_calling_unauthentic
         "all_targets_failed"
     );
     assert_eq!(body["error"]["code"], "provider_key_missing");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("UNSET_KEY_VARIABLE"),
-        "{body}"
-    );
-    assert_eq!(fake.requests().len(), 1);
+    assert_eq!(body["error"]["type"], "sidecar_config");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    // It names the target and what is missing.
+    assert!(message.contains("UNSET_KEY_VARIABLE"), "{body}");
+    assert!(message.contains("sheep/relay-model"), "{body}");
+    // The five answers of the first sidecar; nothing left this one.
+    assert_eq!(fake.requests().len(), 5);
 }
 
 #[tokio::test]

@@ -483,7 +483,16 @@ impl Snapshot {
             .map(|p| {
                 (
                     p.name.clone(),
-                    json!({ "kind": p.kind.as_str(), "base_url": p.base_url, "api_key": p.key.describe() }),
+                    json!({
+                        "kind": p.kind.as_str(),
+                        "base_url": p.base_url,
+                        "api_key": p.key.describe(),
+                        // What stops the sidecar from calling this provider, if anything.
+                        "problem": match p.auth() {
+                            crate::providers::Auth::Missing(hint) => Some(format!("no API key: {hint}")),
+                            _ => None,
+                        },
+                    }),
                 )
             })
             .collect();

@@ -585,7 +585,13 @@ impl Exchange {
         let provider = &target.provider;
         let uri = provider
             .upstream_uri_from(&self.path_and_query)
-            .map_err(Failure::Connect)?;
+            .map_err(|why| Failure::LocalConfig {
+                code: "bad_upstream_uri",
+                message: format!(
+                    "cannot build the URI of {}/{} for {}: {why}",
+                    provider.name, target.model, self.path_and_query
+                ),
+            })?;
         let body = self.body_for(target, prefill, first);
         let mut headers = self.headers.clone();
         if !body.is_empty() {
@@ -595,17 +601,9 @@ impl Exchange {
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = uri;
         if let Err(hint) = provider.authorize(&mut headers) {
-            return Err(Failure::Status {
-                status: StatusCode::UNAUTHORIZED,
-                retry_after: None,
-                error: UpstreamErrorBody {
-                    message: Some(format!(
-                        "no API key for provider `{}`: {hint}",
-                        provider.name
-                    )),
-                    kind: Some("sidecar_config".into()),
-                    code: Some("provider_key_missing".into()),
-                },
+            return Err(Failure::LocalConfig {
+                code: "provider_key_missing",
+                message: format!("no API key for provider `{}`: {hint}", provider.name),
             }
             .into());
         }
@@ -1046,7 +1044,9 @@ impl Exchange {
                             self.core.health.record_inconclusive(target);
                         }
                         let describe = format!("{}/{}", target.provider.name, target.model);
-                        if class == Class::Misconfigured {
+                        if let Failure::LocalConfig { message, .. } = &failure {
+                            tracing::error!(provider = %target.provider.name, model = %target.model, reason = %message, "the sidecar's config cannot serve this target; nothing was sent to it");
+                        } else if class == Class::Misconfigured {
                             tracing::error!(provider = %target.provider.name, model = %target.model, status, "provider rejected the sidecar's credentials or model: check the target's key and model name");
                         } else {
                             tracing::warn!(provider = %target.provider.name, model = %target.model, outcome = class.label(), status, "upstream attempt failed");
@@ -1252,6 +1252,12 @@ impl Exchange {
             Failure::ConnectionLost(why) | Failure::StreamFailedEarly(why) => {
                 (StatusCode::BAD_GATEWAY, why.clone(), None, None)
             }
+            Failure::LocalConfig { code, message } => (
+                StatusCode::BAD_GATEWAY,
+                message.clone(),
+                Some("sidecar_config".to_string()),
+                Some(code.to_string()),
+            ),
         };
         SidecarError::AllTargetsFailed {
             status,

@@ -17,6 +17,9 @@ pub enum Failure {
     FirstTokenTimeout(Duration),
     /// Streaming: the body failed before the first content chunk.
     StreamFailedEarly(String),
+    /// The sidecar's own config cannot make this request (no key, no valid URI): nothing was
+    /// sent. `code` is the machine-readable reason, `message` says what is missing.
+    LocalConfig { code: &'static str, message: String },
     /// The provider answered with an error status.
     Status {
         status: StatusCode,
@@ -87,12 +90,18 @@ pub enum Class {
     ClientError,
     /// 401/403/404 from a provider: the target is misconfigured; fail over and say so loudly.
     Misconfigured,
+    /// The sidecar cannot build the request for this target (a missing key, a bad URI): nothing
+    /// was sent, so the target's health is not in question. Fail over and say so loudly.
+    LocalConfig,
 }
 
 impl Class {
     /// Whether this failure counts against the target's circuit breaker.
     pub fn counts_against_target(self) -> bool {
-        !matches!(self, Class::ContextTooLong | Class::ClientError)
+        !matches!(
+            self,
+            Class::ContextTooLong | Class::ClientError | Class::LocalConfig
+        )
     }
 
     /// A short label for headers, metrics and the attempt list.
@@ -105,6 +114,7 @@ impl Class {
             Class::ContextTooLong => "context_length_exceeded",
             Class::ClientError => "client_error",
             Class::Misconfigured => "misconfigured",
+            Class::LocalConfig => "sidecar_config",
         }
     }
 
@@ -117,7 +127,7 @@ impl Class {
             Class::RateLimited(_) => 5,
             Class::ServerError => 4,
             Class::Silent => 3,
-            Class::Misconfigured => 2,
+            Class::Misconfigured | Class::LocalConfig => 2,
             Class::Transient => 1,
         }
     }
@@ -128,6 +138,7 @@ pub fn classify(failure: &Failure) -> Class {
         Failure::Connect(_) | Failure::ConnectionLost(_) => Class::Transient,
         Failure::HeaderTimeout(_) | Failure::FirstTokenTimeout(_) => Class::Silent,
         Failure::StreamFailedEarly(_) => Class::Transient,
+        Failure::LocalConfig { .. } => Class::LocalConfig,
         Failure::Status {
             status,
             retry_after,

@@ -70,7 +70,9 @@ pub fn after_failure(failed: Failed, r: &Resilience, left: Duration, jitter: f64
             rate_limited_for: None,
         },
         Class::ClientError if failed.answer_kept => Next::ReturnAnswer,
-        Class::ClientError | Class::Silent | Class::Misconfigured => Next::MOVE_ON,
+        Class::ClientError | Class::Silent | Class::Misconfigured | Class::LocalConfig => {
+            Next::MOVE_ON
+        }
         // "Retry the same target once" for server errors.
         Class::ServerError if failed.tries < r.attempts_per_target.min(2) => retry(backoff()),
         Class::Transient if failed.tries < r.attempts_per_target => retry(backoff()),
@@ -167,6 +169,8 @@ mod tests {
             // Silent and misconfigured targets are left at once.
             (Class::Silent, 1, long, 0.5, ON),
             (Class::Misconfigured, 1, long, 0.5, ON),
+            // Nothing was sent: another try would fail the same way.
+            (Class::LocalConfig, 1, long, 0.5, ON),
             // A Retry-After that fits the backoff ceiling is waited out on the same target.
             (Class::RateLimited(Some(800 * MS)), 1, long, 0.5, retry(800)),
             (
