@@ -315,7 +315,11 @@ fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
     }
 }
 
-/// Durations are written with a unit: `250ms`, `15s`, `2m`.
+/// The longest duration a setting or config field may hold. Deadlines and cooldowns are added
+/// to clock readings on the request path, where a longer one would overflow (and panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// Durations are written with a unit: `250ms`, `15s`, `2m`; at most [`MAX_DURATION`].
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let split = raw
         .find(|c: char| !c.is_ascii_digit())
@@ -324,12 +328,16 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| "expected a whole number followed by ms, s or m".to_string())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("unknown unit `{unit}` (use ms, s or m)")),
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("unknown unit `{unit}` (use ms, s or m)")),
+    };
+    if duration > MAX_DURATION {
+        return Err("must be at most 365 days (525600m)".into());
     }
+    Ok(duration)
 }
 
 /// An environment made of `pairs`, for the settings tests here and in other modules.
@@ -440,5 +448,11 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("s").is_err());
+        // Up to a year; past it (and past u64 minutes) an error, not an overflow.
+        assert_eq!(parse_duration("525600m"), Ok(MAX_DURATION));
+        for long in ["525601m", "307445734561825861m", "18446744073709551615s"] {
+            let err = parse_duration(long).unwrap_err();
+            assert!(err.contains("at most 365 days"), "{long}: {err}");
+        }
     }
 }

@@ -1194,6 +1194,31 @@ default_route: missing
     }
 
     #[test]
+    fn durations_that_would_overflow_a_deadline_are_refused_at_their_path() {
+        // Accepted, these panicked every request (`Instant + deadline` overflows); in minutes
+        // the parse itself overflowed.
+        for (field, path) in [
+            (
+                "resilience: { deadline: 18446744073709551615s }",
+                "resilience.deadline",
+            ),
+            (
+                "resilience: { breaker_cooldown: 307445734561825861m }",
+                "resilience.breaker_cooldown",
+            ),
+            (
+                "timeouts: { response_headers: 525601m }",
+                "timeouts.response_headers",
+            ),
+            ("guard: { hold: 99999999999s }", "guard.hold"),
+        ] {
+            let err = compile(&minimal(field), ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+            assert_eq!(err.0[0].path, path, "{err}");
+            assert!(err.0[0].message.contains("at most 365 days"), "{err}");
+        }
+    }
+
+    #[test]
     fn duplicate_model_names_are_rejected() {
         let text = "
 providers:
