@@ -255,7 +255,13 @@ pub fn check(text: &str, source: ConfigSource, env: &dyn Env) -> Result<Snapshot
     let mut errors = Vec::new();
     if let Some(map) = manifest.get("data").and_then(|d| d.as_mapping()) {
         for (key, value) in map {
-            let key = key.as_str().unwrap_or("").to_string();
+            // A key YAML reads as a number or boolean (`0:`, `true:`) is named by its value.
+            let key = match key {
+                serde_yaml::Value::String(key) => key.clone(),
+                other => serde_yaml::to_string(other)
+                    .map(|text| text.trim_end().to_string())
+                    .unwrap_or_default(),
+            };
             match value.as_str() {
                 Some(v) => {
                     data.insert(key, v.to_string());
@@ -433,6 +439,10 @@ mod tests {
         assert_eq!(err.0.len(), 2, "{err}");
         assert!(err.0[0].message.contains("must be strings"), "{err}");
         assert!(err.0[1].message.contains("out of range"), "{err}");
+        // A key that YAML reads as a number is named by its value.
+        let numbered = "kind: ConfigMap\ndata:\n  0: null\n";
+        let err = check(numbered, ConfigSource::Embedded, &env).unwrap_err();
+        assert_eq!(err.0[0].path, "data.0", "{err}");
         // Anything else is a routing config.
         assert!(check(EMBEDDED_DEFAULT, ConfigSource::Embedded, &env).is_ok());
     }

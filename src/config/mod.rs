@@ -568,16 +568,38 @@ pub fn compile(
 pub fn parse(text: &str) -> Result<RawConfig, ConfigError> {
     let deserializer = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
+        let path = field_path(e.path());
         let message = e.into_inner().to_string();
-        // serde_yaml repeats the path in front of its own message.
-        let message = message
-            .strip_prefix(&format!("{path}: "))
-            .map(str::to_string)
-            .unwrap_or(message);
+        // serde_yaml puts its own path in front of its message: the field's, or for an unknown
+        // field the mapping's that holds it.
+        let message = std::iter::successors(Some(path.as_str()), |p| {
+            p.rfind(['.', '[']).map(|i| &p[..i])
+        })
+        .find_map(|p| message.strip_prefix(&format!("{p}: ")))
+        .map(str::to_string)
+        .unwrap_or(message);
         ConfigError(vec![FieldError { path, message }])
     })
+}
+
+/// A parse error's path, like `routes.chat.aliases[0]`: empty at the document's root (which
+/// serde_path_to_error writes `.`, as it writes a top-level key named `.`), and without the
+/// trailing `?` of a key the YAML broke off before (the error is at the mapping holding it).
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let known = segments
+        .iter()
+        .rposition(|s| !matches!(s, Segment::Unknown))
+        .map_or(0, |i| i + 1);
+    let mut out = String::new();
+    for (i, segment) in segments[..known].iter().enumerate() {
+        if i > 0 && !matches!(segment, Segment::Seq { .. }) {
+            out.push('.');
+        }
+        out.push_str(&segment.to_string());
+    }
+    out
 }
 
 struct Errors(Vec<FieldError>);
@@ -1236,6 +1258,58 @@ default_route: missing
         assert_eq!(err.0[0].path, "providers.ds.api_key", "{err}");
         let err = compile("routes: [", ConfigSource::Embedded, 1, &no_env()).unwrap_err();
         assert!(!err.to_string().is_empty());
+        // A key named `.` is not the document's root.
+        let err = compile(".: 1", ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+        assert_eq!(err.0[0].path, ".", "{err}");
+        // Broken YAML is reported at the mapping it broke in, not at a `?` key.
+        for (text, path) in [
+            (
+                "routes:\n  a:\n    relay: { provider: p,\n",
+                "routes.a.relay",
+            ),
+            (": 0.2\n", ""),
+        ] {
+            let err = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+            assert_eq!(err.0[0].path, path, "{err}");
+        }
+        // An unknown field's message does not repeat the path of the mapping holding it.
+        let err = compile(
+            &minimal("resilience: { deadlin: 5s }"),
+            ConfigSource::Embedded,
+            1,
+            &no_env(),
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].path, "resilience.deadlin", "{err}");
+        assert!(
+            err.0[0].message.starts_with("unknown field `deadlin`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_that_would_overflow_a_deadline_are_refused_at_their_path() {
+        // Accepted, these panicked every request (`Instant + deadline` overflows); in minutes
+        // the parse itself overflowed.
+        for (field, path) in [
+            (
+                "resilience: { deadline: 18446744073709551615s }",
+                "resilience.deadline",
+            ),
+            (
+                "resilience: { breaker_cooldown: 307445734561825861m }",
+                "resilience.breaker_cooldown",
+            ),
+            (
+                "timeouts: { response_headers: 525601m }",
+                "timeouts.response_headers",
+            ),
+            ("guard: { hold: 99999999999s }", "guard.hold"),
+        ] {
+            let err = compile(&minimal(field), ConfigSource::Embedded, 1, &no_env()).unwrap_err();
+            assert_eq!(err.0[0].path, path, "{err}");
+            assert!(err.0[0].message.contains("at most 365 days"), "{err}");
+        }
     }
 
     #[test]

@@ -303,24 +303,30 @@ fn set_env(env: &mut Vec<EnvVar>, name: &str, value: &str) {
     }
 }
 
-/// Points one app container at the sidecar: `OPENAI_BASE_URL` set (an existing value is
-/// replaced: the pod asked for the sidecar), and a placeholder key when the container has
-/// neither an `OPENAI_API_KEY` nor an `envFrom` that might hold one.
+/// Points one app container at the sidecar: `OPENAI_BASE_URL` set (existing values are
+/// replaced: the pod asked for the sidecar; every entry of that name, as the kubelet uses the
+/// last), and a placeholder key when the container has neither an `OPENAI_API_KEY` nor an
+/// `envFrom` that might hold one.
 fn app_env(index: usize, app: &Container, base_url: &str) -> Vec<PatchOp> {
     let env = app.env.as_deref().unwrap_or_default();
     let mut ops = Vec::new();
     let mut added = Vec::new();
     let base = json!({ "name": BASE_URL_ENV, "value": base_url });
-    match env.iter().position(|e| e.name == BASE_URL_ENV) {
-        Some(j) => {
-            if env[j].value.as_deref() != Some(base_url) || env[j].value_from.is_some() {
-                ops.push(PatchOp::replace(
-                    format!("/spec/containers/{index}/env/{j}"),
-                    base,
-                ));
-            }
+    let mut has_base = false;
+    for (j, var) in env.iter().enumerate() {
+        if var.name != BASE_URL_ENV {
+            continue;
         }
-        None => added.push(base),
+        has_base = true;
+        if var.value.as_deref() != Some(base_url) || var.value_from.is_some() {
+            ops.push(PatchOp::replace(
+                format!("/spec/containers/{index}/env/{j}"),
+                base.clone(),
+            ));
+        }
+    }
+    if !has_base {
+        added.push(base);
     }
     let has_key = env.iter().any(|e| e.name == API_KEY_ENV);
     let has_env_from = app.env_from.as_ref().is_some_and(|f| !f.is_empty());

@@ -132,6 +132,34 @@ fn a_labelled_pod_keeps_its_init_containers_and_key_and_loses_its_direct_base_ur
 }
 
 #[test]
+fn every_base_url_entry_is_replaced_as_the_kubelet_uses_the_last() {
+    // Replacing only the first left the app on the provider's URL.
+    let text = r#"
+metadata: {labels: {llm-sidecar.io/inject: "true"}}
+spec:
+  containers:
+    - name: app
+      image: app
+      env:
+        - {name: OPENAI_BASE_URL, value: "http://127.0.0.1:4000/v1"}
+        - {name: OPENAI_BASE_URL, value: https://api.deepseek.com/v1}
+"#;
+    let Decision::Inject { patch, .. } = review(&pod(text), "apps", Scope::Pod, &template()) else {
+        panic!("not injected");
+    };
+    let patched = apply(serde_yaml::from_str(text).unwrap(), &patch);
+    let env = patched["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert_eq!(env.len(), 3, "{env:?}");
+    for var in &env[..2] {
+        assert_eq!(var["value"], "http://127.0.0.1:4000/v1", "{env:?}");
+    }
+    assert_eq!(
+        env_of(&patched["spec"]["containers"][0])[BASE_URL_ENV]["value"],
+        "http://127.0.0.1:4000/v1"
+    );
+}
+
+#[test]
 fn annotations_override_mode_image_resources_and_configmap() {
     let (mode, pod) = golden_case("overrides", Scope::Pod);
     assert_eq!(mode, Mode::Container);
