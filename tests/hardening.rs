@@ -560,3 +560,56 @@ async fn an_oversized_request_head_is_refused_before_it_reaches_a_provider() {
     );
     assert!(fake.requests().is_empty());
 }
+
+/// A provider whose stream starts an event and never ends it.
+async fn endless_event_upstream() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                read_request(&mut socket).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let piece = format!("data: {}", "x".repeat(64 * 1024));
+                let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
+                // 64 MiB at most, if nobody stops reading.
+                for _ in 0..1024 {
+                    if socket.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_stream_event_that_never_ends_is_a_broken_stream_not_an_unbounded_buffer() {
+    let endless = endless_event_upstream().await;
+    let fake = fake().await;
+    let config = format!(
+        "providers:
+  sheep: {{ kind: relay, base_url: 'http://{endless}/v1' }}
+  deep: {{ kind: official, base_url: {}, api_key: {{ env: TEST_OFFICIAL_KEY }} }}
+routes:
+  chat:
+    relay: {{ provider: sheep, model: m }}
+    official: {{ provider: deep, model: official-model }}
+",
+        fake.base_url("deep")
+    );
+    let sidecar = sidecar(&config).await;
+    let (status, headers, body) = ask(&sidecar, "chat", true).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-llm-sidecar-provider"), "deep");
+    assert_eq!(
+        header(&headers, "x-llm-sidecar-attempt-log"),
+        "sheep/m=connection_error,sheep/m=connection_error,deep/official-model=ok",
+        "cut off at the cap (a transient failure, retried once), not waited on until a timeout"
+    );
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+}

@@ -204,6 +204,8 @@ impl Reported {
     }
 }
 
+const OVERSIZED_EVENT: &str = "the provider sent more than 1 MiB without ending an event";
+
 /// Error bodies are read to classify them, up to this size.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -702,6 +704,9 @@ impl Exchange {
                     }
                 }
                 prefix.push(event);
+            }
+            if parser.overflowed() {
+                return Err(Failure::StreamFailedEarly(OVERSIZED_EVENT.into()).into());
             }
             if first {
                 let ttft = sent.elapsed();
@@ -1467,6 +1472,9 @@ impl Exchange {
                         if pump.state.failed.is_some() {
                             break pump.state.failed.take().unwrap_or_default();
                         }
+                        if parser.overflowed() {
+                            break OVERSIZED_EVENT.to_string();
+                        }
                     }
                     Ok(None) => {
                         if let Some(event) = parser.finish() {
@@ -1661,8 +1669,8 @@ impl Pump {
             }
             Chunk::UsageOnly { usage, model } => {
                 self.state.reported.usage = Usage::from_json(&usage);
-                if model.is_some() {
-                    self.state.reported.model = model;
+                if let Some(model) = model {
+                    self.state.reported.model = Some(model.into_owned());
                 }
                 if self.usage_added {
                     return true;
@@ -1679,11 +1687,11 @@ impl Pump {
                 if let Some(usage) = usage.as_ref().and_then(Usage::from_json) {
                     self.state.reported.usage = Some(usage);
                 }
-                if model.is_some() {
-                    self.state.reported.model = model;
+                if let Some(model) = model {
+                    self.state.reported.model = Some(model.into_owned());
                 }
                 if let Some(reason) = &finish_reason {
-                    self.state.reported.finish_reasons.push(reason.clone());
+                    self.state.reported.finish_reasons.push(reason.to_string());
                 }
                 if self.state.continuing && !substantive {
                     return true;
