@@ -4,8 +4,7 @@
 //! metric, `/config`, a Kubernetes Event when permitted), until an operator changes any of the
 //! four flags, or the configured hold time passes.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -15,10 +14,15 @@ use tokio::time::Instant;
 use crate::config::{unix_seconds, Flags, GuardConfig, Snapshot};
 use crate::telemetry::metrics::Metrics;
 
-/// At most this many attempts are kept in the window (the oldest are dropped first).
-const MAX_SAMPLES: usize = 20_000;
 /// p95 is recomputed at most every this many attempts (the error rate on every one).
 const P95_EVERY: u32 = 16;
+/// The window is counted in this many slots: an attempt leaves it within a slot's length of
+/// the window's end.
+const SLOTS: usize = 20;
+/// Latency buckets: bucket `b` holds latencies up to `1 ms × GROWTH^b`, so a p95 read from them
+/// is at most a fifth too high; the last one holds everything above about an hour.
+const BUCKETS: usize = 84;
+const GROWTH: f64 = 1.2;
 
 /// Somewhere to say the guard tripped besides the log and metrics (a Kubernetes Event).
 pub trait TripSink: Send + Sync {
@@ -38,48 +42,96 @@ pub struct Trip {
     pub attempts: usize,
 }
 
+/// The attempts of one slice of the window, counted in atomics: recording an attempt takes no
+/// lock. A slot is reused for a later slice by the first attempt that finds it stale (an
+/// attempt recorded at that same instant by another worker may be lost: the guard counts
+/// rates, not every attempt).
+struct Slot {
+    /// The slice this slot counts, plus one (0: never used).
+    slice: AtomicU64,
+    attempts: AtomicU32,
+    failures: AtomicU32,
+    /// Successful attempts by latency bucket.
+    latencies: [AtomicU32; BUCKETS],
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot {
+            slice: AtomicU64::new(0),
+            attempts: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            latencies: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+}
+
+impl Slot {
+    fn clear(&self) {
+        self.attempts.store(0, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        for bucket in &self.latencies {
+            bucket.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+fn bucket_of(latency: Duration) -> usize {
+    let ms = latency.as_secs_f64() * 1000.0;
+    if ms <= 1.0 {
+        return 0;
+    }
+    ((ms.ln() / GROWTH.ln()).ceil() as usize).min(BUCKETS - 1)
+}
+
+fn bucket_bound(bucket: usize) -> Duration {
+    Duration::from_secs_f64(GROWTH.powi(bucket as i32) / 1000.0)
+}
+
+/// The window's totals, summed over its slots.
 #[derive(Default)]
-struct Window {
-    /// (when, failed, latency)
-    samples: VecDeque<(Instant, bool, Duration)>,
+struct Totals {
+    attempts: usize,
     failures: usize,
+    latencies: Option<[u64; BUCKETS]>,
+}
+
+impl Totals {
+    fn p95(&self) -> Option<Duration> {
+        let latencies = self.latencies.as_ref()?;
+        let ok: u64 = latencies.iter().sum();
+        if ok == 0 {
+            return None;
+        }
+        let rank = (ok * 95).div_ceil(100);
+        let mut seen = 0;
+        latencies
+            .iter()
+            .position(|n| {
+                seen += n;
+                seen >= rank
+            })
+            .map(bucket_bound)
+    }
+}
+
+/// What only changes rarely: the trip itself.
+#[derive(Default)]
+struct TripState {
     trip: Option<Trip>,
     last_cleared: Option<(SystemTime, &'static str)>,
 }
 
-impl Window {
-    fn prune(&mut self, now: Instant, window: Duration) {
-        while let Some((at, failed, _)) = self.samples.front() {
-            if now.duration_since(*at) <= window && self.samples.len() <= MAX_SAMPLES {
-                break;
-            }
-            if *failed {
-                self.failures -= 1;
-            }
-            self.samples.pop_front();
-        }
-    }
-
-    fn p95(&self) -> Option<Duration> {
-        let mut latencies: Vec<Duration> = self
-            .samples
-            .iter()
-            .filter(|(_, failed, _)| !failed)
-            .map(|(_, _, l)| *l)
-            .collect();
-        if latencies.is_empty() {
-            return None;
-        }
-        let k = (latencies.len() * 95).div_ceil(100).saturating_sub(1);
-        let (_, nth, _) = latencies.select_nth_unstable(k);
-        Some(*nth)
-    }
-}
-
 pub struct Guard {
     tripped: AtomicBool,
-    window: Mutex<Window>,
+    slots: Box<[Slot]>,
+    /// Slices are counted from here, `slice_nanos` long (a window change starts afresh).
+    origin: Instant,
+    slice_nanos: AtomicU64,
+    /// The latest slice an attempt was recorded in.
+    latest: AtomicU64,
     since_p95: AtomicU32,
+    state: Mutex<TripState>,
     metrics: Arc<Metrics>,
     sink: OnceLock<Arc<dyn TripSink>>,
 }
@@ -88,8 +140,12 @@ impl Guard {
     pub fn new(metrics: Arc<Metrics>) -> Guard {
         Guard {
             tripped: AtomicBool::new(false),
-            window: Mutex::new(Window::default()),
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            origin: Instant::now(),
+            slice_nanos: AtomicU64::new(0),
+            latest: AtomicU64::new(0),
             since_p95: AtomicU32::new(0),
+            state: Mutex::new(TripState::default()),
             metrics,
             sink: OnceLock::new(),
         }
@@ -100,8 +156,50 @@ impl Guard {
         let _ = self.sink.set(sink);
     }
 
-    fn locked(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    fn locked(&self) -> std::sync::MutexGuard<'_, TripState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn clear_window(&self) {
+        for slot in self.slots.iter() {
+            slot.slice.store(0, Ordering::Relaxed);
+            slot.clear();
+        }
+    }
+
+    /// The current slice under `window`, starting the count afresh when the window changed.
+    fn slice(&self, now: Instant, window: Duration) -> u64 {
+        let nanos = (window.as_nanos() / SLOTS as u128).clamp(1, u128::from(u64::MAX)) as u64;
+        if self.slice_nanos.load(Ordering::Acquire) != nanos
+            && self.slice_nanos.swap(nanos, Ordering::AcqRel) != nanos
+        {
+            self.clear_window();
+        }
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        (elapsed / u128::from(nanos)).min(u128::from(u64::MAX - 1)) as u64
+    }
+
+    /// Sums the slots of the window ending in `slice`; the latency buckets only on request.
+    fn totals(&self, slice: u64, with_latencies: bool) -> Totals {
+        let mut totals = Totals {
+            latencies: with_latencies.then_some([0; BUCKETS]),
+            ..Totals::default()
+        };
+        let oldest = (slice + 1).saturating_sub(SLOTS as u64 - 1);
+        for slot in self.slots.iter() {
+            let held = slot.slice.load(Ordering::Acquire);
+            if held == 0 || held - 1 < oldest || held - 1 > slice {
+                continue;
+            }
+            totals.attempts += slot.attempts.load(Ordering::Relaxed) as usize;
+            totals.failures += slot.failures.load(Ordering::Relaxed) as usize;
+            if let Some(latencies) = &mut totals.latencies {
+                for (sum, bucket) in latencies.iter_mut().zip(&slot.latencies) {
+                    *sum += u64::from(bucket.load(Ordering::Relaxed));
+                }
+            }
+        }
+        totals
     }
 
     /// Whether requests under `snapshot` must avoid the relay. One atomic load when not tripped.
@@ -109,8 +207,8 @@ impl Guard {
         if !self.tripped.load(Ordering::Acquire) {
             return false;
         }
-        let mut w = self.locked();
-        let Some(trip) = &w.trip else {
+        let mut state = self.locked();
+        let Some(trip) = &state.trip else {
             return false;
         };
         let cleared = if trip.flags != snapshot.flags {
@@ -131,11 +229,10 @@ impl Guard {
                     why,
                     "rollback guard cleared: routing follows the flags again"
                 );
-                w.trip = None;
-                // A fresh start: the samples that tripped it must not trip it again at once.
-                w.samples.clear();
-                w.failures = 0;
-                w.last_cleared = Some((SystemTime::now(), why));
+                state.trip = None;
+                // A fresh start: the attempts that tripped it must not trip it again at once.
+                self.clear_window();
+                state.last_cleared = Some((SystemTime::now(), why));
                 self.tripped.store(false, Ordering::Release);
                 self.metrics.guard_tripped.set(0);
                 false
@@ -144,39 +241,53 @@ impl Guard {
     }
 
     /// Records one relay attempt of primary traffic (never shadows). `failed`: the attempt
-    /// failed in a way that is the relay's fault (not a client error).
+    /// failed in a way that is the relay's fault (not a client error). Takes no lock unless
+    /// the attempt trips the guard.
     pub fn record(&self, snapshot: &Snapshot, failed: bool, latency: Duration, now: Instant) {
         let cfg: &GuardConfig = &snapshot.guard;
-        if !cfg.enabled {
+        if !cfg.enabled || self.tripped.load(Ordering::Acquire) {
             return;
         }
-        let mut w = self.locked();
-        if w.trip.is_some() {
-            return;
+        let slice = self.slice(now, cfg.window);
+        if self.latest.load(Ordering::Relaxed) < slice {
+            self.latest.fetch_max(slice, Ordering::Relaxed);
         }
-        w.samples.push_back((now, failed, latency));
+        let slot = &self.slots[(slice % SLOTS as u64) as usize];
+        let held = slot.slice.load(Ordering::Acquire);
+        if held < slice + 1
+            && slot
+                .slice
+                .compare_exchange(held, slice + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            slot.clear();
+        }
+        slot.attempts.fetch_add(1, Ordering::Relaxed);
         if failed {
-            w.failures += 1;
+            slot.failures.fetch_add(1, Ordering::Relaxed);
+        } else {
+            slot.latencies[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
         }
-        w.prune(now, cfg.window);
-        let attempts = w.samples.len();
+
+        let totals = self.totals(slice, false);
+        let attempts = totals.attempts;
         if attempts < cfg.min_requests as usize {
             return;
         }
-        let error_rate = w.failures as f64 / attempts as f64;
+        let error_rate = totals.failures as f64 / attempts as f64;
         let mut reason = None;
         if error_rate > cfg.max_error_rate {
             reason = Some(format!(
                 "relay error rate {:.0}% over the last {:?} ({} of {attempts} attempts) is above {:.0}%",
                 error_rate * 100.0,
                 cfg.window,
-                w.failures,
+                totals.failures,
                 cfg.max_error_rate * 100.0
             ));
         }
         let mut p95 = None;
         if reason.is_none() && self.since_p95.fetch_add(1, Ordering::Relaxed) % P95_EVERY == 0 {
-            p95 = w.p95();
+            p95 = self.totals(slice, true).p95();
             if let Some(p) = p95.filter(|p| *p > cfg.max_p95_latency) {
                 reason = Some(format!(
                     "relay p95 latency {p:?} over the last {:?} ({attempts} attempts) is above {:?}",
@@ -185,17 +296,20 @@ impl Guard {
             }
         }
         let Some(reason) = reason else { return };
-        let trip = Trip {
+        let mut state = self.locked();
+        if state.trip.is_some() {
+            return;
+        }
+        state.trip = Some(Trip {
             at: SystemTime::now(),
             at_instant: now,
             flags: snapshot.flags,
             reason: reason.clone(),
             error_rate,
-            p95: p95.or_else(|| w.p95()),
+            p95: p95.or_else(|| self.totals(slice, true).p95()),
             attempts,
-        };
-        w.trip = Some(trip);
-        drop(w);
+        });
+        drop(state);
         self.tripped.store(true, Ordering::Release);
         self.metrics.guard_tripped.set(1);
         self.metrics.guard_trips.inc();
@@ -213,8 +327,12 @@ impl Guard {
 
     /// The guard as `/config` shows it.
     pub fn view(&self, snapshot: &Snapshot) -> serde_json::Value {
-        let w = self.locked();
         let cfg = &snapshot.guard;
+        let slice = self
+            .slice(Instant::now(), cfg.window)
+            .max(self.latest.load(Ordering::Relaxed));
+        let totals = self.totals(slice, false);
+        let w = self.locked();
         json!({
             "enabled": cfg.enabled,
             "tripped": w.trip.is_some(),
@@ -226,8 +344,8 @@ impl Guard {
                 "attempts": t.attempts,
             })),
             "last_cleared": w.last_cleared.map(|(at, why)| json!({ "at_unix": unix_seconds(at), "why": why })),
-            "window_attempts": w.samples.len(),
-            "window_failures": w.failures,
+            "window_attempts": totals.attempts,
+            "window_failures": totals.failures,
             "thresholds": {
                 "window_ms": cfg.window.as_millis() as u64,
                 "min_requests": cfg.min_requests,
@@ -317,6 +435,47 @@ mod tests {
         }
         assert!(!g.is_tripped(&snap, later));
         assert_eq!(g.view(&snap)["window_failures"], 0);
+    }
+
+    #[test]
+    fn attempts_recorded_from_many_threads_at_once_are_all_counted() {
+        let snap = Arc::new(snapshot(
+            "{ enabled: true, min_requests: 1000000, window: 60s }",
+        ));
+        let g = Arc::new(guard());
+        let now = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (g, snap) = (g.clone(), snap.clone());
+                std::thread::spawn(move || {
+                    for i in 0..5000 {
+                        g.record(&snap, (i + t) % 4 == 0, Duration::from_millis(5), now);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let view = g.view(&snap);
+        assert_eq!(view["window_attempts"], 20_000);
+        assert_eq!(view["window_failures"], 5_000);
+    }
+
+    #[test]
+    fn the_p95_read_from_buckets_is_at_most_a_fifth_high() {
+        let snap = snapshot("{ enabled: true, min_requests: 1000000 }");
+        let g = guard();
+        let now = Instant::now();
+        for ms in 1..=1000 {
+            g.record(&snap, false, Duration::from_millis(ms), now);
+        }
+        let slice = g.slice(now, snap.guard.window);
+        let p95 = g.totals(slice, true).p95().unwrap();
+        assert!(
+            p95 >= Duration::from_millis(950) && p95 <= Duration::from_millis(1140),
+            "{p95:?}"
+        );
     }
 
     #[test]
