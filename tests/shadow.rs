@@ -42,6 +42,17 @@ async fn wait_for_outcome(sidecar: &llm_sidecar::Sidecar, name: &str, count: f64
     .await;
 }
 
+/// The one pair the shadow log holds, once its writer (off the request path) has written it.
+async fn logged_pair(log: &std::path::Path) -> serde_json::Value {
+    eventually(Duration::from_secs(5), "the shadow log line", || {
+        let written = std::fs::read_to_string(log).is_ok_and(|t| t.ends_with('\n'));
+        async move { written }
+    })
+    .await;
+    let line = std::fs::read_to_string(log).expect("log written");
+    serde_json::from_str(line.trim()).expect("one JSON line")
+}
+
 #[tokio::test]
 async fn the_client_never_waits_for_the_shadow_and_the_pair_is_compared_after() {
     let fake = fake().await;
@@ -97,8 +108,7 @@ async fn the_client_never_waits_for_the_shadow_and_the_pair_is_compared_after() 
     );
 
     // One JSON line per pair, without any text unless asked for.
-    let line = std::fs::read_to_string(&log).expect("log written");
-    let entry: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    let entry = logged_pair(&log).await;
     assert_eq!(entry["outcome"], "equivalent");
     assert_eq!(entry["primary"]["side"], "relay");
     assert_eq!(entry["shadow"]["side"], "official");
@@ -109,6 +119,7 @@ async fn the_client_never_waits_for_the_shadow_and_the_pair_is_compared_after() 
     assert!(entry["equivalence"].as_f64().unwrap() > 0.6);
     assert!(entry["primary"].get("text").is_none(), "{entry}");
     assert!(entry.get("request").is_none(), "{entry}");
+    let line = entry.to_string();
     assert!(!line.contains("Say hello"), "no prompt in the log: {line}");
 }
 
@@ -140,8 +151,7 @@ async fn streams_are_shadowed_and_read_to_the_end_with_content_logged_only_when_
         ),
         Some(0.0)
     );
-    let line = std::fs::read_to_string(&log).expect("log written");
-    let entry: serde_json::Value = serde_json::from_str(line.trim()).expect("JSON line");
+    let entry = logged_pair(&log).await;
     assert_eq!(entry["stream"], true);
     assert!(entry["primary"]["text"]
         .as_str()

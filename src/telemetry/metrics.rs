@@ -193,6 +193,8 @@ pub struct Metrics {
     pub shadow_equivalence: Histogram,
     pub shadow_spend: Counter<f64, std::sync::atomic::AtomicU64>,
     pub shadow_in_flight: Gauge,
+    /// Shadow log lines dropped because the writer was behind.
+    pub shadow_log_dropped: Counter,
     /// Equivalent pairs over compared pairs since start.
     pub shadow_equivalence_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// The label for requests the sidecar answered itself.
@@ -241,6 +243,7 @@ impl Metrics {
             ]),
             shadow_spend: Counter::default(),
             shadow_in_flight: Gauge::default(),
+            shadow_log_dropped: Counter::default(),
             shadow_equivalence_rate: Gauge::default(),
             none_label: Arc::from("none"),
         };
@@ -395,6 +398,11 @@ impl Metrics {
             "shadow_in_flight",
             "Shadow calls running now",
             metrics.shadow_in_flight.clone(),
+        );
+        registry.register(
+            "shadow_log_dropped",
+            "Shadow log lines dropped because the log writer was behind",
+            metrics.shadow_log_dropped.clone(),
         );
         registry.register(
             "upstream_attempts",

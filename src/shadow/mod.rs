@@ -14,10 +14,11 @@
 //! prompts or answers unless `shadow.log_content` is on.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+mod log;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -46,7 +47,7 @@ pub struct Shadows {
     compared: Mutex<(u64, u64)>,
     /// (UTC day number, USD spent that day)
     spend: Mutex<(u64, f64)>,
-    log: Mutex<Option<(String, std::fs::File)>>,
+    log: log::ShadowLog,
     metrics: Arc<Metrics>,
 }
 
@@ -85,7 +86,7 @@ impl Shadows {
             in_flight: AtomicUsize::new(0),
             compared: Mutex::new((0, 0)),
             spend: Mutex::new((0, 0.0)),
-            log: Mutex::new(None),
+            log: log::ShadowLog::new(metrics.shadow_log_dropped.clone()),
             metrics,
         }
     }
@@ -319,29 +320,7 @@ impl Shadows {
         }
         let mut text = line.to_string();
         text.push('\n');
-        if destination == "-" {
-            let _ = std::io::stdout().lock().write_all(text.as_bytes());
-            return;
-        }
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        if log.as_ref().is_none_or(|(path, _)| path != destination) {
-            match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(destination)
-            {
-                Ok(file) => *log = Some((destination.to_string(), file)),
-                Err(err) => {
-                    tracing::warn!(path = destination, error = %err, "cannot open the shadow log");
-                    return;
-                }
-            }
-        }
-        if let Some((_, file)) = log.as_mut() {
-            if let Err(err) = file.write_all(text.as_bytes()) {
-                tracing::warn!(path = destination, error = %err, "cannot write the shadow log");
-            }
-        }
+        self.log.write(destination, text);
     }
 }
 
