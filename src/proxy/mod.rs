@@ -596,54 +596,19 @@ impl Proxy {
         bytes: Bytes,
         record: &mut Record,
     ) -> Result<Response<ProxyBody>, SidecarError> {
-        let parsed = RequestBody::parse(&bytes)
-            .map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
-        let Some(model) = parsed.model.as_deref() else {
-            return Err(SidecarError::MalformedRequest(
-                "the request body has no `model` field".into(),
-            ));
-        };
-        let Some(route) = snapshot.route(model).cloned() else {
-            return Err(SidecarError::UnknownModel {
-                model: model.to_string(),
-                available: snapshot.model_ids(),
-            });
-        };
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str().to_string())
-            .unwrap_or_else(|| parts.uri.path().to_string());
-        let tripped = self
-            .core
-            .guard
-            .is_tripped(&snapshot, tokio::time::Instant::now());
-        let decision = decide_side(&snapshot, tripped, &parts.headers, Some(&parsed));
         let outcome: SharedOutcome = Default::default();
         record.outcome = Some(outcome.clone());
-        // Shadow: decided now, launched only if the primary answer is a success.
-        let shadow = crate::shadow::Shadows::picked(&snapshot, parts.uri.path()).then(|| {
-            (
-                snapshot.clone(),
-                parts.method.clone(),
-                path_and_query.clone(),
-                parsed.stream,
-                tokio::time::Instant::now(),
-            )
-        });
-        let exchange = Exchange::new(
-            self.core.clone(),
-            snapshot,
-            decision,
-            parts.method,
-            path_and_query,
-            parts.headers,
-            bytes.clone(),
-            &parsed,
-            route,
-            record.span.clone(),
-            outcome,
-        );
+        let (core, span, body) = (self.core.clone(), record.span.clone(), bytes.clone());
+        let prepare = move || prepare(core, snapshot, parts, body, span, outcome);
+        // Reading a large body (parse, prompt estimate, rendering) takes milliseconds: off the
+        // worker, so the other connections it serves are not held up meanwhile.
+        let (exchange, shadow) = if bytes.len() < OFFLOAD_BODY_BYTES {
+            prepare()?
+        } else {
+            tokio::task::spawn_blocking(prepare)
+                .await
+                .map_err(|err| SidecarError::BodyRead(format!("reading the body failed: {err}")))??
+        };
         let committed = exchange.run().await?;
         let target = committed.route.target(committed.side);
         if let Some(target) = target {
@@ -675,6 +640,70 @@ impl Proxy {
             _ => Ok(committed.response),
         }
     }
+}
+
+/// Bodies from this size on are read on the blocking pool rather than on a data-port worker.
+const OFFLOAD_BODY_BYTES: usize = 256 * 1024;
+
+/// What an exchange's shadow needs, decided before the exchange runs.
+type ShadowPlan = (Arc<Snapshot>, Method, String, bool, tokio::time::Instant);
+
+/// Reads a model request's body and sets up its exchange: the route, the side, the plan, the
+/// shadow decision. Synchronous, so a large body can be read off the worker.
+fn prepare(
+    core: Arc<Core>,
+    snapshot: Arc<Snapshot>,
+    parts: http::request::Parts,
+    bytes: Bytes,
+    span: tracing::Span,
+    outcome: SharedOutcome,
+) -> Result<(Exchange, Option<ShadowPlan>), SidecarError> {
+    let parsed =
+        RequestBody::parse(&bytes).map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
+    let Some(model) = parsed.model.as_deref() else {
+        return Err(SidecarError::MalformedRequest(
+            "the request body has no `model` field".into(),
+        ));
+    };
+    let Some(route) = snapshot.route(model).cloned() else {
+        return Err(SidecarError::UnknownModel {
+            model: model.to_string(),
+            available: snapshot.model_ids(),
+        });
+    };
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| parts.uri.path().to_string());
+    let tripped = core
+        .guard
+        .is_tripped(&snapshot, tokio::time::Instant::now());
+    let decision = decide_side(&snapshot, tripped, &parts.headers, Some(&parsed));
+    // Shadow: decided now, launched only if the primary answer is a success.
+    let shadow = crate::shadow::Shadows::picked(&snapshot, parts.uri.path()).then(|| {
+        (
+            snapshot.clone(),
+            parts.method.clone(),
+            path_and_query.clone(),
+            parsed.stream,
+            tokio::time::Instant::now(),
+        )
+    });
+    let exchange = Exchange::new(
+        core,
+        snapshot,
+        decision,
+        parts.method,
+        path_and_query,
+        parts.headers,
+        bytes.clone(),
+        &parsed,
+        route,
+        span,
+        outcome,
+    );
+    Ok((exchange, shadow))
 }
 
 /// Puts the request's path in the form it is served and forwarded in ([`crate::path`]), or
