@@ -10,7 +10,8 @@
 # an error was not caused by an injected fault, a config write did not go live, or RSS grew by
 # SOAK_MAX_RSS_GROWTH_MB or more. What counts as what: the header of examples/soak.rs.
 #
-# Environment: SOAK_SECONDS (600), SOAK_RPS (1000), SOAK_WARMUP (10), SOAK_MAX_IN_FLIGHT (512),
+# Environment: SOAK_SECONDS (600), SOAK_RPS (1000), SOAK_WARMUP (60: the same schedule, one round
+# of every fault, before the start is measured), SOAK_MAX_IN_FLIGHT (512),
 # SOAK_FAULT_SECONDS (3), SOAK_MAX_RSS_GROWTH_MB (5); LLM_SIDECAR_BIN and SOAK_BIN skip the build
 # (the driver defaults to examples/soak next to LLM_SIDECAR_BIN); CARGO_TARGET_DIR.
 set -euo pipefail

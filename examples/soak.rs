@@ -33,7 +33,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -279,10 +279,17 @@ enum Outcome {
     },
     /// An answer, but not a complete one; `fault` is the fault its account names.
     Failed {
-        why: String,
+        problem: Problem,
         fault: Option<usize>,
     },
-    Lost(String),
+    Lost(Problem),
+}
+
+/// What went wrong, as (kind, the details of one case).
+type Problem = (String, String);
+
+fn clip(text: &str, chars: usize) -> String {
+    text.chars().take(chars).collect()
 }
 
 #[derive(Clone, Copy)]
@@ -326,8 +333,11 @@ async fn exchange(ctx: &Ctx, route: &str, stream: bool, body: Bytes) -> Outcome 
         Ok::<_, hyper_util::client::legacy::Error>((parts, body))
     };
     match timeout(REQUEST_TIMEOUT, answer).await {
-        Err(_) => Outcome::Lost(format!("no complete answer within {REQUEST_TIMEOUT:?}")),
-        Ok(Err(err)) => Outcome::Lost(format!("no answer: {err:?}")),
+        Err(_) => Outcome::Lost((
+            format!("{route}: no complete answer within 30 s"),
+            String::new(),
+        )),
+        Ok(Err(err)) => Outcome::Lost((format!("{route}: no answer"), format!("{err:?}"))),
         Ok(Ok((parts, body))) => judge(route, stream, parts, body),
     }
 }
@@ -352,22 +362,21 @@ fn judge(
         Err(err) => format!("the body broke off: {err}"),
     };
     let problem = if parts.status != StatusCode::OK || body.is_err() {
-        Some(format!("status {}", parts.status))
+        Some((format!("status {}", parts.status), clip(&text, 400)))
     } else if stream {
         stream_problem(&text)
     } else {
         plain_problem(&text)
     };
-    if let Some(problem) = problem {
-        let text: String = text.chars().take(600).collect();
+    if let Some((kind, detail)) = problem {
         let fault = marker(&account).or_else(|| marker(&text));
-        return Outcome::Failed {
-            why: format!("{route}: {problem} [{account}] {text}"),
-            fault,
-        };
+        let problem = (format!("{route}: {kind}"), format!("[{account}] {detail}"));
+        return Outcome::Failed { problem, fault };
     }
     let fell_back = header("x-llm-sidecar-reason") == "fallback"
-        || header("x-llm-sidecar-attempts") != "1"
+        || header("x-llm-sidecar-attempts")
+            .parse::<u32>()
+            .is_ok_and(|n| n > 1)
         || header("x-llm-sidecar-route") != route;
     let met = match marker(&account) {
         Some(fault) => Some(Met::Tried(fault)),
@@ -377,20 +386,20 @@ fn judge(
     Outcome::Complete { met, generation }
 }
 
-fn plain_problem(text: &str) -> Option<String> {
+fn plain_problem(text: &str) -> Option<Problem> {
     let doc: Value = match serde_json::from_str(text) {
         Ok(doc) => doc,
-        Err(err) => return Some(format!("not JSON: {err}")),
+        Err(err) => return Some(("not JSON".into(), format!("{err}: {}", clip(text, 300)))),
     };
     let content = doc["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or("");
     (doc["object"] != "chat.completion" || !content.ends_with(LAST_WORD))
-        .then(|| "not a complete chat.completion".into())
+        .then(|| ("not a complete chat.completion".into(), clip(text, 400)))
 }
 
 /// What keeps a stream from being a complete answer: text ending with the last word, `[DONE]`.
-fn stream_problem(text: &str) -> Option<String> {
+fn stream_problem(text: &str) -> Option<Problem> {
     let mut content = String::new();
     let mut done = false;
     for event in text.split("\n\n") {
@@ -399,7 +408,7 @@ fn stream_problem(text: &str) -> Option<String> {
         };
         let data = data.trim();
         if done {
-            return Some("an event after data: [DONE]".into());
+            return Some(("an event after data: [DONE]".into(), clip(data, 300)));
         }
         done = data == "[DONE]";
         if done {
@@ -407,10 +416,10 @@ fn stream_problem(text: &str) -> Option<String> {
         }
         let chunk: Value = match serde_json::from_str(data) {
             Ok(chunk) => chunk,
-            Err(err) => return Some(format!("a chunk that is not JSON: {err}")),
+            Err(err) => return Some(("a chunk that is not JSON".into(), format!("{err}: {data}"))),
         };
         if chunk.get("error").is_some() {
-            return Some("an error event".into());
+            return Some(("an error event".into(), clip(data, 400)));
         }
         content.push_str(
             chunk["choices"][0]["delta"]["content"]
@@ -419,9 +428,12 @@ fn stream_problem(text: &str) -> Option<String> {
         );
     }
     if !done {
-        return Some("no data: [DONE]".into());
+        return Some((
+            "no data: [DONE]".into(),
+            format!("answer so far {content:?}"),
+        ));
     }
-    (!content.ends_with(LAST_WORD)).then(|| format!("an incomplete answer {content:?}"))
+    (!content.ends_with(LAST_WORD)).then(|| ("an incomplete answer".into(), format!("{content:?}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,7 +456,8 @@ struct Tally {
     lost: u64,
     /// Failed answers not caused by an injected fault.
     unexpected: u64,
-    samples: Vec<String>,
+    /// Unexpected and lost answers by kind: how many, and the details of the first.
+    problems: BTreeMap<String, (u64, String)>,
     hits: Vec<Hit>,
     /// Of the complete answers, in microseconds.
     latencies_us: Vec<u32>,
@@ -453,10 +466,8 @@ struct Tally {
 }
 
 impl Tally {
-    fn sample(&mut self, what: String) {
-        if self.samples.len() < 10 {
-            self.samples.push(what);
-        }
+    fn problem(&mut self, (kind, detail): Problem) {
+        self.problems.entry(kind).or_insert((0, detail)).0 += 1;
     }
 
     fn record(&mut self, sent_at: Duration, took: Duration, outcome: Outcome) {
@@ -474,7 +485,7 @@ impl Tally {
                     });
                 }
             }
-            Outcome::Failed { why, fault } => {
+            Outcome::Failed { problem, fault } => {
                 self.failed += 1;
                 match fault {
                     Some(f) if !FAULTS[f].hideable => {
@@ -488,17 +499,18 @@ impl Tally {
                     }
                     Some(f) => {
                         self.unexpected += 1;
-                        self.sample(format!("{} should have been hidden: {why}", FAULTS[f].name));
+                        let (kind, detail) = problem;
+                        self.problem((format!("{kind} ({} not hidden)", FAULTS[f].name), detail));
                     }
                     None => {
                         self.unexpected += 1;
-                        self.sample(why);
+                        self.problem(problem);
                     }
                 }
             }
-            Outcome::Lost(why) => {
+            Outcome::Lost((kind, detail)) => {
                 self.lost += 1;
-                self.sample(format!("lost: {why}"));
+                self.problem((format!("lost: {kind}"), detail));
             }
         }
     }
@@ -927,14 +939,19 @@ fn report(s: &Settings, warm: &Run, soak: &mut Run, before: Counts, after: Count
             format!("config writes not live: {missed:?}; {file_reloads} file reloads for {}", r.written),
         ),
     ];
-    for sample in w.samples.iter().chain(&t.samples) {
-        println!("soak: sample: {sample}");
+    for (phase, tally) in [("warm-up", w), ("soak", &*t)] {
+        for (kind, (n, detail)) in &tally.problems {
+            println!("soak: {phase} problem: {n} x {kind}; the first: {detail}");
+        }
     }
     let failures: Vec<&String> = checks
         .iter()
         .filter(|(ok, _)| !ok)
         .map(|(_, why)| why)
         .collect();
+    for failure in &failures {
+        println!("soak: FAILED: {failure}");
+    }
     let result = if failures.is_empty() {
         "pass"
     } else {
@@ -959,9 +976,6 @@ fn report(s: &Settings, warm: &Run, soak: &mut Run, before: Counts, after: Count
         before.fds,
         after.fds
     );
-    for failure in &failures {
-        eprintln!("soak: FAILED: {failure}");
-    }
     failures.is_empty()
 }
 
