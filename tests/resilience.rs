@@ -550,3 +550,33 @@ async fn a_primary_down_for_a_while_is_routed_around_and_gets_traffic_back_after
         "no hammering while down: {chats} relay chat requests in {back_at:?}"
     );
 }
+
+#[tokio::test]
+async fn a_target_that_cuts_every_stream_after_its_first_chunks_opens_its_breaker() {
+    let fake = fake().await;
+    let sidecar = sidecar(&relay_fault(&fake, "cut=2")).await;
+    // A cut stream starts well: its start must not count as a success that clears the cuts
+    // before it. Three cuts in a row open the breaker (breaker_failures defaults to 3).
+    for round in 0..3 {
+        let (status, headers, body) = ask(&sidecar, "chat", true).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            header(&headers, "x-llm-sidecar-provider"),
+            "sheep",
+            "round {round}"
+        );
+        let events = sse_data(&body);
+        assert!(!events.iter().any(|e| e == "[DONE]"), "round {round}");
+    }
+    let (status, headers, body) = ask(&sidecar, "chat", true).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "x-llm-sidecar-provider"), "deep");
+    assert_eq!(sse_data(&body).last().map(String::as_str), Some("[DONE]"));
+    let text = metrics_text(&client(), sidecar.admin_addr).await;
+    assert_eq!(
+        metric_value(&text, r#"llm_sidecar_breaker_state{target="sheep/cut=2"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(fake.requests_for("sheep").len(), 3);
+}

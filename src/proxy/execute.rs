@@ -992,11 +992,14 @@ impl Exchange {
                 match self.attempt(target, None, step_index == 0, &span).await {
                     Ok(answer) => {
                         let latency = started.elapsed();
-                        self.core.health.record_success(
-                            target,
-                            latency,
-                            self.stream.then_some(latency),
-                        );
+                        if self.stream {
+                            // Healthy only once it ends well (`finish_segment`).
+                            self.core
+                                .health
+                                .record_latency(target, latency, Some(latency));
+                        } else {
+                            self.core.health.record_success(target, latency, None);
+                        }
                         if step.side == ProviderKind::Relay {
                             self.core
                                 .guard
@@ -1378,6 +1381,7 @@ impl Exchange {
                     };
                     for event in prefix {
                         if !self.relay(&mut pump, &mut segment, event).await {
+                            self.client_left(&segment);
                             return;
                         }
                     }
@@ -1394,6 +1398,15 @@ impl Exchange {
         }
     }
 
+    /// The client went away mid-stream: that says nothing about the target's health (a probe
+    /// it carried is given back).
+    fn client_left(&self, segment: &Segment) {
+        if !segment.settled {
+            fail_span(&segment.span, "client_cancelled", None);
+            self.core.health.record_inconclusive(segment.step.target());
+        }
+    }
+
     /// A stream part ended well: its target answered, its usage is billed.
     fn finish_segment(&self, segment: &mut Segment, pump: &mut Pump) {
         if std::mem::replace(&mut segment.settled, true) {
@@ -1401,6 +1414,7 @@ impl Exchange {
         }
         lock(&self.outcome).complete = true;
         let target = segment.step.target();
+        self.core.health.record_answered(target);
         let tally = &target.metrics(&self.core.metrics).stats.tally;
         tally.answered(segment.fell_back);
         let mut reported = std::mem::take(&mut pump.state.reported);
@@ -1462,10 +1476,7 @@ impl Exchange {
                         };
                         for event in parser.push(&data) {
                             if !self.relay(&mut pump, &mut segment, event).await {
-                                // The client went away.
-                                if !segment.settled {
-                                    fail_span(&segment.span, "client_cancelled", None);
-                                }
+                                self.client_left(&segment);
                                 return;
                             }
                         }
@@ -1536,7 +1547,7 @@ impl Exchange {
                         lease: l,
                         ..
                     }) => {
-                        self.core.health.record_success(
+                        self.core.health.record_latency(
                             step.target(),
                             started.elapsed(),
                             Some(started.elapsed()),
@@ -1587,6 +1598,7 @@ impl Exchange {
             segment = next;
             for event in prefix {
                 if !self.relay(&mut pump, &mut segment, event).await {
+                    self.client_left(&segment);
                     return;
                 }
             }

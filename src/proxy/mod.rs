@@ -605,9 +605,9 @@ impl Proxy {
         let (exchange, shadow) = if bytes.len() < OFFLOAD_BODY_BYTES {
             prepare()?
         } else {
-            tokio::task::spawn_blocking(prepare)
-                .await
-                .map_err(|err| SidecarError::BodyRead(format!("reading the body failed: {err}")))??
+            tokio::task::spawn_blocking(prepare).await.map_err(|err| {
+                SidecarError::BodyRead(format!("reading the body failed: {err}"))
+            })??
         };
         let committed = exchange.run().await?;
         let target = committed.route.target(committed.side);

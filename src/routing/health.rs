@@ -167,13 +167,26 @@ impl Health {
         })
     }
 
+    /// A whole answer from the target: its latency counts, and its breaker closes.
     pub fn record_success(&self, target: &Target, latency: Duration, ttft: Option<Duration>) {
+        self.record_latency(target, latency, ttft);
+        self.record_answered(target);
+    }
+
+    /// How fast the target started answering. A stream's success is only known at its end
+    /// ([`Health::record_answered`]): one cut after its first chunk must not clear the failures
+    /// that came before.
+    pub fn record_latency(&self, target: &Target, latency: Duration, ttft: Option<Duration>) {
         let cell = self.cell(target);
         cell.latency.observe(latency);
         if let Some(ttft) = ttft {
             cell.ttft.observe(ttft);
         }
-        if cell.troubled.load(Ordering::Acquire) {
+    }
+
+    /// The target's answer ended well: its breaker closes.
+    pub fn record_answered(&self, target: &Target) {
+        if self.cell(target).troubled.load(Ordering::Acquire) {
             self.with_breaker(target, Breaker::on_success);
         }
     }
