@@ -1,0 +1,618 @@
+//! One model request end to end: walk the plan, retry and fail over by failure class, honour
+//! rate limits inside the deadline, and commit the answer only once it is usable: response
+//! headers for a plain answer, the first content chunk for a stream. After a stream is committed,
+//! a cut, stall or broken chunk is never passed off as success: the answer is continued on a
+//! prefill-capable target or the stream ends with an explicit error event and no `[DONE]`.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::body::{full, BoxError, ChannelBody, ProxyBody};
+use super::sse::{inspect, Chunk, RawEvent, SseParser};
+use super::upstream::{Lease, Upstream, UpstreamError};
+use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
+use crate::errors::SidecarError;
+use crate::openai::RequestBody;
+use crate::providers::ProviderKind;
+use crate::routing::backoff::parse_retry_after;
+use crate::routing::breaker::Admission;
+use crate::routing::budget::RetryBudget;
+use crate::routing::classify::{classify, Class, Failure, UpstreamErrorBody};
+use crate::routing::health::Health;
+use crate::routing::plan::{plan, PlanRequest, Step};
+use crate::routing::policy::{self, AtEnd, Failed, Next};
+use crate::routing::rollout::Decision;
+use crate::routing::tokens;
+use crate::telemetry::cost::{format_usd, Bill, Usage};
+use crate::telemetry::metrics::{Metrics, TargetMetrics};
+use crate::telemetry::{otel, Operation};
+use opentelemetry::KeyValue;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+mod attempt;
+mod report;
+mod settle;
+mod stream;
+
+use attempt::{fail_span, Answer, AttemptError, PlainBody, OVERSIZED_EVENT};
+use settle::{cut, Reported, RequestMeta};
+
+pub const HEADER_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-sidecar-attempts");
+pub const HEADER_FALLBACKS: HeaderName = HeaderName::from_static("x-llm-sidecar-fallbacks");
+pub const HEADER_ATTEMPT_LOG: HeaderName = HeaderName::from_static("x-llm-sidecar-attempt-log");
+pub const HEADER_TRUNCATED: HeaderName =
+    HeaderName::from_static("x-llm-sidecar-truncated-messages");
+pub const HEADER_PREFER: HeaderName = HeaderName::from_static("x-llm-sidecar-prefer");
+pub const HEADER_LOW_LATENCY: HeaderName = HeaderName::from_static("x-llm-sidecar-low-latency");
+pub const HEADER_COST: HeaderName = HeaderName::from_static("x-llm-sidecar-cost-usd");
+
+/// A plain answer is read whole before it is sent, up to this size, so a cut body is retried
+/// and its cost is known for the response header. Larger answers stream through unpriced.
+const MAX_BUFFERED_ANSWER: usize = 8 * 1024 * 1024;
+/// Message content recorded on a span (when enabled) is cut to this many bytes.
+const MAX_CONTENT_ATTRIBUTE: usize = 16 * 1024;
+
+/// What the request's answer was, for its log line, metrics, `/stats` and server span. The
+/// exchange fills it; a committed stream keeps filling it until its end.
+#[derive(Default)]
+pub struct Outcome {
+    /// Upstream attempts, the attempt header's number.
+    pub attempts: u32,
+    /// Moves from one target to another.
+    pub fallbacks: u32,
+    /// The answer came after at least one failed attempt.
+    pub fell_back: bool,
+    /// The last target tried, for a request that got no answer.
+    pub last: Option<Arc<TargetMetrics>>,
+    /// Reported usage of the answer, summed over a continued stream's parts.
+    pub usage: Option<Usage>,
+    pub bill: Bill,
+    pub ttft: Option<Duration>,
+    /// A committed stream broke and ended with an error event.
+    pub interrupted: bool,
+    /// The whole answer was handed over: a client that closes right after a stream's `[DONE]`
+    /// did not cancel anything.
+    pub complete: bool,
+}
+
+pub type SharedOutcome = Arc<Mutex<Outcome>>;
+
+pub fn lock(outcome: &SharedOutcome) -> MutexGuard<'_, Outcome> {
+    outcome.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why an attempt is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AttemptKind {
+    Initial,
+    Retry,
+    Fallback,
+    RateLimitWait,
+    Continuation,
+}
+
+impl AttemptKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttemptKind::Initial => "initial",
+            AttemptKind::Retry => "retry",
+            AttemptKind::Fallback => "fallback",
+            AttemptKind::RateLimitWait => "rate_limit_wait",
+            AttemptKind::Continuation => "continuation",
+        }
+    }
+}
+
+/// What every request shares: connections, target health, the retry budget, metrics.
+pub struct Core {
+    pub upstream: Arc<Upstream>,
+    pub health: Health,
+    pub budget: RetryBudget,
+    pub metrics: Arc<Metrics>,
+    pub guard: crate::routing::guard::Guard,
+    pub shadows: Arc<crate::shadow::Shadows>,
+}
+
+/// One attempt, for the attempt log and the final error.
+#[derive(Clone, Debug)]
+pub struct AttemptRecord {
+    pub step: Step,
+    pub outcome: &'static str,
+    pub status: Option<u16>,
+    pub duration: Duration,
+}
+
+impl AttemptRecord {
+    fn json(&self) -> Value {
+        let target = self.step.target();
+        json!({
+            "route": self.step.route.name,
+            "provider": target.provider.name,
+            "model": target.model,
+            "outcome": self.outcome,
+            "status": self.status,
+            "duration_ms": self.duration.as_millis() as u64,
+        })
+    }
+}
+
+/// The most meaningful failure so far: what the client is told when every target fails.
+struct Worst {
+    class: Class,
+    failure: Failure,
+    target: String,
+}
+
+/// A usable answer, ready to be sent to the client.
+pub struct Committed {
+    pub response: Response<ProxyBody>,
+    pub route: Arc<Route>,
+    pub side: ProviderKind,
+    pub lease: Option<Lease>,
+}
+
+pub struct Exchange {
+    core: Arc<Core>,
+    snapshot: Arc<Snapshot>,
+    /// The side order and its reason (flags, guard, rollout bucket).
+    decision: Decision,
+    method: Method,
+    path_and_query: String,
+    headers: HeaderMap,
+    bytes: Bytes,
+    route: Arc<Route>,
+    stream: bool,
+    /// The client did not ask for usage in its stream; the sidecar asked, and strips it.
+    usage_added: bool,
+    prompt_tokens: u64,
+    /// Messages after truncation to fit, as raw JSON.
+    messages_override: Option<String>,
+    truncated: usize,
+    prefer: Option<String>,
+    low_latency: bool,
+    deadline: Instant,
+    attempts: Vec<AttemptRecord>,
+    steps: Vec<Step>,
+    skipped: Vec<crate::routing::plan::Skipped>,
+    /// The body for the first planned target, rendered while the request was parsed anyway.
+    first_body: Option<Bytes>,
+    /// The request's server span, parent of the attempt spans (disabled without tracing).
+    trace: tracing::Span,
+    operation: Operation,
+    meta: RequestMeta,
+    outcome: SharedOutcome,
+}
+
+impl Exchange {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Arc<Core>,
+        snapshot: Arc<Snapshot>,
+        decision: Decision,
+        method: Method,
+        path_and_query: String,
+        headers: HeaderMap,
+        bytes: Bytes,
+        parsed: &RequestBody<'_>,
+        route: Arc<Route>,
+        trace: tracing::Span,
+        outcome: SharedOutcome,
+    ) -> Exchange {
+        let prefer = headers
+            .get(HEADER_PREFER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let low_latency = headers
+            .get(HEADER_LOW_LATENCY)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+            });
+        // The sidecar's own request headers are read here and never forwarded.
+        let mut headers = headers;
+        super::strip_request_headers(&mut headers);
+        let stream = parsed.stream;
+        let usage_added = stream
+            && !parsed
+                .field("stream_options")
+                .and_then(|o| serde_json::from_str::<Value>(o.get()).ok())
+                .is_some_and(|o| o["include_usage"] == Value::Bool(true));
+        let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
+        let deadline = Instant::now() + snapshot.resilience.deadline;
+        let operation = Operation::from_path(&path_and_query);
+        let meta = if !trace.is_disabled() {
+            RequestMeta::read(parsed)
+        } else {
+            RequestMeta::default()
+        };
+        let mut exchange = Exchange {
+            trace,
+            operation,
+            meta,
+            outcome,
+            core,
+            snapshot,
+            decision,
+            method,
+            path_and_query,
+            headers,
+            bytes,
+            route,
+            stream,
+            usage_added,
+            prompt_tokens,
+            messages_override: None,
+            truncated: 0,
+            prefer,
+            low_latency,
+            deadline,
+            attempts: Vec::new(),
+            steps: Vec::new(),
+            skipped: Vec::new(),
+            first_body: None,
+        };
+        exchange.truncate_if_needed();
+        let (steps, skipped) = exchange.plan_steps();
+        if let Some(first) = steps.first() {
+            let target = first.target();
+            exchange.first_body = Some(exchange.render_body(parsed, target, None));
+        }
+        exchange.steps = steps;
+        exchange.skipped = skipped;
+        exchange
+    }
+
+    fn plan_steps(&self) -> (Vec<Step>, Vec<crate::routing::plan::Skipped>) {
+        let request = PlanRequest {
+            prefer: self.prefer.as_deref(),
+            low_latency: self.low_latency,
+            prompt_tokens: self.prompt_tokens,
+            order: self.decision.order,
+        };
+        let plan = plan(
+            &self.snapshot,
+            &self.route,
+            &request,
+            &self.core.health.lookup(Instant::now()),
+        );
+        (plan.steps, plan.skipped)
+    }
+
+    /// When no target's window fits and the route allows it, drops the oldest non-system
+    /// messages to fit the largest window of the chain.
+    fn truncate_if_needed(&mut self) {
+        if !self.route.truncate_to_fit {
+            return;
+        }
+        let chain =
+            crate::routing::plan::chain(&self.snapshot, &self.route, self.prefer.as_deref());
+        let Some(largest) = chain.iter().filter_map(|r| r.context_window).max() else {
+            return;
+        };
+        if self.prompt_tokens <= largest {
+            return;
+        }
+        let Ok(parsed) = RequestBody::parse(&self.bytes) else {
+            return;
+        };
+        let Some(mut messages) = parsed
+            .field("messages")
+            .and_then(|m| serde_json::from_str::<Vec<Value>>(m.get()).ok())
+        else {
+            return;
+        };
+        // Room for the answer: the request's max_tokens, if it set one.
+        let reserve = parsed
+            .field("max_tokens")
+            .or_else(|| parsed.field("max_completion_tokens"))
+            .and_then(|v| v.get().parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Some(dropped) =
+            tokens::truncate_to_fit(&mut messages, largest.saturating_sub(reserve))
+        {
+            self.prompt_tokens = messages.iter().map(tokens::estimate_message).sum();
+            self.truncated = dropped;
+            self.messages_override = serde_json::to_string(&messages).ok();
+        }
+    }
+
+    /// The body for `target`; `first` marks the plan's first step, whose body is ready.
+    fn body_for(&self, target: &Target, prefill: Option<&str>, first: bool) -> Bytes {
+        if let (Some(body), None, true) = (&self.first_body, prefill, first) {
+            return body.clone();
+        }
+        match RequestBody::parse(&self.bytes) {
+            Ok(parsed) => self.render_body(&parsed, target, prefill),
+            Err(_) => self.bytes.clone(),
+        }
+    }
+
+    fn render_body(
+        &self,
+        parsed: &RequestBody<'_>,
+        target: &Target,
+        prefill: Option<&str>,
+    ) -> Bytes {
+        let mut overrides: Vec<(&str, String)> = Vec::new();
+        if self.usage_added {
+            overrides.push(("stream_options", parsed.stream_options_with_usage()));
+        }
+        let messages = match (&self.messages_override, prefill) {
+            (_, Some(text)) => {
+                let mut messages: Vec<Value> = self
+                    .messages_override
+                    .as_deref()
+                    .or_else(|| parsed.field("messages").map(|m| m.get()))
+                    .and_then(|m| serde_json::from_str(m).ok())
+                    .unwrap_or_default();
+                messages.push(json!({ "role": "assistant", "content": text }));
+                Some(Value::Array(messages).to_string())
+            }
+            (Some(m), None) => Some(m.clone()),
+            (None, None) => None,
+        };
+        if let Some(m) = messages {
+            overrides.push(("messages", m));
+        }
+        if overrides.is_empty() && parsed.model.as_deref() == Some(target.model.as_str()) {
+            return self.bytes.clone();
+        }
+        let borrowed: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        parsed.render(&target.model, &borrowed)
+    }
+
+    fn header_timeout(&self) -> Duration {
+        let r = &self.snapshot.resilience;
+        let scale = r
+            .header_timeout_per_10k_tokens
+            .mul_f64(self.prompt_tokens as f64 / 10_000.0);
+        self.snapshot.timeouts.response_headers + scale
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Runs the request to a committed answer, or to one error that keeps the most meaningful
+    /// upstream failure and lists every attempt.
+    pub async fn run(mut self) -> Result<Committed, SidecarError> {
+        self.core.budget.record_request(Instant::now());
+        let mut steps = std::mem::take(&mut self.steps);
+        let skipped = std::mem::take(&mut self.skipped);
+        let r = self.snapshot.resilience;
+        let mut worst: Option<Worst> = None;
+        let mut context_limit: Option<u64> = None;
+        let mut limited: Vec<(usize, Instant)> = Vec::new();
+        let mut waits = 0;
+        let mut index = 0;
+        let mut requeued: Option<usize> = None;
+        // The target of the last failed attempt, and why it failed.
+        let mut last_failed: Option<(Arc<TargetMetrics>, Arc<str>, &'static str)> = None;
+
+        loop {
+            let was_requeued = requeued.is_some();
+            let step_index = match requeued.take() {
+                Some(i) => i,
+                None if index < steps.len() => {
+                    index += 1;
+                    index - 1
+                }
+                None => match policy::at_end_of_plan(&limited, waits, &r, self.deadline) {
+                    AtEnd::WaitFor { step, at } => {
+                        waits += 1;
+                        limited.retain(|(j, _)| *j != step);
+                        tokio::time::sleep_until(at).await;
+                        requeued = Some(step);
+                        continue;
+                    }
+                    AtEnd::GiveUp => break,
+                },
+            };
+            let step = &steps[step_index];
+            let target = step.target();
+            if context_limit
+                .is_some_and(|limit| step.route.context_window.is_some_and(|w| w <= limit))
+            {
+                continue;
+            }
+            // A target retried after waiting out its rate limit gets one more attempt, not a
+            // fresh set.
+            let mut tries = if was_requeued {
+                r.attempts_per_target.saturating_sub(1)
+            } else {
+                0
+            };
+            loop {
+                if Instant::now() >= self.deadline {
+                    break;
+                }
+                let first_try = tries == 0 || was_requeued;
+                // A breaker the plan saw closed needs no second look for the first attempt.
+                let admission = if first_try && step.closed {
+                    Admission::Allowed
+                } else {
+                    self.core
+                        .health
+                        .admit(target, Instant::now(), step.forced_probe && first_try)
+                };
+                if admission == Admission::Rejected {
+                    self.record(step, "breaker_open", None, Instant::now());
+                    break;
+                }
+                tries += 1;
+                let kind = match &last_failed {
+                    _ if was_requeued && first_try => AttemptKind::RateLimitWait,
+                    None => AttemptKind::Initial,
+                    Some((_, key, _)) if *key == target.health_key => AttemptKind::Retry,
+                    Some(_) => AttemptKind::Fallback,
+                };
+                if let (AttemptKind::Fallback, Some((left, _, reason))) = (kind, &last_failed) {
+                    self.core
+                        .metrics
+                        .fallbacks
+                        .get_or_create(&crate::telemetry::metrics::FallbackLabels {
+                            provider: left.provider.clone(),
+                            model: left.model.clone(),
+                            reason,
+                        })
+                        .inc();
+                }
+                let span =
+                    self.attempt_span(step, kind, last_failed.as_ref().map(|l| l.2), admission);
+                let started = Instant::now();
+                match self.attempt(target, None, step_index == 0, &span).await {
+                    Ok(answer) => {
+                        let latency = started.elapsed();
+                        if self.stream {
+                            // Healthy only once it ends well (`finish_segment`).
+                            self.core
+                                .health
+                                .record_latency(target, latency, Some(latency));
+                        } else {
+                            self.core.health.record_success(target, latency, None);
+                        }
+                        if step.side == ProviderKind::Relay {
+                            self.core
+                                .guard
+                                .record(&self.snapshot, false, latency, Instant::now());
+                        }
+                        if self.attempts.is_empty() {
+                            // A clean first-try answer needs no attempt log: count it only.
+                            target.metrics(&self.core.metrics).ok_attempts.inc();
+                        } else {
+                            self.record(step, "ok", Some(200), started);
+                        }
+                        let rest = if self.stream {
+                            // A committed stream may need the rest of the plan to continue.
+                            steps.split_off(step_index + 1)
+                        } else {
+                            Vec::new()
+                        };
+                        return Ok(self.commit(&steps[step_index], answer, rest, span, started));
+                    }
+                    Err(AttemptError {
+                        failure,
+                        passthrough,
+                    }) => {
+                        let class = classify(&failure);
+                        let status = match &failure {
+                            Failure::Status { status, .. } => Some(status.as_u16()),
+                            _ => None,
+                        };
+                        self.record(step, class.label(), status, started);
+                        fail_span(&span, class.label(), status);
+                        drop(span);
+                        last_failed = Some((
+                            target.metrics(&self.core.metrics).clone(),
+                            target.health_key.clone(),
+                            class.label(),
+                        ));
+                        if step.side == ProviderKind::Relay && class.counts_against_target() {
+                            self.core.guard.record(
+                                &self.snapshot,
+                                true,
+                                started.elapsed(),
+                                Instant::now(),
+                            );
+                        }
+                        if class.counts_against_target() {
+                            self.core
+                                .health
+                                .record_failure(target, Instant::now(), &r.breaker);
+                        } else {
+                            self.core.health.record_inconclusive(target);
+                        }
+                        let describe = format!("{}/{}", target.provider.name, target.model);
+                        if let Failure::LocalConfig { message, .. } = &failure {
+                            tracing::error!(provider = %target.provider.name, model = %target.model, reason = %message, "the sidecar's config cannot serve this target; nothing was sent to it");
+                        } else if class == Class::Misconfigured {
+                            tracing::error!(provider = %target.provider.name, model = %target.model, status, "provider rejected the sidecar's credentials or model: check the target's key and model name");
+                        } else {
+                            tracing::warn!(provider = %target.provider.name, model = %target.model, outcome = class.label(), status, "upstream attempt failed");
+                        }
+                        if worst
+                            .as_ref()
+                            .is_none_or(|w| class.weight() > w.class.weight())
+                        {
+                            worst = Some(Worst {
+                                class,
+                                failure: failure.clone(),
+                                target: describe,
+                            });
+                        }
+                        let failed = Failed {
+                            class,
+                            tries,
+                            route_window: step.route.context_window,
+                            prompt_tokens: self.prompt_tokens,
+                            answer_kept: passthrough.is_some(),
+                        };
+                        let wait = match policy::after_failure(
+                            failed,
+                            &r,
+                            self.remaining(),
+                            fastrand::f64(),
+                        ) {
+                            Next::Retry { after } => after,
+                            Next::MoveOn {
+                                context_limit: limit,
+                                rate_limited_for,
+                            } => {
+                                if limit.is_some() {
+                                    context_limit = limit;
+                                }
+                                if let Some(after) = rate_limited_for {
+                                    limited.push((step_index, Instant::now() + after));
+                                }
+                                break;
+                            }
+                            Next::ReturnAnswer => {
+                                if let Some((status, headers, body)) = passthrough {
+                                    return Ok(self.passthrough_error(step, status, headers, body));
+                                }
+                                break;
+                            }
+                        };
+                        if !self.core.budget.try_retry(
+                            Instant::now(),
+                            r.retry_budget_ratio,
+                            r.retry_budget_min_per_second,
+                        ) {
+                            self.core.metrics.retry_budget_exhausted.inc();
+                            break;
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        Err(self.give_up(worst, &skipped))
+    }
+}
+
+/// Estimated prompt tokens, parsed only when a window could matter.
+fn estimate_prompt(snapshot: &Snapshot, route: &Route, parsed: &RequestBody<'_>) -> u64 {
+    let messages = parsed.field("messages");
+    let prompt = parsed.field("prompt").or_else(|| parsed.field("input"));
+    let raw_len =
+        messages.map(|m| m.get().len()).unwrap_or(0) + prompt.map(|p| p.get().len()).unwrap_or(0);
+    let smallest = route.smallest_window(snapshot);
+    // No more tokens than bytes: a short prompt fits every window without parsing it.
+    if smallest.is_none_or(|w| (raw_len as u64) < w) && !route.truncate_to_fit {
+        return (raw_len as u64).div_ceil(4);
+    }
+    let messages = messages.and_then(|m| serde_json::from_str::<Value>(m.get()).ok());
+    let prompt = prompt.and_then(|p| serde_json::from_str::<Value>(p.get()).ok());
+    tokens::estimate_prompt(messages.as_ref(), prompt.as_ref())
+}

@@ -1,0 +1,185 @@
+//! What the exchange tells the client about itself: the headers every answer gets (attempts,
+//! fallbacks, the attempt log), a provider's refusal passed back as it is, the one error when
+//! every target failed, and the request's outcome.
+
+use super::*;
+
+impl Exchange {
+    /// Fallbacks: how many times the request moved on to another target.
+    pub(super) fn moves(&self) -> usize {
+        self.attempts
+            .windows(2)
+            .filter(|w| w[0].step.target().health_key != w[1].step.target().health_key)
+            .count()
+    }
+
+    pub(super) fn add_headers(&self, headers: &mut HeaderMap, step: &Step) {
+        let target = step.target();
+        headers.reserve(10);
+        let reason = if self.attempts.iter().any(|a| a.outcome != "ok") {
+            FALLBACK
+        } else if step.side != self.decision.order.first_side() {
+            // Either the route lacks that side, or the plan skipped it (an open breaker).
+            if step
+                .route
+                .target(self.decision.order.first_side())
+                .is_none()
+            {
+                ONLY_TARGET
+            } else {
+                FALLBACK
+            }
+        } else {
+            self.decision.why.as_str()
+        };
+        crate::proxy::add_route_headers(
+            headers,
+            target,
+            reason,
+            self.decision.bucket,
+            &self.snapshot,
+        );
+        headers.insert(
+            HEADER_ATTEMPTS,
+            HeaderValue::from(self.attempts.len().max(1)),
+        );
+        headers.insert(HEADER_FALLBACKS, HeaderValue::from(self.moves()));
+        if self.attempts.len() > 1 {
+            let log: Vec<String> = self
+                .attempts
+                .iter()
+                .map(|a| format!("{}={}", a.step.target().health_key, a.outcome))
+                .collect();
+            if let Ok(value) = HeaderValue::from_str(&log.join(",")) {
+                headers.insert(HEADER_ATTEMPT_LOG, value);
+            }
+        }
+        if self.truncated > 0 {
+            headers.insert(HEADER_TRUNCATED, HeaderValue::from(self.truncated));
+        }
+    }
+
+    pub(super) fn passthrough_error(
+        &self,
+        step: &Step,
+        status: StatusCode,
+        upstream: HeaderMap,
+        body: Bytes,
+    ) -> Committed {
+        let mut response = Response::new(full(body));
+        *response.status_mut() = status;
+        if let Some(ct) = upstream.get(header::CONTENT_TYPE) {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, ct.clone());
+        }
+        self.add_headers(response.headers_mut(), step);
+        self.close_outcome();
+        Committed {
+            response,
+            route: step.route.clone(),
+            side: step.side,
+            lease: None,
+        }
+    }
+
+    pub(super) fn give_up(
+        &self,
+        worst: Option<Worst>,
+        skipped: &[crate::routing::plan::Skipped],
+    ) -> SidecarError {
+        self.close_outcome();
+        let attempts: Vec<Value> = self.attempts.iter().map(AttemptRecord::json).collect();
+        let skipped: Vec<Value> = skipped
+            .iter()
+            .map(|s| {
+                let t = s.target();
+                json!({ "route": s.route.name, "provider": t.provider.name, "model": t.model, "reason": s.reason.label() })
+            })
+            .collect();
+        let Some(Worst {
+            class,
+            failure,
+            target,
+        }) = worst
+        else {
+            return SidecarError::AllTargetsFailed {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "no target could be tried: every target was skipped or its circuit breaker is open".into(),
+                upstream_type: None,
+                upstream_code: Some("no_target_available".into()),
+                attempts: json!({ "attempts": attempts, "skipped": skipped }),
+            };
+        };
+        let (status, detail, kind, code) = match &failure {
+            Failure::Status { status, error, .. } => (
+                match class {
+                    Class::ContextTooLong => StatusCode::BAD_REQUEST,
+                    Class::Misconfigured => StatusCode::BAD_GATEWAY,
+                    _ => *status,
+                },
+                format!(
+                    "{} {}",
+                    status.as_u16(),
+                    error.message.clone().unwrap_or_default()
+                ),
+                error.kind.clone(),
+                error.code.clone(),
+            ),
+            Failure::HeaderTimeout(d) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no response headers within {d:?}"),
+                None,
+                None,
+            ),
+            Failure::FirstTokenTimeout(d) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no first token within {d:?}"),
+                None,
+                None,
+            ),
+            Failure::Connect(why) => (
+                StatusCode::BAD_GATEWAY,
+                format!("cannot connect: {why}"),
+                None,
+                None,
+            ),
+            Failure::ConnectionLost(why) | Failure::StreamFailedEarly(why) => {
+                (StatusCode::BAD_GATEWAY, why.clone(), None, None)
+            }
+            Failure::LocalConfig { code, message } => (
+                StatusCode::BAD_GATEWAY,
+                message.clone(),
+                Some("sidecar_config".to_string()),
+                Some(code.to_string()),
+            ),
+        };
+        SidecarError::AllTargetsFailed {
+            status,
+            message: format!(
+                "every target failed ({} attempts); the most relevant failure, {} from {target}: {}",
+                self.attempts.len(),
+                class.label(),
+                detail.trim()
+            ),
+            upstream_type: kind,
+            upstream_code: code.or_else(|| Some(class.label().to_string())),
+            attempts: json!({ "attempts": attempts, "skipped": skipped }),
+        }
+    }
+
+    /// Fills the request's outcome with the attempt count and failover.
+    pub(super) fn close_outcome(&self) -> bool {
+        let fell_back = self.attempts.iter().any(|a| a.outcome != "ok");
+        let last = self
+            .attempts
+            .last()
+            .map(|a| a.step.target().metrics(&self.core.metrics).clone());
+        let mut outcome = lock(&self.outcome);
+        outcome.last = last;
+        outcome.attempts = self.attempts.len().max(1) as u32;
+        outcome.fallbacks = self.moves() as u32;
+        outcome.fell_back = fell_back;
+        fell_back
+    }
+}

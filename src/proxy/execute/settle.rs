@@ -1,0 +1,199 @@
+//! Settlement: what an answer reported (usage, model, finish reasons), priced at the
+//! answering target's price, counted, and put on the attempt span.
+
+use super::*;
+
+/// The request fields attempt spans show.
+#[derive(Default)]
+pub(super) struct RequestMeta {
+    pub(super) max_tokens: Option<i64>,
+    pub(super) temperature: Option<f64>,
+    /// The request's messages (or prompt/input), only when content recording is on.
+    pub(super) content: Option<String>,
+}
+
+impl RequestMeta {
+    pub(super) fn read(parsed: &RequestBody<'_>) -> RequestMeta {
+        let number = |key: &str| parsed.field(key).and_then(|v| v.get().parse::<f64>().ok());
+        RequestMeta {
+            max_tokens: number("max_tokens")
+                .or_else(|| number("max_completion_tokens"))
+                .map(|v| v as i64),
+            temperature: number("temperature"),
+            content: otel::record_content()
+                .then(|| {
+                    parsed
+                        .field("messages")
+                        .or_else(|| parsed.field("prompt"))
+                        .or_else(|| parsed.field("input"))
+                        .map(|raw| cut(raw.get()))
+                })
+                .flatten(),
+        }
+    }
+}
+
+pub(super) fn cut(text: &str) -> String {
+    if text.len() <= MAX_CONTENT_ATTRIBUTE {
+        return text.to_string();
+    }
+    let mut end = MAX_CONTENT_ATTRIBUTE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// What a plain answer's body says about itself, for the attempt span.
+#[derive(Default, serde::Deserialize)]
+pub(super) struct PlainAnswer<'a> {
+    #[serde(borrow, default)]
+    pub(super) model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub(super) choices: Vec<PlainChoice<'a>>,
+}
+
+/// A plain answer's usage, read on its own so an odd field elsewhere cannot lose it.
+#[derive(Default, serde::Deserialize)]
+pub(super) struct PlainUsage {
+    #[serde(default)]
+    pub(super) usage: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct PlainChoice<'a> {
+    #[serde(borrow, default)]
+    pub(super) finish_reason: Option<Cow<'a, str>>,
+}
+
+/// What one answer (or one part of a continued stream) reported.
+#[derive(Default)]
+pub(super) struct Reported {
+    pub(super) usage: Option<Usage>,
+    pub(super) model: Option<String>,
+    pub(super) finish_reasons: Vec<String>,
+    /// The answer text, only when content recording is on.
+    pub(super) content: Option<String>,
+}
+
+impl Reported {
+    /// Reads a plain answer: its usage always, the rest only for a `traced` request.
+    pub(super) fn from_plain(bytes: &[u8], traced: bool) -> Reported {
+        let read: PlainUsage = serde_json::from_slice(bytes).unwrap_or_default();
+        let usage = read.usage.as_ref().and_then(Usage::from_json);
+        if !traced {
+            return Reported {
+                usage,
+                ..Reported::default()
+            };
+        }
+        let answer: PlainAnswer = serde_json::from_slice(bytes).unwrap_or_default();
+        Reported {
+            usage,
+            model: answer.model.map(Cow::into_owned),
+            finish_reasons: answer
+                .choices
+                .into_iter()
+                .filter_map(|c| c.finish_reason.map(Cow::into_owned))
+                .collect(),
+            content: otel::record_content().then(|| cut(&String::from_utf8_lossy(bytes))),
+        }
+    }
+}
+
+impl Exchange {
+    /// Prices what one answer (or one part of a continued stream) reported, counts it, and
+    /// puts it on the attempt span.
+    pub(super) fn settle(
+        &self,
+        target: &Target,
+        route: &Route,
+        span: &tracing::Span,
+        started: Instant,
+        reported: Reported,
+    ) -> Bill {
+        let metrics = &self.core.metrics;
+        let handles = target.metrics(metrics);
+        let gen_ai = metrics.gen_ai(handles, self.operation);
+        gen_ai.duration.observe(started.elapsed().as_secs_f64());
+        let official = route.official.as_ref().and_then(|t| t.price.as_ref());
+        let bill = match reported.usage {
+            Some(usage) => {
+                let bill = Bill::new(usage, target.price.as_ref(), official);
+                handles.input_tokens.inc_by(usage.input);
+                handles.output_tokens.inc_by(usage.output);
+                handles.cached_input_tokens.inc_by(usage.cached_input);
+                if let Some(cost) = bill.cost {
+                    handles.cost.inc_by(cost);
+                }
+                if let Some(official) = bill.official {
+                    handles.official_cost.inc_by(official);
+                }
+                if let Some(savings) = bill.savings().filter(|s| *s > 0.0) {
+                    handles.savings.inc_by(savings);
+                }
+                gen_ai.input_tokens.observe(usage.input as f64);
+                gen_ai.output_tokens.observe(usage.output as f64);
+                bill
+            }
+            None => {
+                metrics.usage_missing.inc();
+                Bill::default()
+            }
+        };
+        handles.stats.tally.add_usage(reported.usage, bill);
+        {
+            let mut outcome = lock(&self.outcome);
+            if let Some(usage) = reported.usage {
+                outcome.usage.get_or_insert_with(Usage::default).add(usage);
+            }
+            outcome.bill.add(bill);
+        }
+        if !span.is_disabled() {
+            let mut attributes = Vec::with_capacity(8);
+            if let Some(model) = reported.model {
+                attributes.push(KeyValue::new("gen_ai.response.model", model));
+            }
+            if !reported.finish_reasons.is_empty() {
+                attributes.push(KeyValue::new(
+                    "gen_ai.response.finish_reasons",
+                    opentelemetry::Value::Array(
+                        reported
+                            .finish_reasons
+                            .into_iter()
+                            .map(opentelemetry::StringValue::from)
+                            .collect::<Vec<_>>()
+                            .into(),
+                    ),
+                ));
+            }
+            if let Some(usage) = reported.usage {
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.input_tokens",
+                    usage.input as i64,
+                ));
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.output_tokens",
+                    usage.output as i64,
+                ));
+                if usage.cached_input > 0 {
+                    attributes.push(KeyValue::new(
+                        "gen_ai.usage.cache_read.input_tokens",
+                        usage.cached_input as i64,
+                    ));
+                }
+            }
+            if let Some(cost) = bill.cost {
+                attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
+            }
+            if let Some(savings) = bill.savings() {
+                attributes.push(KeyValue::new("llm_sidecar.savings_usd", savings));
+            }
+            if let Some(content) = reported.content {
+                attributes.push(KeyValue::new("gen_ai.output.messages", content));
+            }
+            otel::set_attributes(span, attributes);
+        }
+        bill
+    }
+}

@@ -1,0 +1,424 @@
+//! A committed answer on its way to the client: a plain one sent as read, a stream pumped
+//! event by event to its end, continued on a prefill-capable target when it breaks, or ended
+//! with an explicit error event, never a clean `[DONE]` on a truncated answer.
+
+use super::*;
+
+impl Exchange {
+    pub(super) fn commit(
+        self,
+        step: &Step,
+        answer: Answer,
+        rest: Vec<Step>,
+        span: tracing::Span,
+        started: Instant,
+    ) -> Committed {
+        let fell_back = self.close_outcome();
+        let target = step.target();
+        let tally = &target.metrics(&self.core.metrics).stats.tally;
+        tally.sent();
+        match answer {
+            Answer::Plain { head, body, lease } => {
+                tally.answered(fell_back);
+                lock(&self.outcome).complete = matches!(body, PlainBody::Whole(_));
+                let mut response = Response::from_parts(head, ());
+                crate::proxy::strip_hop_by_hop(response.headers_mut());
+                self.add_headers(response.headers_mut(), step);
+                let (body, lease) = match body {
+                    PlainBody::Whole(bytes) => {
+                        if let Some(lease) = lease {
+                            lease.release();
+                        }
+                        let reported = Reported::from_plain(&bytes, !span.is_disabled());
+                        let bill = self.settle(target, &step.route, &span, started, reported);
+                        if let Some(cost) = bill.cost {
+                            if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
+                                response.headers_mut().insert(HEADER_COST, value);
+                            }
+                        }
+                        (full(bytes), None)
+                    }
+                    PlainBody::Large { read, rest } => {
+                        self.settle(target, &step.route, &span, started, Reported::default());
+                        let read = futures_util::stream::iter(
+                            read.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))),
+                        );
+                        let rest = http_body_util::BodyStream::new(rest.map_err(BoxError::from));
+                        let stream = futures_util::StreamExt::chain(read, rest);
+                        (
+                            http_body_util::StreamBody::new(stream).boxed_unsync(),
+                            lease,
+                        )
+                    }
+                };
+                Committed {
+                    response: response.map(|()| body),
+                    route: step.route.clone(),
+                    side: step.side,
+                    lease,
+                }
+            }
+            Answer::Stream {
+                mut head,
+                body,
+                parser,
+                prefix,
+                lease,
+                ttft,
+            } => {
+                lock(&self.outcome).ttft = Some(ttft);
+                crate::proxy::strip_hop_by_hop(&mut head.headers);
+                head.headers.remove(header::CONTENT_LENGTH);
+                self.add_headers(&mut head.headers, step);
+                let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+                let route = step.route.clone();
+                let side = step.side;
+                let current = step.clone();
+                tokio::spawn(async move {
+                    let mut pump = Pump {
+                        tx,
+                        state: StreamState::default(),
+                        usage_added: self.usage_added,
+                        metrics: self.core.metrics.clone(),
+                    };
+                    let mut segment = Segment {
+                        step: current,
+                        span,
+                        started,
+                        fell_back,
+                        settled: false,
+                    };
+                    for event in prefix {
+                        if !self.relay(&mut pump, &mut segment, event).await {
+                            self.client_left(&segment);
+                            return;
+                        }
+                    }
+                    self.pump(pump, segment, body, parser, lease, rest).await;
+                });
+                let body = ChannelBody::new(rx).boxed_unsync();
+                Committed {
+                    response: Response::from_parts(head, body),
+                    route,
+                    side,
+                    lease: None,
+                }
+            }
+        }
+    }
+
+    /// The client went away mid-stream: that says nothing about the target's health (a probe
+    /// it carried is given back).
+    pub(super) fn client_left(&self, segment: &Segment) {
+        if !segment.settled {
+            fail_span(&segment.span, "client_cancelled", None);
+            self.core.health.record_inconclusive(segment.step.target());
+        }
+    }
+
+    /// A stream part ended well: its target answered, its usage is billed.
+    pub(super) fn finish_segment(&self, segment: &mut Segment, pump: &mut Pump) {
+        if std::mem::replace(&mut segment.settled, true) {
+            return;
+        }
+        lock(&self.outcome).complete = true;
+        let target = segment.step.target();
+        self.core.health.record_answered(target);
+        let tally = &target.metrics(&self.core.metrics).stats.tally;
+        tally.answered(segment.fell_back);
+        let mut reported = std::mem::take(&mut pump.state.reported);
+        if otel::record_content() {
+            reported.content = Some(cut(&pump.state.text[pump.state.segment_start..]));
+        }
+        self.settle(
+            target,
+            &segment.step.route,
+            &segment.span,
+            segment.started,
+            reported,
+        );
+    }
+
+    /// Forwards one event; a `[DONE]` settles the part first, so the answer is billed before
+    /// the client can see its end.
+    pub(super) async fn relay(
+        &self,
+        pump: &mut Pump,
+        segment: &mut Segment,
+        event: RawEvent,
+    ) -> bool {
+        if !segment.settled && event.data.as_deref().is_some_and(|d| d.trim() == "[DONE]") {
+            self.finish_segment(segment, pump);
+        }
+        pump.forward(event).await
+    }
+
+    /// A stream part broke: its target failed this request.
+    pub(super) fn break_segment(&self, segment: Segment, why: &'static str) {
+        let tally = &segment
+            .step
+            .target()
+            .metrics(&self.core.metrics)
+            .stats
+            .tally;
+        tally.failed();
+        fail_span(&segment.span, why, None);
+    }
+
+    /// Streams the committed answer to its end; continues it elsewhere or ends it with an error
+    /// event when the upstream stream breaks.
+    pub(super) async fn pump(
+        self,
+        mut pump: Pump,
+        mut segment: Segment,
+        mut body: Incoming,
+        mut parser: SseParser,
+        mut lease: Option<Lease>,
+        mut rest: Vec<Step>,
+    ) {
+        let idle = self.snapshot.resilience.stream_idle_timeout;
+        loop {
+            let broken: String = loop {
+                match tokio::time::timeout(idle, body.frame()).await {
+                    Err(_) => break format!("the stream stalled for {idle:?}"),
+                    Ok(Some(Err(err))) => {
+                        break format!(
+                            "the stream broke: {}",
+                            crate::proxy::upstream::describe(&err)
+                        )
+                    }
+                    Ok(Some(Ok(frame))) => {
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        for event in parser.push(&data) {
+                            if !self.relay(&mut pump, &mut segment, event).await {
+                                self.client_left(&segment);
+                                return;
+                            }
+                        }
+                        if pump.state.failed.is_some() {
+                            break pump.state.failed.take().unwrap_or_default();
+                        }
+                        if parser.overflowed() {
+                            break OVERSIZED_EVENT.to_string();
+                        }
+                    }
+                    Ok(None) => {
+                        if let Some(event) = parser.finish() {
+                            let _ = self.relay(&mut pump, &mut segment, event).await;
+                        }
+                        if pump.state.done || pump.state.finished {
+                            if let Some(lease) = lease.take() {
+                                lease.release();
+                            }
+                            // Billed before the last bytes go out: the request's log line and
+                            // metrics are written when the client has read them.
+                            self.finish_segment(&mut segment, &mut pump);
+                            if !pump.state.done {
+                                // Complete but for the terminator: finalise it.
+                                pump.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                            }
+                            return;
+                        }
+                        break "the stream ended before the answer was finished".to_string();
+                    }
+                }
+            };
+            drop(lease.take());
+            let t = segment.step.target();
+            tracing::warn!(provider = %t.provider.name, model = %t.model, reason = %broken, sent_chars = pump.state.text.len(), "committed stream broke");
+            self.core
+                .health
+                .record_failure(t, Instant::now(), &self.snapshot.resilience.breaker);
+            let original = format!("{}/{}: {broken}", t.provider.name, t.model);
+            self.break_segment(segment, "stream_interrupted");
+            pump.state.reported = Reported::default();
+
+            // Continue the answer on the next target that accepts an assistant prefill.
+            let mut continued = None;
+            while !rest.is_empty() {
+                let step = rest.remove(0);
+                if !step.target().supports_prefill || Instant::now() >= self.deadline {
+                    continue;
+                }
+                let admission = self.core.health.admit(step.target(), Instant::now(), false);
+                if admission == Admission::Rejected {
+                    continue;
+                }
+                let span = self.attempt_span(
+                    &step,
+                    AttemptKind::Continuation,
+                    Some("stream_interrupted"),
+                    admission,
+                );
+                let started = Instant::now();
+                match self
+                    .attempt(step.target(), Some(&pump.state.text), false, &span)
+                    .await
+                {
+                    Ok(Answer::Stream {
+                        body,
+                        parser,
+                        prefix,
+                        lease: l,
+                        ..
+                    }) => {
+                        self.core.health.record_latency(
+                            step.target(),
+                            started.elapsed(),
+                            Some(started.elapsed()),
+                        );
+                        step.target().metrics(&self.core.metrics).stats.tally.sent();
+                        let next = Segment {
+                            step,
+                            span,
+                            started,
+                            fell_back: true,
+                            settled: false,
+                        };
+                        continued = Some((next, body, parser, prefix, l));
+                        break;
+                    }
+                    Ok(Answer::Plain { .. }) => {}
+                    Err(err) => {
+                        let class = classify(&err.failure);
+                        fail_span(&span, class.label(), None);
+                        if class.counts_against_target() {
+                            self.core.health.record_failure(
+                                step.target(),
+                                Instant::now(),
+                                &self.snapshot.resilience.breaker,
+                            );
+                        }
+                        tracing::warn!(provider = %step.target().provider.name, outcome = class.label(), "continuation attempt failed");
+                    }
+                }
+            }
+            let Some((next, next_body, next_parser, prefix, next_lease)) = continued else {
+                self.core.metrics.record_stream_interruption("error_event");
+                lock(&self.outcome).interrupted = true;
+                let error = json!({
+                    "error": {
+                        "message": format!("the answer was interrupted and could not be continued: {original}"),
+                        "type": "server_error",
+                        "param": null,
+                        "code": "stream_interrupted",
+                    }
+                });
+                pump.send(Bytes::from(format!("data: {error}\n\n"))).await;
+                return;
+            };
+            self.core.metrics.record_stream_interruption("continued");
+            pump.state.continuing = true;
+            pump.state.segment_start = pump.state.text.len();
+            segment = next;
+            for event in prefix {
+                if !self.relay(&mut pump, &mut segment, event).await {
+                    self.client_left(&segment);
+                    return;
+                }
+            }
+            body = next_body;
+            parser = next_parser;
+            lease = next_lease;
+        }
+    }
+}
+
+/// One target's part of a committed stream: its span, and when its attempt started.
+pub(super) struct Segment {
+    pub(super) step: Step,
+    pub(super) span: tracing::Span,
+    pub(super) started: Instant,
+    /// This part answers after another target failed.
+    pub(super) fell_back: bool,
+    /// Billed and counted already.
+    pub(super) settled: bool,
+}
+
+/// What the sidecar has seen of a committed stream.
+#[derive(Default)]
+pub(super) struct StreamState {
+    pub(super) text: String,
+    pub(super) finished: bool,
+    pub(super) done: bool,
+    /// Set by a provider error event: the stream is broken.
+    pub(super) failed: Option<String>,
+    /// Forwarding a continuation: its role chunk is not repeated to the client.
+    pub(super) continuing: bool,
+    /// Where the current part's text starts in `text`.
+    pub(super) segment_start: usize,
+    /// What the current part reported: usage, model, finish reasons.
+    pub(super) reported: Reported,
+}
+
+pub(super) struct Pump {
+    pub(super) tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    pub(super) state: StreamState,
+    pub(super) usage_added: bool,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl Pump {
+    pub(super) async fn send(&mut self, bytes: Bytes) -> bool {
+        self.tx.send(Ok(Frame::data(bytes))).await.is_ok()
+    }
+
+    /// Forwards one upstream event to the client, or drops it; false when the client is gone.
+    pub(super) async fn forward(&mut self, event: RawEvent) -> bool {
+        let Some(data) = &event.data else {
+            return self.send(event.raw).await;
+        };
+        match inspect(data) {
+            Chunk::Done => {
+                self.state.done = true;
+                self.send(event.raw).await
+            }
+            Chunk::Malformed => {
+                tracing::debug!("dropped a malformed stream chunk");
+                self.metrics.malformed_chunks.inc();
+                true
+            }
+            Chunk::Error(e) => {
+                self.state.failed = Some(format!("the provider sent an error in the stream: {e}"));
+                true
+            }
+            Chunk::UsageOnly { usage, model } => {
+                self.state.reported.usage = Usage::from_json(&usage);
+                if let Some(model) = model {
+                    self.state.reported.model = Some(model.into_owned());
+                }
+                if self.usage_added {
+                    return true;
+                }
+                self.send(event.raw).await
+            }
+            Chunk::Content {
+                text,
+                finish_reason,
+                substantive,
+                usage,
+                model,
+            } => {
+                if let Some(usage) = usage.as_ref().and_then(Usage::from_json) {
+                    self.state.reported.usage = Some(usage);
+                }
+                if let Some(model) = model {
+                    self.state.reported.model = Some(model.into_owned());
+                }
+                if let Some(reason) = &finish_reason {
+                    self.state.reported.finish_reasons.push(reason.to_string());
+                }
+                if self.state.continuing && !substantive {
+                    return true;
+                }
+                self.state.text.push_str(&text);
+                if finish_reason.is_some() {
+                    self.state.finished = true;
+                }
+                self.send(event.raw).await
+            }
+        }
+    }
+}
