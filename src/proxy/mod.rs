@@ -5,6 +5,7 @@ pub mod body;
 pub mod execute;
 mod headers;
 mod observe;
+pub mod outbound;
 pub mod prober;
 pub mod server;
 pub mod sse;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use opentelemetry::KeyValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -287,21 +288,7 @@ impl Proxy {
         record.provider = Some(target.tags.provider.clone());
         record.path = target.path().as_str();
 
-        let uri = provider
-            .upstream_uri(parts.uri.path(), parts.uri.query())
-            .map_err(|reason| {
-                SidecarError::MalformedRequest(format!("bad request path: {reason}"))
-            })?;
-        let mut upstream = Request::new(Full::new(upstream_body));
-        *upstream.method_mut() = parts.method;
-        *upstream.uri_mut() = uri;
         strip_request_headers(&mut parts.headers);
-        provider.authorize(&mut parts.headers).map_err(|hint| {
-            SidecarError::ProviderKeyMissing {
-                provider: provider.name.clone(),
-                hint,
-            }
-        })?;
         let span = if record.span.is_disabled() {
             tracing::Span::none()
         } else {
@@ -309,7 +296,7 @@ impl Proxy {
                 target: otel::SPAN_TARGET,
                 parent: &record.span,
                 "passthrough",
-                otel.name = %upstream.method(),
+                otel.name = %parts.method,
                 otel.kind = "client",
             );
             span.set_attribute("server.address", provider.host().to_string());
@@ -317,10 +304,24 @@ impl Proxy {
             span.set_attribute("llm_sidecar.provider", provider.name.clone());
             span.set_attribute("llm_sidecar.path", target.path().as_str());
             span.set_attribute("llm_sidecar.attempt", 1);
-            otel::inject(&span, &mut parts.headers);
             span
         };
-        *upstream.headers_mut() = parts.headers;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let upstream = outbound::request(
+            provider,
+            parts.method,
+            path_and_query,
+            parts.headers,
+            upstream_body,
+            &span,
+        )
+        .map_err(|why| match why.code {
+            "provider_key_missing" => SidecarError::ProviderKeyMissing {
+                provider: why.provider,
+                hint: why.detail,
+            },
+            _ => SidecarError::MalformedRequest(format!("bad request path: {}", why.detail)),
+        })?;
         // One attempt record, so the log line and `/stats` show the call.
         let outcome: SharedOutcome = Default::default();
         execute::lock(&outcome).attempts = 1;

@@ -22,8 +22,8 @@ mod log;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Full};
+use http::{Method, Response};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -379,24 +379,21 @@ async fn call(
         Ok(parsed) => parsed.with_model(&target.model),
         Err(_) => return failed(0),
     };
-    let Ok(uri) = target.provider.upstream_uri_from(&request.path_and_query) else {
-        return failed(0);
-    };
-    let mut req = Request::new(Full::new(body));
-    *req.method_mut() = request.method.clone();
-    *req.uri_mut() = uri;
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if target.provider.authorize(&mut headers).is_err() {
+    let Ok(req) = crate::proxy::outbound::request(
+        &target.provider,
+        request.method.clone(),
+        &request.path_and_query,
+        headers,
+        body,
+        span,
+    ) else {
         return failed(0);
-    }
-    if !span.is_disabled() {
-        otel::inject(span, &mut headers);
-    }
-    *req.headers_mut() = headers;
+    };
     let Ok((response, lease)) = upstream.send(req).await else {
         return failed(0);
     };

@@ -115,35 +115,19 @@ impl Exchange {
         first: bool,
         span: &tracing::Span,
     ) -> Result<Answer, AttemptError> {
-        let provider = &target.provider;
-        let uri = provider
-            .upstream_uri_from(&self.path_and_query)
-            .map_err(|why| Failure::LocalConfig {
-                code: "bad_upstream_uri",
-                message: format!(
-                    "cannot build the URI of {}/{} for {}: {why}",
-                    provider.name, target.model, self.path_and_query
-                ),
-            })?;
         let body = self.body_for(target, prefill, first);
-        let mut headers = self.headers.clone();
-        if !body.is_empty() {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        }
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = uri;
-        if let Err(hint) = provider.authorize(&mut headers) {
-            return Err(Failure::LocalConfig {
-                code: "provider_key_missing",
-                message: format!("no API key for provider `{}`: {hint}", provider.name),
-            }
-            .into());
-        }
-        if !span.is_disabled() {
-            otel::inject(span, &mut headers);
-        }
-        *request.headers_mut() = headers;
+        let request = crate::proxy::outbound::request(
+            &target.provider,
+            self.method.clone(),
+            &self.path_and_query,
+            self.headers.clone(),
+            body,
+            span,
+        )
+        .map_err(|why| Failure::LocalConfig {
+            code: why.code,
+            message: why.to_string(),
+        })?;
 
         let sent = Instant::now();
         let header_timeout = self.header_timeout().min(self.remaining());
@@ -356,6 +340,8 @@ pub(super) fn fail_span(span: &tracing::Span, why: &'static str, status: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
+    use http_body_util::Full;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// The body of one HTTP/1.1 answer sent with the given chunks (chunked encoding: each
