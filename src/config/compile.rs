@@ -456,7 +456,6 @@ pub(crate) fn compile_raw(
 }
 
 pub(super) fn compile_resilience(raw: &schema::RawResilience, errors: &mut Errors) -> Resilience {
-    use crate::routing::breaker::ProbeMode;
     let d = Resilience::default();
     let mut duration =
         |field: &str, value: &Option<String>, default: Duration, allow_zero: bool| {
@@ -490,7 +489,7 @@ pub(super) fn compile_resilience(raw: &schema::RawResilience, errors: &mut Error
             d.low_latency_threshold,
             false,
         ),
-        breaker: crate::routing::breaker::BreakerConfig {
+        breaker: BreakerConfig {
             failures: raw.breaker_failures.unwrap_or(d.breaker.failures),
             cooldown: duration(
                 "breaker_cooldown",

@@ -18,7 +18,6 @@ use http::{HeaderName, HeaderValue};
 use serde_json::json;
 
 use crate::providers::{KeySource, Provider, ProviderKind, Secret, SecretFile};
-use crate::routing::rollout::Decision;
 use crate::settings::{parse_duration, Env};
 use schema::{FlagValue, RawConfig, RawKeySource, RawTarget};
 
@@ -182,6 +181,38 @@ pub struct Timeouts {
     pub response_headers: Duration,
 }
 
+/// The circuit breaker of every target (`resilience.breaker_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failures: u32,
+    pub cooldown: Duration,
+    /// Only for probing by user requests: the cooldown doubles up to this.
+    pub max_cooldown: Duration,
+    pub probe: ProbeMode,
+}
+
+/// Who tests a target whose breaker is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeMode {
+    /// The sidecar, once per cooldown, with a cheap request of its own: however long the outage,
+    /// the target is back within one cooldown of recovering, and no user request pays for a
+    /// probe of a dead target.
+    Background,
+    /// The first user request after the cooldown; the cooldown doubles on each failed probe.
+    Request,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 3,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(300),
+            probe: ProbeMode::Background,
+        }
+    }
+}
+
 /// How hard the sidecar tries before giving up, and how it protects providers meanwhile.
 #[derive(Clone, Copy, Debug)]
 pub struct Resilience {
@@ -198,7 +229,7 @@ pub struct Resilience {
     /// How many times one request may wait for a rate limit to clear when every target is limited.
     pub rate_limit_waits: u32,
     pub low_latency_threshold: Duration,
-    pub breaker: crate::routing::breaker::BreakerConfig,
+    pub breaker: BreakerConfig,
     pub retry_budget_ratio: f64,
     pub retry_budget_min_per_second: u32,
 }
@@ -329,21 +360,6 @@ impl Route {
         match side {
             ProviderKind::Relay => self.relay.as_ref(),
             ProviderKind::Official => self.official.as_ref(),
-        }
-    }
-
-    /// The target a request starts on under `decision`, and the reason header's value: the
-    /// decision's reason, or `only_target` when the route lacks the side it asks for.
-    pub fn choose(&self, decision: &Decision) -> (&Target, &'static str) {
-        let (preferred, other) = match decision.order.first_side() {
-            ProviderKind::Relay => (&self.relay, &self.official),
-            ProviderKind::Official => (&self.official, &self.relay),
-        };
-        match (preferred, other) {
-            (Some(t), _) => (t, decision.why.as_str()),
-            (None, Some(t)) => (t, ONLY_TARGET),
-            // Compilation guarantees every route has at least one target.
-            (None, None) => unreachable!("route without targets passed validation"),
         }
     }
 }
@@ -478,7 +494,6 @@ pub fn unix_seconds(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing::rollout::decide;
 
     fn no_env() -> HashMap<String, String> {
         HashMap::new()
@@ -516,32 +531,6 @@ routes:
         // The migration playbook's chain.
         assert_eq!(route.fallbacks, ["kimi-k2", "gemini-2.5-flash"]);
         assert_eq!(snap.default_route.as_ref().unwrap().name, "deepseek-v3.2");
-    }
-
-    #[test]
-    fn routing_flag_picks_the_side() {
-        let mut snap = compile(&minimal(""), ConfigSource::Embedded, 1, &no_env()).unwrap();
-        let route = snap.route("chat-latest").unwrap().clone();
-        let (t, why) = route.choose(&decide(&snap.flags, false, || 0));
-        assert_eq!((t.model.as_str(), why), ("up-relay", "routing_enabled"));
-        snap.flags.holy_sheep_routing_enabled = false;
-        let (t, why) = route.choose(&decide(&snap.flags, false, || 0));
-        assert_eq!((t.model.as_str(), why), ("up-official", "routing_disabled"));
-    }
-
-    #[test]
-    fn a_route_with_one_side_serves_from_it() {
-        let text = "
-holy_sheep_routing_enabled: false
-providers:
-  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1' }
-routes:
-  only-relay: { relay: { provider: sheep, model: m } }
-";
-        let snap = compile(text, ConfigSource::Embedded, 1, &no_env()).unwrap();
-        let decision = decide(&snap.flags, false, || 0);
-        let (t, why) = snap.route("only-relay").unwrap().choose(&decision);
-        assert_eq!((t.model.as_str(), why), ("m", ONLY_TARGET));
     }
 
     #[test]

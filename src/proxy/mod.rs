@@ -249,7 +249,7 @@ impl Proxy {
                 available: snapshot.model_ids(),
             });
         };
-        let (target, _) = route.choose(&decision);
+        let (target, _) = rollout::choose(route, &decision);
         let body = if target.model.as_str() == model {
             bytes.clone()
         } else {
@@ -282,7 +282,7 @@ impl Proxy {
                 },
                 other => other,
             })?;
-        let (target, reason) = route.choose(&decision);
+        let (target, reason) = rollout::choose(&route, &decision);
         let provider = &target.provider;
         record.route = Some(target.tags.route.clone());
         record.provider = Some(target.tags.provider.clone());

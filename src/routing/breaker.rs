@@ -3,40 +3,9 @@
 //! tests it, and its success lets one user request through to confirm; without, the first user
 //! request after the cooldown is the probe and the cooldown doubles on each failed one.
 
-use std::time::Duration;
-
 use tokio::time::Instant;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BreakerConfig {
-    pub failures: u32,
-    pub cooldown: Duration,
-    /// Only for probing by user requests: the cooldown doubles up to this.
-    pub max_cooldown: Duration,
-    pub probe: ProbeMode,
-}
-
-/// Who tests a target whose breaker is open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProbeMode {
-    /// The sidecar, once per cooldown, with a cheap request of its own: however long the outage,
-    /// the target is back within one cooldown of recovering, and no user request pays for a
-    /// probe of a dead target.
-    Background,
-    /// The first user request after the cooldown; the cooldown doubles on each failed probe.
-    Request,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        BreakerConfig {
-            failures: 3,
-            cooldown: Duration::from_secs(30),
-            max_cooldown: Duration::from_secs(300),
-            probe: ProbeMode::Background,
-        }
-    }
-}
+pub use crate::config::{BreakerConfig, ProbeMode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -248,6 +217,7 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The user-request probing these tests were written for.
     fn config() -> BreakerConfig {

@@ -7,7 +7,7 @@
 //! percentage only moves buckets from official to relay. Requests without a key get a random
 //! bucket.
 
-use crate::config::Flags;
+use crate::config::{Flags, Route, Target, ONLY_TARGET};
 
 /// Buckets a key hashes into.
 pub const BUCKETS: u16 = 10_000;
@@ -123,9 +123,23 @@ pub fn random_bucket() -> u16 {
     fastrand::u16(..BUCKETS)
 }
 
+/// The target a request starts on under `decision`, and the reason header's value: the
+/// decision's reason, or `only_target` when the route lacks the side it asks for.
+pub fn choose<'r>(route: &'r Route, decision: &Decision) -> (&'r Target, &'static str) {
+    let first = decision.order.first_side();
+    match (route.target(first), route.target(first.other())) {
+        (Some(t), _) => (t, decision.why.as_str()),
+        (None, Some(t)) => (t, ONLY_TARGET),
+        // Compilation guarantees every route has at least one target.
+        (None, None) => unreachable!("route without targets passed validation"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{compile, ConfigSource};
+    use std::collections::HashMap;
 
     fn flags(enabled: bool, fallback_only: bool, rollout: u8) -> Flags {
         Flags {
@@ -232,5 +246,56 @@ mod tests {
             (d.order, d.why, d.bucket),
             (SideOrder::OfficialFirst, Why::RolloutOfficial, Some(5_000))
         );
+    }
+
+    fn chat_config() -> String {
+        "providers:
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/sheep/v1' }
+  ds: { kind: official, base_url: 'http://127.0.0.1:1/ds/v1' }
+routes:
+  chat:
+    aliases: [chat-latest]
+    relay: { provider: sheep, model: up-relay }
+    official: { provider: ds, model: up-official }
+"
+        .to_string()
+    }
+
+    #[test]
+    fn routing_flag_picks_the_side() {
+        let mut snap = compile(
+            &chat_config(),
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .unwrap();
+        let route = snap.route("chat-latest").unwrap().clone();
+        let (t, why) = choose(&route, &decide(&snap.flags, false, || 0));
+        assert_eq!((t.model.as_str(), why), ("up-relay", "routing_enabled"));
+        snap.flags.holy_sheep_routing_enabled = false;
+        let (t, why) = choose(&route, &decide(&snap.flags, false, || 0));
+        assert_eq!((t.model.as_str(), why), ("up-official", "routing_disabled"));
+    }
+
+    #[test]
+    fn a_route_with_one_side_serves_from_it() {
+        let text = "
+holy_sheep_routing_enabled: false
+providers:
+  sheep: { kind: relay, base_url: 'http://127.0.0.1:1/v1' }
+routes:
+  only-relay: { relay: { provider: sheep, model: m } }
+";
+        let snap = compile(
+            text,
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .unwrap();
+        let decision = decide(&snap.flags, false, || 0);
+        let (t, why) = choose(snap.route("only-relay").unwrap(), &decision);
+        assert_eq!((t.model.as_str(), why), ("m", ONLY_TARGET));
     }
 }
