@@ -346,8 +346,12 @@ pub(crate) fn compile_raw(
             };
             Some(Target {
                 health_key: Arc::from(format!("{}/{}", provider.name, t.model)),
-                health_cell: std::sync::OnceLock::new(),
-                metrics_cell: std::sync::OnceLock::new(),
+                metrics_key: Arc::from(format!(
+                    "{name}/{}/{}/{}",
+                    provider.name,
+                    t.model,
+                    provider.kind.as_str()
+                )),
                 provider: provider.clone(),
                 model: t.model,
                 supports_prefill: t.supports_prefill,

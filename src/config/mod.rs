@@ -263,10 +263,8 @@ pub struct Target {
     pub price: Option<Price>,
     /// `provider/model`: the key of this target's health (breaker, latency), kept across reloads.
     pub health_key: Arc<str>,
-    /// This target's health cell, looked up once per config generation.
-    pub health_cell: std::sync::OnceLock<Arc<crate::routing::health::HealthCell>>,
-    /// This target's metric handles, looked up once per config generation.
-    pub metrics_cell: std::sync::OnceLock<Arc<crate::telemetry::metrics::TargetMetrics>>,
+    /// `route/provider/model/path`: the key of this target's metric handles.
+    pub metrics_key: Arc<str>,
     pub tags: TargetTags,
 }
 
@@ -307,20 +305,6 @@ impl TargetTags {
 impl Target {
     pub fn path(&self) -> ProviderKind {
         self.provider.kind
-    }
-
-    pub fn metrics(
-        &self,
-        metrics: &crate::telemetry::metrics::Metrics,
-    ) -> &Arc<crate::telemetry::metrics::TargetMetrics> {
-        self.metrics_cell.get_or_init(|| {
-            Arc::new(metrics.for_target(
-                &self.tags.route,
-                &self.tags.provider,
-                &Arc::from(self.model.as_str()),
-                self.path().as_str(),
-            ))
-        })
     }
 }
 

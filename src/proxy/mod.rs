@@ -397,7 +397,7 @@ impl Proxy {
         let committed = exchange.run().await?;
         let target = committed.route.target(committed.side);
         if let Some(target) = target {
-            record.target = Some(target.metrics(&self.metrics).clone());
+            record.target = Some(self.metrics.target(target));
             record.path = target.path().as_str();
         }
         record.lease = committed.lease;

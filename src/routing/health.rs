@@ -2,8 +2,8 @@
 //! provider and upstream model): the circuit breaker and moving averages of latency and
 //! time to first token.
 //!
-//! The common case, a healthy target, touches no lock: each target caches a cell of atomics
-//! (the averages and a `troubled` flag). The breaker's state machine sits behind a mutex that is
+//! The common case, a healthy target, touches no lock: each target has a cell of atomics (the
+//! averages and a `troubled` flag), found in a lock-free copy of the registry. The breaker's state machine sits behind a mutex that is
 //! taken only for failures, probes and targets already in trouble.
 
 use std::collections::HashMap;
@@ -72,6 +72,8 @@ struct TargetHealth {
 #[derive(Default)]
 pub struct Health {
     targets: Mutex<HashMap<Arc<str>, TargetHealth>>,
+    /// Every target's cell, read without a lock; replaced whole when a target is added.
+    cells: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<HealthCell>>>,
     /// Woken when a breaker starts wanting background probes, so the prober can plan for it.
     probe_wanted: tokio::sync::Notify,
 }
@@ -81,20 +83,27 @@ impl Health {
         self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The target's cell, found in the registry once per config generation and cached on the
-    /// target, so health survives reloads and the hot path never searches the registry.
-    fn cell<'t>(&self, target: &'t Target) -> &'t Arc<HealthCell> {
-        target.health_cell.get_or_init(|| {
-            self.locked()
-                .entry(target.health_key.clone())
-                .or_default()
-                .cell
-                .clone()
-        })
+    /// The target's cell: found without a lock in a copy of the registry's cells (a new target
+    /// is added to the registry once), so health survives reloads and the hot path never waits.
+    fn cell(&self, target: &Target) -> Arc<HealthCell> {
+        if let Some(cell) = self.cells.load().get(&target.health_key) {
+            return cell.clone();
+        }
+        let cell = self
+            .locked()
+            .entry(target.health_key.clone())
+            .or_default()
+            .cell
+            .clone();
+        self.cells.rcu(|cells| {
+            let mut cells = HashMap::clone(cells);
+            cells.insert(target.health_key.clone(), cell.clone());
+            cells
+        });
+        cell
     }
 
     fn with_breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {
-        self.cell(target);
         self.with_key(&target.health_key, f)
     }
 

@@ -1,5 +1,6 @@
 //! Prometheus metrics, registered by the components that own them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -199,6 +200,9 @@ pub struct Metrics {
     pub shadow_equivalence_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
+    /// Every target's handles by `Target::metrics_key`, read without a lock; replaced whole
+    /// when a target is first seen. Kept across reloads, like the families they point into.
+    targets: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<TargetMetrics>>>,
 }
 
 impl Metrics {
@@ -246,6 +250,7 @@ impl Metrics {
             shadow_log_dropped: Counter::default(),
             shadow_equivalence_rate: Gauge::default(),
             none_label: Arc::from("none"),
+            targets: Default::default(),
         };
         // The OpenTelemetry GenAI client metrics keep their own names, without our prefix.
         root.register_with_unit(
@@ -430,6 +435,27 @@ impl Metrics {
             metrics.stream_interruptions.clone(),
         );
         metrics
+    }
+
+    /// The metric handles of `target`: built once, then found without a lock.
+    pub fn target(&self, target: &crate::config::Target) -> Arc<TargetMetrics> {
+        if let Some(handles) = self.targets.load().get(&target.metrics_key) {
+            return handles.clone();
+        }
+        let handles = Arc::new(self.for_target(
+            &target.tags.route,
+            &target.tags.provider,
+            &Arc::from(target.model.as_str()),
+            target.path().as_str(),
+        ));
+        self.targets.rcu(|targets| {
+            let mut targets = HashMap::clone(targets);
+            targets
+                .entry(target.metrics_key.clone())
+                .or_insert_with(|| handles.clone());
+            targets
+        });
+        handles
     }
 
     pub fn for_target(

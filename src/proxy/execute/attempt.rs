@@ -260,7 +260,7 @@ impl Exchange {
         let metrics = &self.core.metrics;
         metrics.record_attempt(&target.tags.provider, outcome);
         if outcome != "ok" && outcome != "breaker_open" {
-            let handles = target.metrics(metrics);
+            let handles = metrics.target(target);
             handles.stats.tally.sent();
             handles.stats.tally.failed();
             metrics

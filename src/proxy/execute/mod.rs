@@ -489,7 +489,7 @@ impl Exchange {
                         }
                         if self.attempts.is_empty() {
                             // A clean first-try answer needs no attempt log: count it only.
-                            target.metrics(&self.core.metrics).ok_attempts.inc();
+                            self.core.metrics.target(target).ok_attempts.inc();
                         } else {
                             self.record(step, "ok", Some(200), started);
                         }
@@ -514,7 +514,7 @@ impl Exchange {
                         fail_span(&span, class.label(), status);
                         drop(span);
                         last_failed = Some((
-                            target.metrics(&self.core.metrics).clone(),
+                            self.core.metrics.target(target),
                             target.health_key.clone(),
                             class.label(),
                         ));

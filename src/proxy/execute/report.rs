@@ -174,7 +174,7 @@ impl Exchange {
         let last = self
             .attempts
             .last()
-            .map(|a| a.step.target().metrics(&self.core.metrics).clone());
+            .map(|a| self.core.metrics.target(a.step.target()));
         let mut outcome = lock(&self.outcome);
         outcome.last = last;
         outcome.attempts = self.attempts.len().max(1) as u32;

@@ -113,8 +113,8 @@ impl Exchange {
         reported: Reported,
     ) -> Bill {
         let metrics = &self.core.metrics;
-        let handles = target.metrics(metrics);
-        let gen_ai = metrics.gen_ai(handles, self.operation);
+        let handles = metrics.target(target);
+        let gen_ai = metrics.gen_ai(&handles, self.operation);
         gen_ai.duration.observe(started.elapsed().as_secs_f64());
         let official = route.official.as_ref().and_then(|t| t.price.as_ref());
         let bill = match reported.usage {

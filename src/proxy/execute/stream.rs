@@ -15,7 +15,7 @@ impl Exchange {
     ) -> Committed {
         let fell_back = self.close_outcome();
         let target = step.target();
-        let tally = &target.metrics(&self.core.metrics).stats.tally;
+        let tally = &self.core.metrics.target(target).stats.tally;
         tally.sent();
         match answer {
             Answer::Plain { head, body, lease } => {
@@ -124,7 +124,7 @@ impl Exchange {
         lock(&self.outcome).complete = true;
         let target = segment.step.target();
         self.core.health.record_answered(target);
-        let tally = &target.metrics(&self.core.metrics).stats.tally;
+        let tally = &self.core.metrics.target(target).stats.tally;
         tally.answered(segment.fell_back);
         let mut reported = std::mem::take(&mut pump.state.reported);
         if otel::record_content() {
@@ -155,13 +155,8 @@ impl Exchange {
 
     /// A stream part broke: its target failed this request.
     pub(super) fn break_segment(&self, segment: Segment, why: &'static str) {
-        let tally = &segment
-            .step
-            .target()
-            .metrics(&self.core.metrics)
-            .stats
-            .tally;
-        tally.failed();
+        let handles = self.core.metrics.target(segment.step.target());
+        handles.stats.tally.failed();
         fail_span(&segment.span, why, None);
     }
 
@@ -269,7 +264,7 @@ impl Exchange {
                             started.elapsed(),
                             Some(started.elapsed()),
                         );
-                        step.target().metrics(&self.core.metrics).stats.tally.sent();
+                        self.core.metrics.target(step.target()).stats.tally.sent();
                         let next = Segment {
                             step,
                             span,
