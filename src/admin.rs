@@ -40,7 +40,9 @@ impl Admin {
             "/metrics" => self.metrics(),
             "/config" => self.config(),
             "/stats" => json_response(StatusCode::OK, &self.core.metrics.stats.view()),
-            other => SidecarError::NotFound(other.to_string()).into_response(),
+            other => SidecarError::NotFound(other.to_string())
+                .into_response()
+                .map(full),
         };
         Ok(response)
     }

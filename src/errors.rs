@@ -7,8 +7,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
-use crate::proxy::body::{full, ProxyBody};
-
 /// Header naming the sidecar error code, so a client can tell a sidecar-made error from a provider's.
 pub const ERROR_HEADER: &str = "x-llm-sidecar-error";
 
@@ -35,10 +33,7 @@ pub enum SidecarError {
     #[error("unknown path {0}")]
     NotFound(String),
     #[error("refused path {path}: {reason}")]
-    InvalidPath {
-        path: String,
-        reason: crate::path::PathError,
-    },
+    InvalidPath { path: String, reason: String },
     #[error("{path} is not passed through to providers; the routing config allows {allowed}")]
     PathNotAllowed { path: String, allowed: String },
     #[error("the sidecar is at its limit of {0} concurrent requests")]
@@ -153,9 +148,10 @@ impl SidecarError {
         })
     }
 
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The response a client gets: the OpenAI error JSON, its status and the error header.
+    pub fn into_response(self) -> Response<Bytes> {
         let body = Bytes::from(self.body_json().to_string());
-        let mut response = Response::new(full(body));
+        let mut response = Response::new(body);
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(

@@ -112,7 +112,7 @@ impl Proxy {
         }
         .unwrap_or_else(|err| {
             tracing::debug!(error = %err, "request answered with a sidecar error");
-            err.into_response()
+            err.into_response().map(full)
         });
         record.status = response.status().as_u16();
         let mut response = response;
@@ -495,9 +495,9 @@ fn prepare(
 /// refuses it: nothing outside `/v1/` reaches a provider.
 fn normalize_path<B>(req: &mut Request<B>) -> Result<(), SidecarError> {
     let uri = req.uri();
-    let refused = |reason| SidecarError::InvalidPath {
+    let refused = |reason: crate::path::PathError| SidecarError::InvalidPath {
         path: uri.path().to_string(),
-        reason,
+        reason: reason.to_string(),
     };
     let normalized = match crate::path::normalize(uri.path()).map_err(refused)? {
         Normalized::Api(Cow::Borrowed(_)) => return Ok(()),
