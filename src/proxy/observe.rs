@@ -53,22 +53,21 @@ impl OnFinish for Record {
             std::mem::swap(&mut *execute::lock(shared), &mut out);
         }
         let success = (200..300).contains(&status);
-        let label = if success && out.interrupted {
-            "interrupted"
+        let result = if success && out.interrupted {
+            RequestOutcome::Interrupted
         } else if success && !completed && !out.complete {
-            "cancelled"
+            RequestOutcome::Cancelled
         } else if success && out.fell_back {
-            "fallback"
+            RequestOutcome::Fallback
         } else if success {
-            "success"
-        } else if outcome.is_some() && out.attempts > 0 {
-            "upstream_error"
-        } else if route.is_some() {
-            // A pass-through call the provider refused.
-            "upstream_error"
+            RequestOutcome::Success
+        } else if (outcome.is_some() && out.attempts > 0) || route.is_some() {
+            // Every target failed, or a pass-through call the provider refused.
+            RequestOutcome::UpstreamError
         } else {
-            "rejected"
+            RequestOutcome::Rejected
         };
+        let label = result.label();
         let seconds = elapsed.as_secs_f64();
         let answered_by = target.as_ref().filter(|_| success);
         if let Some(t) = answered_by {
@@ -77,12 +76,12 @@ impl OnFinish for Record {
                 t.ttft.observe(ttft.as_secs_f64());
             }
         }
-        match (answered_by, status, label) {
-            (Some(t), 200, "success") => {
+        match (answered_by, status, result) {
+            (Some(t), 200, RequestOutcome::Success) => {
                 t.duration.observe(seconds);
                 t.requests_ok.inc();
             }
-            (Some(t), 200, "fallback") => {
+            (Some(t), 200, RequestOutcome::Fallback) => {
                 t.duration.observe(seconds);
                 t.requests_fallback.inc();
             }
@@ -127,8 +126,9 @@ impl OnFinish for Record {
         if counted {
             let total = &metrics.stats.total;
             total.sent();
-            match label {
-                "success" | "fallback" => total.answered(label == "fallback"),
+            match result {
+                RequestOutcome::Success => total.answered(false),
+                RequestOutcome::Fallback => total.answered(true),
                 _ => total.failed(),
             }
             total.latency.record(elapsed);
@@ -172,7 +172,7 @@ impl OnFinish for Record {
             if let Some(cost) = out.bill.cost {
                 attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
             }
-            let failed = !matches!(label, "success" | "fallback");
+            let failed = !matches!(result, RequestOutcome::Success | RequestOutcome::Fallback);
             if failed {
                 attributes.push(KeyValue::new("error.type", label));
             }
@@ -183,6 +183,35 @@ impl OnFinish for Record {
         }
         drop(span);
         metrics.in_flight.dec();
+    }
+}
+
+/// What a request came to, as its metrics, log line and span label it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RequestOutcome {
+    Success,
+    /// Answered by a target after an earlier one failed.
+    Fallback,
+    /// A committed stream that broke and ended with an error event.
+    Interrupted,
+    /// The client went away before the answer was whole.
+    Cancelled,
+    /// Every target failed, or the provider refused a pass-through call.
+    UpstreamError,
+    /// Answered by the sidecar itself (a bad request, an unknown model, a limit).
+    Rejected,
+}
+
+impl RequestOutcome {
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            RequestOutcome::Success => "success",
+            RequestOutcome::Fallback => "fallback",
+            RequestOutcome::Interrupted => "interrupted",
+            RequestOutcome::Cancelled => "cancelled",
+            RequestOutcome::UpstreamError => "upstream_error",
+            RequestOutcome::Rejected => "rejected",
+        }
     }
 }
 

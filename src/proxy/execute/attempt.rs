@@ -245,7 +245,7 @@ impl Exchange {
     pub(super) fn record(
         &mut self,
         step: &Step,
-        outcome: &'static str,
+        outcome: AttemptOutcome,
         status: Option<u16>,
         started: Instant,
     ) {
@@ -258,8 +258,8 @@ impl Exchange {
             duration,
         });
         let metrics = &self.core.metrics;
-        metrics.record_attempt(&target.tags.provider, outcome);
-        if outcome != "ok" && outcome != "breaker_open" {
+        metrics.record_attempt(&target.tags.provider, outcome.label());
+        if let AttemptOutcome::Failed(class) = outcome {
             let handles = metrics.target(target);
             handles.stats.tally.sent();
             handles.stats.tally.failed();
@@ -269,7 +269,7 @@ impl Exchange {
                     gen_ai_operation_name: self.operation.name(),
                     gen_ai_provider_name: handles.gen_ai_provider.clone(),
                     gen_ai_request_model: handles.model.clone(),
-                    error_type: Some(outcome),
+                    error_type: Some(class.label()),
                 })
                 .observe(duration.as_secs_f64());
         }
@@ -291,7 +291,7 @@ impl Exchange {
         let number = self
             .attempts
             .iter()
-            .filter(|a| a.outcome != "breaker_open")
+            .filter(|a| a.outcome != AttemptOutcome::BreakerOpen)
             .count()
             + 1;
         // Attributes known now are span fields, recorded in one pass when the span is created.

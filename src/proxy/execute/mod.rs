@@ -124,11 +124,31 @@ pub struct Core {
     pub shadows: Arc<crate::shadow::Shadows>,
 }
 
+/// How one attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Answered,
+    /// Not sent: the target's breaker turned it away.
+    BreakerOpen,
+    Failed(Class),
+}
+
+impl AttemptOutcome {
+    /// The label of the attempt log, the attempts metric and the error's attempt list.
+    pub fn label(self) -> &'static str {
+        match self {
+            AttemptOutcome::Answered => "ok",
+            AttemptOutcome::BreakerOpen => "breaker_open",
+            AttemptOutcome::Failed(class) => class.label(),
+        }
+    }
+}
+
 /// One attempt, for the attempt log and the final error.
 #[derive(Clone, Debug)]
 pub struct AttemptRecord {
     pub step: Step,
-    pub outcome: &'static str,
+    pub outcome: AttemptOutcome,
     pub status: Option<u16>,
     pub duration: Duration,
 }
@@ -140,7 +160,7 @@ impl AttemptRecord {
             "route": self.step.route.name,
             "provider": target.provider.name,
             "model": target.model,
-            "outcome": self.outcome,
+            "outcome": self.outcome.label(),
             "status": self.status,
             "duration_ms": self.duration.as_millis() as u64,
         })
@@ -447,7 +467,7 @@ impl Exchange {
                         .admit(target, Instant::now(), step.forced_probe && first_try)
                 };
                 if admission == Admission::Rejected {
-                    self.record(step, "breaker_open", None, Instant::now());
+                    self.record(step, AttemptOutcome::BreakerOpen, None, Instant::now());
                     break;
                 }
                 tries += 1;
@@ -491,7 +511,7 @@ impl Exchange {
                             // A clean first-try answer needs no attempt log: count it only.
                             self.core.metrics.target(target).ok_attempts.inc();
                         } else {
-                            self.record(step, "ok", Some(200), started);
+                            self.record(step, AttemptOutcome::Answered, Some(200), started);
                         }
                         let rest = if self.stream {
                             // A committed stream may need the rest of the plan to continue.
@@ -510,7 +530,7 @@ impl Exchange {
                             Failure::Status { status, .. } => Some(status.as_u16()),
                             _ => None,
                         };
-                        self.record(step, class.label(), status, started);
+                        self.record(step, AttemptOutcome::Failed(class), status, started);
                         fail_span(&span, class.label(), status);
                         drop(span);
                         last_failed = Some((

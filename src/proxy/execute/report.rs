@@ -16,7 +16,11 @@ impl Exchange {
     pub(super) fn add_headers(&self, headers: &mut HeaderMap, step: &Step) {
         let target = step.target();
         headers.reserve(10);
-        let reason = if self.attempts.iter().any(|a| a.outcome != "ok") {
+        let reason = if self
+            .attempts
+            .iter()
+            .any(|a| a.outcome != AttemptOutcome::Answered)
+        {
             FALLBACK
         } else if step.side != self.decision.order.first_side() {
             // Either the route lacks that side, or the plan skipped it (an open breaker).
@@ -48,7 +52,7 @@ impl Exchange {
             let log: Vec<String> = self
                 .attempts
                 .iter()
-                .map(|a| format!("{}={}", a.step.target().health_key, a.outcome))
+                .map(|a| format!("{}={}", a.step.target().health_key, a.outcome.label()))
                 .collect();
             if let Ok(value) = HeaderValue::from_str(&log.join(",")) {
                 headers.insert(HEADER_ATTEMPT_LOG, value);
@@ -170,7 +174,10 @@ impl Exchange {
 
     /// Fills the request's outcome with the attempt count and failover.
     pub(super) fn close_outcome(&self) -> bool {
-        let fell_back = self.attempts.iter().any(|a| a.outcome != "ok");
+        let fell_back = self
+            .attempts
+            .iter()
+            .any(|a| a.outcome != AttemptOutcome::Answered);
         let last = self
             .attempts
             .last()
