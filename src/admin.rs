@@ -11,12 +11,13 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-use crate::config::configmap::WatchStatus;
-use crate::config::{unix_seconds, ConfigStore};
+use crate::config::unix_seconds;
 use crate::errors::SidecarError;
 use crate::proxy::body::{full, ProxyBody};
 use crate::proxy::json_response;
 use crate::routing::breaker::Phase;
+use crate::store::configmap::WatchStatus;
+use crate::store::ConfigStore;
 use crate::telemetry::metrics::TargetLabels;
 
 pub struct Admin {

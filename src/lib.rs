@@ -15,6 +15,7 @@ pub mod proxy;
 pub mod routing;
 pub mod settings;
 pub mod shadow;
+pub mod store;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -26,8 +27,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use config::{ConfigError, ConfigSource, ConfigStore, EMBEDDED_DEFAULT};
+use config::{ConfigError, ConfigSource, EMBEDDED_DEFAULT};
 use settings::{Env, Settings};
+use store::ConfigStore;
 use telemetry::metrics::Metrics;
 
 /// Why the sidecar could not start.
@@ -56,7 +58,7 @@ pub enum StartError {
 /// kubeconfig context's namespace.
 async fn kube_client(
     kube: &settings::KubeSettings,
-) -> Result<(kube::Client, config::configmap::ConfigMapRef), StartError> {
+) -> Result<(kube::Client, store::configmap::ConfigMapRef), StartError> {
     let hint = "set LLM_SIDECAR_CONFIGMAP=off to run without it";
     let fail = |error: String| StartError::Kube {
         hint: hint.to_string(),
@@ -81,7 +83,7 @@ async fn kube_client(
     let client = kube::Client::try_from(config).map_err(|e| fail(e.to_string()))?;
     Ok((
         client,
-        config::configmap::ConfigMapRef {
+        store::configmap::ConfigMapRef {
             namespace,
             name: kube.configmap.clone(),
         },
@@ -196,14 +198,14 @@ impl Sidecar {
             Some(kube) => {
                 let (client, target) = kube_client(kube).await?;
                 tracing::info!(namespace = %target.namespace, name = %target.name, "watching the routing ConfigMap");
-                let status = config::configmap::WatchStatus::new(target.clone(), metrics.clone());
-                let events = Arc::new(config::configmap::KubeEvents::new(
+                let status = store::configmap::WatchStatus::new(target.clone(), metrics.clone());
+                let events = Arc::new(store::configmap::KubeEvents::new(
                     client.clone(),
                     target,
                     kube.instance.clone(),
                 ));
                 core.guard.set_sink(events.clone());
-                config::configmap::spawn(
+                store::configmap::spawn(
                     client,
                     store.clone(),
                     status.clone(),
@@ -243,7 +245,7 @@ impl Sidecar {
             admin_stop_rx,
             std::time::Duration::from_secs(1),
         ));
-        config::reload::spawn(
+        store::reload::spawn(
             store.clone(),
             settings.config_path.clone(),
             config_text,

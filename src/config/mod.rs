@@ -2,11 +2,8 @@
 //! immutable [`Snapshot`] that a request loads once and uses throughout.
 
 mod compile;
-pub mod configmap;
 pub mod layers;
-pub mod reload;
 pub mod schema;
-pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -23,7 +20,6 @@ use schema::{FlagValue, RawConfig, RawKeySource, RawTarget};
 
 pub(crate) use compile::compile_raw;
 pub use compile::{compile, parse, parse_bool_flag, parse_percent_flag};
-pub use store::ConfigStore;
 
 /// The routing config compiled into the binary; serves when nothing else is given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.yaml");

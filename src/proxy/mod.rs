@@ -24,11 +24,12 @@ use hyper::body::Incoming;
 use opentelemetry::KeyValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{unix_seconds, ConfigStore, Route, Snapshot};
+use crate::config::{unix_seconds, Route, Snapshot};
 use crate::errors::SidecarError;
 use crate::openai::{self, BodyError, RequestBody};
 use crate::path::Normalized;
 use crate::routing::rollout::{self, Decision};
+use crate::store::ConfigStore;
 
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
 use crate::telemetry::{otel, ACCESS_TARGET};

@@ -1,13 +1,17 @@
 //! The one `ArcSwap` holding the current snapshot; every config source goes through
-//! [`ConfigStore::apply`], so validation, counting and the swap happen in one place.
+//! [`ConfigStore::apply`], so validation, counting and the swap happen in one place. The
+//! sources live here too: the file poll (`reload`) and the ConfigMap watch (`configmap`).
+
+pub mod configmap;
+pub mod reload;
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 
-use super::layers::{ConfigMapLayer, Layers};
-use super::{ConfigError, ConfigSource, Snapshot};
+use crate::config::layers::{ConfigMapLayer, Layers};
+use crate::config::{ConfigError, ConfigSource, Snapshot};
 use crate::settings::Env;
 use crate::telemetry::metrics::Metrics;
 
@@ -111,7 +115,7 @@ impl ConfigStore {
             .as_ref()
             .is_some_and(|cm| cm.routing.is_some());
         let checked = if shadowed {
-            super::compile(text, source.clone(), 0, self.env.as_ref()).map(|_| ())
+            crate::config::compile(text, source.clone(), 0, self.env.as_ref()).map(|_| ())
         } else {
             Ok(())
         };

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use super::{ConfigSource, ConfigStore};
+use super::ConfigStore;
+use crate::config::ConfigSource;
 
 /// Runs until `shutdown` flips. Polling (rather than inotify) also follows the symlink swaps
 /// Kubernetes uses to update mounted ConfigMaps and Secrets. `applied_text` is the text the store

@@ -21,9 +21,9 @@ use kube::Client;
 use serde_json::json;
 use tokio::sync::{watch, Notify};
 
-use super::layers::ConfigMapLayer;
-use super::store::Applied;
-use super::{unix_seconds, ConfigError, ConfigStore};
+use super::{Applied, ConfigStore};
+use crate::config::layers::ConfigMapLayer;
+use crate::config::{unix_seconds, ConfigError};
 use crate::telemetry::metrics::{Metrics, ReasonLabels};
 
 /// Which ConfigMap to watch and how to reach the API server.
@@ -297,7 +297,7 @@ impl Follower {
         .inspect_err(|err| {
             // Key-level problems never reach the store's compile step: record them the same way.
             self.store.reject(
-                &super::ConfigSource::ConfigMap {
+                &crate::config::ConfigSource::ConfigMap {
                     namespace: target.namespace.clone(),
                     name: target.name.clone(),
                 },
