@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod env;
 pub mod errors;
 pub mod fake_provider;
 pub mod inject;

@@ -1,11 +1,15 @@
 //! Process settings read once at start from `LLM_SIDECAR_*` environment variables; every bad
 //! variable is reported before the process exits.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+pub use crate::env::{
+    parse_duration, Env, ProcessEnv, ENV_POD_NAME, ENV_POD_NAMESPACE, MAX_DURATION,
+};
+pub use crate::telemetry::LogFormat;
 
 pub const ENV_LISTEN: &str = "LLM_SIDECAR_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "LLM_SIDECAR_ADMIN_LISTEN";
@@ -25,41 +29,11 @@ pub const ENV_CONFIGMAP_STARTUP_TIMEOUT: &str = "LLM_SIDECAR_CONFIGMAP_STARTUP_T
 /// The ConfigMap's namespace when it is not the pod's own (one ConfigMap for a whole cluster,
 /// in the chart's namespace).
 pub const ENV_CONFIGMAP_NAMESPACE: &str = "LLM_SIDECAR_CONFIGMAP_NAMESPACE";
-/// Set by the Downward API (`fieldRef: metadata.namespace`).
-pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
-/// Set by the Downward API (`fieldRef: metadata.name`); names this sidecar in Events.
-pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
 /// Present in every pod: the sign that the sidecar runs in a cluster.
 pub const ENV_KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
 /// The ConfigMap watched in a pod when `LLM_SIDECAR_CONFIGMAP` is not set.
 pub const DEFAULT_CONFIGMAP: &str = "llm-sidecar";
-
-/// Where settings come from: the process environment, or a map in tests.
-pub trait Env {
-    fn get(&self, key: &str) -> Option<String>;
-}
-
-/// The real process environment.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-impl Env for HashMap<String, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -315,44 +289,10 @@ fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
     }
 }
 
-/// The longest duration a setting or config field may hold. Deadlines and cooldowns are added
-/// to clock readings on the request path, where a longer one would overflow (and panic).
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
-
-/// Durations are written with a unit: `250ms`, `15s`, `2m`; at most [`MAX_DURATION`].
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| "missing unit (use ms, s or m, e.g. `15s`)".to_string())?;
-    let (number, unit) = raw.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| "expected a whole number followed by ms, s or m".to_string())?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("unknown unit `{unit}` (use ms, s or m)")),
-    };
-    if duration > MAX_DURATION {
-        return Err("must be at most 365 days (525600m)".into());
-    }
-    Ok(duration)
-}
-
-/// An environment made of `pairs`, for the settings tests here and in other modules.
-#[cfg(test)]
-pub(crate) fn env_of(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use env_of as env;
+    use crate::env::env_of as env;
 
     #[test]
     fn defaults_bind_loopback() {

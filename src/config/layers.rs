@@ -15,7 +15,7 @@ use super::{
     compile_raw, parse, parse_bool_flag, parse_percent_flag, ConfigError, ConfigSource, FieldError,
     Snapshot,
 };
-use crate::settings::Env;
+use crate::env::Env;
 
 /// The ConfigMap key holding the routing YAML.
 pub const ROUTING_KEY: &str = "config.yaml";

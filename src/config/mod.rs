@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderName, HeaderValue};
 use serde_json::json;
 
+use crate::env::{parse_duration, Env};
 use crate::providers::{KeySource, Provider, ProviderKind, Secret, SecretFile};
-use crate::settings::{parse_duration, Env};
 use schema::{FlagValue, RawConfig, RawKeySource, RawTarget};
 
 pub(crate) use compile::compile_raw;

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::layers::{ConfigMapLayer, Layers};
 use crate::config::{ConfigError, ConfigSource, Snapshot};
-use crate::settings::Env;
+use crate::env::Env;
 use crate::telemetry::metrics::Metrics;
 
 /// The last rejected update, for `/config`.

@@ -27,7 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::settings::{Env, ENV_POD_NAME, ENV_POD_NAMESPACE};
+use crate::env::{Env, ENV_POD_NAME, ENV_POD_NAMESPACE};
 
 /// The target of every span the sidecar exports; nothing else is exported.
 pub const SPAN_TARGET: &str = "llm_sidecar::otel";
@@ -648,7 +648,7 @@ pub fn link(span: &tracing::Span, other: &tracing::Span) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::env_of as env;
+    use crate::env::env_of as env;
 
     /// The propagator's own way of writing headers, to compare with.
     struct HeaderInjector<'a>(&'a mut HeaderMap);
