@@ -8,8 +8,9 @@ IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
 
 .PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback soak image clean e2e-kind chart-test
 
+## build: both release binaries, the sidecar and the fake provider the demo, run, bench and soak use.
 build:
-	$(CARGO) build --release
+	$(CARGO) build --release --bin llm-sidecar --bin llm-sidecar-fake-provider
 
 ## test: everything CI runs — formatting, clippy, Rust tests, the OpenAI Python SDK test, the Helm chart.
 test: lint cargo-test py-test chart-test
@@ -20,10 +21,10 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 cargo-test:
-	$(CARGO) test
+	$(CARGO) test --workspace
 
 $(VENV)/.installed: tests/python/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +33,9 @@ $(VENV)/.installed: tests/python/requirements.txt
 	touch $@
 
 py-test: $(VENV)/.installed
-	$(CARGO) build --bin llm-sidecar
-	LLM_SIDECAR_BIN=$(CURDIR)/target/debug/llm-sidecar $(VENV)/bin/python -m pytest -q tests/python
+	$(CARGO) build --bin llm-sidecar --bin llm-sidecar-fake-provider
+	LLM_SIDECAR_BIN=$(CURDIR)/target/debug/llm-sidecar LLM_SIDECAR_FAKE_BIN=$(CURDIR)/target/debug/llm-sidecar-fake-provider \
+		$(VENV)/bin/python -m pytest -q tests/python
 
 ## chart-test: helm lint --strict + helm template of charts/llm-sidecar with every tests/chart/ values file, validated
 ## for Kubernetes 1.33 (kubernetes-validate --strict), the injector's golden template, bad values rejected. Installs Helm v3 into .tools/.
