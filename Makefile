@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
+IMAGE_FAKE ?= ghcr.io/llm-sidecar/llm-sidecar-fake-provider:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback soak image clean e2e-kind chart-test
+.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback soak image image-fake clean e2e-kind chart-test
 
 ## build: both release binaries, the sidecar and the fake provider the demo, run, bench and soak use.
 build:
@@ -66,12 +67,17 @@ bench-rollback:
 soak:
 	bash bench/soak.sh
 
+## image: the sidecar's image (the Dockerfile's default target): llm-sidecar only, no fake provider.
 image:
 	docker build -t $(IMAGE) .
 
+## image-fake: the fake provider's image (Dockerfile target fake-provider), for e2e-kind only.
+image-fake:
+	docker build --target fake-provider -t $(IMAGE_FAKE) .
+
 ## e2e-kind: the image, the Helm chart and the injector on a local kind cluster (docker, kind, kubectl, helm).
 e2e-kind:
-	IMAGE=$(IMAGE) bash scripts/e2e-kind.sh
+	IMAGE=$(IMAGE) FAKE_IMAGE=$(IMAGE_FAKE) bash scripts/e2e-kind.sh
 
 clean:
 	$(CARGO) clean
