@@ -7,22 +7,28 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
 IMAGE_FAKE ?= ghcr.io/llm-sidecar/llm-sidecar-fake-provider:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback soak image image-fake clean e2e-kind chart-test
+.PHONY: build test lint fmt-check clippy fake-free cargo-test py-test demo run bench bench-throughput bench-rollback soak image image-fake clean e2e-kind chart-test
 
 ## build: both release binaries, the sidecar and the fake provider the demo, run, bench and soak use.
 build:
 	$(CARGO) build --release --bin llm-sidecar --bin llm-sidecar-fake-provider
 
-## test: everything CI runs — formatting, clippy, Rust tests, the OpenAI Python SDK test, the Helm chart.
+## test: everything CI runs — formatting, clippy, the fake-free check, Rust tests of the whole workspace, the OpenAI Python SDK test, the Helm chart.
 test: lint cargo-test py-test chart-test
 
-lint: fmt-check clippy
+## lint: formatting, clippy, and the product's dependencies checked free of the fake provider.
+lint: fmt-check clippy fake-free
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fake-free: the product (package llm-sidecar, its lib and binary) does not depend on the fake
+## provider's crate, which may only be a dev-dependency (cargo tree --edges normal,build).
+fake-free:
+	CARGO=$(CARGO) bash scripts/fake-free.sh
 
 cargo-test:
 	$(CARGO) test --workspace
