@@ -5,25 +5,33 @@ PYTHON ?= python3
 VENV := .venv
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
+IMAGE_FAKE ?= ghcr.io/llm-sidecar/llm-sidecar-fake-provider:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy cargo-test py-test demo run bench bench-throughput bench-rollback soak image clean e2e-kind chart-test
+.PHONY: build test lint fmt-check clippy fake-free cargo-test py-test demo run bench bench-throughput bench-rollback soak image image-fake clean e2e-kind chart-test
 
+## build: both release binaries, the sidecar and the fake provider the demo, run, bench and soak use.
 build:
-	$(CARGO) build --release
+	$(CARGO) build --release --bin llm-sidecar --bin llm-sidecar-fake-provider
 
-## test: everything CI runs — formatting, clippy, Rust tests, the OpenAI Python SDK test, the Helm chart.
+## test: everything CI runs — formatting, clippy, the fake-free check, Rust tests of the whole workspace, the OpenAI Python SDK test, the Helm chart.
 test: lint cargo-test py-test chart-test
 
-lint: fmt-check clippy
+## lint: formatting, clippy, and the product's dependencies checked free of the fake provider.
+lint: fmt-check clippy fake-free
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fake-free: the product (package llm-sidecar, its lib and binary) does not depend on the fake
+## provider's crate, which may only be a dev-dependency (cargo tree --edges normal,build).
+fake-free:
+	CARGO=$(CARGO) bash scripts/fake-free.sh
 
 cargo-test:
-	$(CARGO) test
+	$(CARGO) test --workspace
 
 $(VENV)/.installed: tests/python/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +40,9 @@ $(VENV)/.installed: tests/python/requirements.txt
 	touch $@
 
 py-test: $(VENV)/.installed
-	$(CARGO) build --bin llm-sidecar
-	LLM_SIDECAR_BIN=$(CURDIR)/target/debug/llm-sidecar $(VENV)/bin/python -m pytest -q tests/python
+	$(CARGO) build --bin llm-sidecar --bin llm-sidecar-fake-provider
+	LLM_SIDECAR_BIN=$(CURDIR)/target/debug/llm-sidecar LLM_SIDECAR_FAKE_BIN=$(CURDIR)/target/debug/llm-sidecar-fake-provider \
+		$(VENV)/bin/python -m pytest -q tests/python
 
 ## chart-test: helm lint --strict + helm template of charts/llm-sidecar with every tests/chart/ values file, validated
 ## for Kubernetes 1.33 (kubernetes-validate --strict), the injector's golden template, bad values rejected. Installs Helm v3 into .tools/.
@@ -64,12 +73,17 @@ bench-rollback:
 soak:
 	bash bench/soak.sh
 
+## image: the sidecar's image (the Dockerfile's default target): llm-sidecar only, no fake provider.
 image:
 	docker build -t $(IMAGE) .
 
+## image-fake: the fake provider's image (Dockerfile target fake-provider), for e2e-kind only.
+image-fake:
+	docker build --target fake-provider -t $(IMAGE_FAKE) .
+
 ## e2e-kind: the image, the Helm chart and the injector on a local kind cluster (docker, kind, kubectl, helm).
 e2e-kind:
-	IMAGE=$(IMAGE) bash scripts/e2e-kind.sh
+	IMAGE=$(IMAGE) FAKE_IMAGE=$(IMAGE_FAKE) bash scripts/e2e-kind.sh
 
 clean:
 	$(CARGO) clean

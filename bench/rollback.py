@@ -12,8 +12,9 @@ Prints p50, p99 and max over all rollbacks and ends with one machine-readable li
 failed_requests counts non-200 answers and errors during the whole run, and requests that went
 back to the relay after a sidecar had switched (a flapping rollback). Target: p99 under 1 s.
 
-Environment: SIDECARS, ROUNDS, LLM_SIDECAR_BIN (skip the release build), TIMEOUT (seconds a
-sidecar may take before it counts as failed, default 10).
+Environment: SIDECARS, ROUNDS, LLM_SIDECAR_BIN (skip the release build), LLM_SIDECAR_FAKE_BIN
+(the fake provider's binary, default llm-sidecar-fake-provider next to LLM_SIDECAR_BIN), TIMEOUT
+(seconds a sidecar may take before it counts as failed, default 10).
 """
 
 import http.client
@@ -154,14 +155,18 @@ def percentile(values, p):
 def main():
     bin_path = os.environ.get("LLM_SIDECAR_BIN")
     if not bin_path:
-        log("cargo build --release")
-        subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True, stdout=sys.stderr)
+        log("cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider")
+        subprocess.run(["cargo", "build", "--release", "--bin", "llm-sidecar", "--bin", "llm-sidecar-fake-provider"],
+                       cwd=ROOT, check=True, stdout=sys.stderr)
         target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
         bin_path = os.path.join(target, "release", "llm-sidecar")
+    fake_bin = os.environ.get("LLM_SIDECAR_FAKE_BIN") or os.path.join(os.path.dirname(bin_path), "llm-sidecar-fake-provider")
+    if not os.access(fake_bin, os.X_OK):
+        sys.exit(f"rollback: no fake provider at {fake_bin} (cargo build --release --bin llm-sidecar-fake-provider)")
     procs = []
     tmp = tempfile.mkdtemp(prefix="llm-sidecar-rollback.")
     try:
-        fake = subprocess.Popen([bin_path, "fake-provider", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        fake = subprocess.Popen([fake_bin, "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.append(fake)
         fake_url = wait_line(lines(fake.stdout), lambda l: l.strip().split("listening on ", 1)[1] if "listening on " in l else None, "the fake provider")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Load benchmark on loopback: wrk against three targets, interleaved in one run:
-#   direct  - the fake provider itself            (POST /holysheep/v1/chat/completions)
+#   direct  - the fake provider itself            (POST /holysheep/v1/chat/completions;
+#             the llm-sidecar-fake-provider binary)
 #   nginx   - nginx reverse proxy in front of it  (same path, nothing rewritten)
 #   sidecar - llm-sidecar in front of it          (POST /v1/chat/completions, model deepseek-v3.2)
 #   stack   - examples/stack_floor.rs in front of it: the sidecar's own server loop and
@@ -13,8 +14,9 @@
 # with nginx (the practical floor for a proxy here), not with direct.
 #
 # Environment: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds per target (1),
-# THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN and STACK_FLOOR_BIN
-# (skip the build; the floor defaults to examples/stack_floor next to LLM_SIDECAR_BIN),
+# THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
+# STACK_FLOOR_BIN (skip the build; the fake provider defaults to llm-sidecar-fake-provider and the
+# floor to examples/stack_floor next to LLM_SIDECAR_BIN),
 # STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
 # only, e.g. "LLM_SIDECAR_WORKERS=1").
 set -euo pipefail
@@ -62,16 +64,19 @@ fi
 # --- build -------------------------------------------------------------------------------
 if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
     BIN="$LLM_SIDECAR_BIN"
+    FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$(dirname "$BIN")/llm-sidecar-fake-provider}"
     STACK_BIN="${STACK_FLOOR_BIN:-$(dirname "$BIN")/examples/stack_floor}"
 else
-    log "cargo build --release --bin llm-sidecar --example stack_floor"
-    (cd "$ROOT" && cargo build --release --bin llm-sidecar --example stack_floor) >&2
+    log "cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example stack_floor"
+    (cd "$ROOT" && cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example stack_floor) >&2
     target_dir="${CARGO_TARGET_DIR:-target}"
     case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
     BIN="$target_dir/release/llm-sidecar"
+    FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$target_dir/release/llm-sidecar-fake-provider}"
     STACK_BIN="$target_dir/release/examples/stack_floor"
 fi
 [ -x "$BIN" ] || die "no executable at $BIN"
+[ -x "$FAKE_BIN" ] || die "no executable at $FAKE_BIN (cargo build --release --bin llm-sidecar-fake-provider)"
 [ -x "$STACK_BIN" ] || die "no executable at $STACK_BIN (cargo build --release --example stack_floor)"
 
 # --- processes and cleanup ---------------------------------------------------------------
@@ -103,7 +108,7 @@ alive() { kill -0 "$1" 2>/dev/null; }
 read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT SAMPLED_PORT SAMPLED_ADMIN_PORT STACK_PORT < <(python3 "$UTIL" ports 9)
 
 # Fake provider.
-"$BIN" fake-provider --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
+"$FAKE_BIN" --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
 FAKE_PID=$!
 python3 "$UTIL" wait-line "$TMP/fake.log" "fake provider listening on" "$READY_TIMEOUT" ||
     fail_with_log "fake provider" "$TMP/fake.log" "fake provider did not start"

@@ -12,8 +12,9 @@
 #
 # Environment: SOAK_SECONDS (600), SOAK_RPS (1000), SOAK_WARMUP (60: the same schedule, one round
 # of every fault, before the start is measured), SOAK_MAX_IN_FLIGHT (512),
-# SOAK_FAULT_SECONDS (3), SOAK_MAX_RSS_GROWTH_MB (5); LLM_SIDECAR_BIN and SOAK_BIN skip the build
-# (the driver defaults to examples/soak next to LLM_SIDECAR_BIN); CARGO_TARGET_DIR.
+# SOAK_FAULT_SECONDS (3), SOAK_MAX_RSS_GROWTH_MB (5); LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
+# SOAK_BIN skip the build (the fake provider defaults to llm-sidecar-fake-provider and the driver
+# to examples/soak next to LLM_SIDECAR_BIN); CARGO_TARGET_DIR.
 set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,14 +26,16 @@ die() { echo "soak: FAILED: $*" >&2; exit 1; }
 if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
     SOAK_BIN="${SOAK_BIN:-$(dirname "$LLM_SIDECAR_BIN")/examples/soak}"
 else
-    log "cargo build --release --bin llm-sidecar --example soak"
-    (cd "$ROOT" && cargo build --release --bin llm-sidecar --example soak) >&2
+    log "cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example soak"
+    (cd "$ROOT" && cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example soak) >&2
     target_dir="${CARGO_TARGET_DIR:-target}"
     case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
     LLM_SIDECAR_BIN="$target_dir/release/llm-sidecar"
     SOAK_BIN="$target_dir/release/examples/soak"
 fi
 [ -x "$LLM_SIDECAR_BIN" ] || die "no executable at $LLM_SIDECAR_BIN"
+LLM_SIDECAR_FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$(dirname "$LLM_SIDECAR_BIN")/llm-sidecar-fake-provider}"
+[ -x "$LLM_SIDECAR_FAKE_BIN" ] || die "no executable at $LLM_SIDECAR_FAKE_BIN (cargo build --release --bin llm-sidecar-fake-provider)"
 [ -x "$SOAK_BIN" ] || die "no executable at $SOAK_BIN (cargo build --release --example soak)"
 
 # Up to SOAK_MAX_IN_FLIGHT client connections plus as many upstream ones: more than a soft
@@ -42,7 +45,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # The fake provider and the sidecar as scripts/lib.sh starts them for `make run`, on free ports,
 # without an access-log line per request.
 read -r PORT ADMIN_PORT < <(python3 "$BENCH_DIR/benchutil.py" ports 2)
-export LLM_SIDECAR_BIN PORT ADMIN_PORT RUST_LOG=warn
+export LLM_SIDECAR_BIN LLM_SIDECAR_FAKE_BIN PORT ADMIN_PORT RUST_LOG=warn
 . "$ROOT/scripts/lib.sh"
 
 on_exit() {

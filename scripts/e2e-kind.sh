@@ -3,10 +3,12 @@
 #
 #   make e2e-kind            (or: bash scripts/e2e-kind.sh)
 #
-# 1. builds the image (`make image`) and loads it into a kind cluster (Kubernetes 1.33,
-#    deploy/kind/cluster.yaml), created unless it exists;
-# 2. runs the fake provider (the same image, `llm-sidecar fake-provider`) in the cluster as
-#    Deployment + Service `fake-provider.llm-sidecar.svc:9000`;
+# 1. builds the sidecar's image (`make image`) and the fake provider's (`make image-fake`, the
+#    Dockerfile's `fake-provider` target: the sidecar's image has no fake provider in it, which
+#    is checked), and loads both into a kind cluster (Kubernetes 1.33, deploy/kind/cluster.yaml),
+#    created unless it exists;
+# 2. runs the fake provider (its image, `llm-sidecar-fake-provider --listen 0.0.0.0:9000`) in
+#    the cluster as Deployment + Service `fake-provider.llm-sidecar.svc:9000`;
 # 3. installs charts/llm-sidecar in namespace `llm-sidecar`, every provider's base_url pointed at
 #    http://fake-provider.llm-sidecar.svc:9000/<provider>/v1, routing on the relay;
 # 4. labels an app namespace for injection, creates dummy provider keys there, starts a pod
@@ -20,7 +22,8 @@
 # Needs docker (running), kind, kubectl and helm on PATH. Settings (environment):
 #   CLUSTER     kind cluster name                     (llm-sidecar-e2e)
 #   IMAGE       image to build and load               (ghcr.io/llm-sidecar/llm-sidecar:<Cargo.toml version>)
-#   SKIP_BUILD  1: use the IMAGE already in docker    (unset)
+#   FAKE_IMAGE  the fake provider's image             (ghcr.io/llm-sidecar/llm-sidecar-fake-provider:<version>)
+#   SKIP_BUILD  1: use IMAGE and FAKE_IMAGE already in docker (unset)
 #   APP_NS      the app namespace                     (e2e-apps)
 set -euo pipefail
 
@@ -28,6 +31,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CLUSTER=${CLUSTER:-llm-sidecar-e2e}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -1)
 IMAGE=${IMAGE:-ghcr.io/llm-sidecar/llm-sidecar:$VERSION}
+FAKE_IMAGE=${FAKE_IMAGE:-ghcr.io/llm-sidecar/llm-sidecar-fake-provider:$VERSION}
 APP_NS=${APP_NS:-e2e-apps}
 RELEASE_NS=llm-sidecar
 RELEASE=llm-sidecar
@@ -76,12 +80,21 @@ trap 'diagnose; rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------------------- image
 if [ "${SKIP_BUILD:-}" = 1 ]; then
-  step "using the existing image $IMAGE (SKIP_BUILD=1)"
-  docker image inspect "$IMAGE" >/dev/null 2>&1 || die "no image $IMAGE in docker; run without SKIP_BUILD"
+  step "using the existing images $IMAGE and $FAKE_IMAGE (SKIP_BUILD=1)"
+  for image in "$IMAGE" "$FAKE_IMAGE"; do
+    docker image inspect "$image" >/dev/null 2>&1 || die "no image $image in docker; run without SKIP_BUILD"
+  done
 else
-  step "building $IMAGE (make image)"
+  step "building $IMAGE (make image) and $FAKE_IMAGE (make image-fake)"
   make -C "$ROOT" image IMAGE="$IMAGE"
+  make -C "$ROOT" image-fake IMAGE_FAKE="$FAKE_IMAGE"
 fi
+# The sidecar's image has no fake provider: `fake-provider` is an unknown command there (exit 64).
+# (An unparsable --listen, so that an image which still had it would fail at once, not serve.)
+fake_status=0
+docker run --rm "$IMAGE" fake-provider --listen not-an-address >/dev/null 2>"$WORK/fake-in-sidecar.err" || fake_status=$?
+[ "$fake_status" = 64 ] && grep -q "unknown command \`fake-provider\`" "$WORK/fake-in-sidecar.err" ||
+  die "the sidecar's image $IMAGE still answers \`fake-provider\` (exit $fake_status): $(cat "$WORK/fake-in-sidecar.err")"
 REPO=${IMAGE%:*}
 TAG=${IMAGE##*:}
 [ "$REPO" != "$IMAGE" ] || die "IMAGE must carry a tag (repository:tag), got $IMAGE"
@@ -95,8 +108,8 @@ else
 fi
 CLUSTER_UP=1
 k version
-step "loading $IMAGE into the cluster"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+step "loading $IMAGE and $FAKE_IMAGE into the cluster"
+kind load docker-image "$IMAGE" "$FAKE_IMAGE" --name "$CLUSTER"
 
 # ---------------------------------------------------------------------------- namespaces, keys
 step "namespaces: $RELEASE_NS (chart) and $APP_NS (app, labelled for injection)"
@@ -138,9 +151,9 @@ spec:
       automountServiceAccountToken: false
       containers:
         - name: fake-provider
-          image: $IMAGE
+          image: $FAKE_IMAGE
           imagePullPolicy: IfNotPresent
-          args: ["fake-provider", "--listen", "0.0.0.0:9000"]
+          args: ["--listen", "0.0.0.0:9000"]
           ports:
             - {name: http, containerPort: 9000}
           readinessProbe:

@@ -1,8 +1,10 @@
 # Shared by the demo and local-run scripts: start the fake provider and the sidecar on loopback.
-# Settings: LLM_SIDECAR_BIN (default: the release build), PORT (4000), ADMIN_PORT (4001).
+# Settings: LLM_SIDECAR_BIN (default: the release build), LLM_SIDECAR_FAKE_BIN (default: the
+# llm-sidecar-fake-provider binary next to LLM_SIDECAR_BIN), PORT (4000), ADMIN_PORT (4001).
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${LLM_SIDECAR_BIN:-$ROOT/target/release/llm-sidecar}
+FAKE_BIN=${LLM_SIDECAR_FAKE_BIN:-$(dirname "$BIN")/llm-sidecar-fake-provider}
 PORT=${PORT:-4000}
 ADMIN_PORT=${ADMIN_PORT:-4001}
 WORK=$(mktemp -d)
@@ -13,9 +15,13 @@ cleanup() {
   rm -rf "$WORK"
 }
 
-# Starts the fake provider on a free port and sets FAKE_URL.
+# Starts the fake provider (its own binary, not part of the sidecar's) on a free port and sets FAKE_URL.
 start_fake() {
-  "$BIN" fake-provider --listen 127.0.0.1:0 >"$WORK/fake.out" 2>"$WORK/fake.log" &
+  if [ ! -x "$FAKE_BIN" ]; then
+    echo "no fake provider at $FAKE_BIN (cargo build --release --bin llm-sidecar-fake-provider)" >&2
+    return 1
+  fi
+  "$FAKE_BIN" --listen 127.0.0.1:0 >"$WORK/fake.out" 2>"$WORK/fake.log" &
   FAKE_PID=$!
   for _ in $(seq 100); do
     FAKE_URL=$(sed -n 's/^fake provider listening on //p' "$WORK/fake.out")

@@ -6,7 +6,6 @@ pub mod admin;
 pub mod config;
 pub mod env;
 pub mod errors;
-pub mod fake_provider;
 pub mod inject;
 pub mod openai;
 pub mod path;

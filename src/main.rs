@@ -1,8 +1,8 @@
 //! The `llm-sidecar` binary: parses the command line, then runs the sidecar, checks a config,
-//! prints the embedded default, or runs the fake provider.
+//! prints the embedded default, runs the injector or an exec probe. The fake provider of the
+//! tests and demos is a binary of its own (`llm-sidecar-fake-provider`), not part of this one.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,7 +24,6 @@ usage:
   llm-sidecar default-config [--upstream URL]
                                            print the embedded default; with --upstream, every provider's
                                            base_url becomes URL/<provider>/v1 (for offline runs)
-  llm-sidecar fake-provider [--listen ADDR] run the fake OpenAI-compatible provider (default 127.0.0.1:9000)
   llm-sidecar inject --template FILE --tls-cert FILE --tls-key FILE [--listen ADDR]
                                            run the sidecar injector (admission webhook, HTTPS, default 0.0.0.0:8443)
   llm-sidecar probe live|ready|models      exit 0 when the admin port's /live or /ready, or
@@ -35,7 +34,6 @@ enum Command {
     Run { config: Option<PathBuf> },
     CheckConfig(PathBuf),
     DefaultConfig { upstream: Option<String> },
-    FakeProvider(SocketAddr),
     Inject(llm_sidecar::inject::server::InjectArgs),
     Probe(llm_sidecar::probe::Check),
     Version,
@@ -73,13 +71,6 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         "default-config" => Ok(Command::DefaultConfig {
             upstream: option("--upstream")?,
         }),
-        "fake-provider" => {
-            let listen = option("--listen")?.unwrap_or_else(|| "127.0.0.1:9000".into());
-            listen
-                .parse()
-                .map(Command::FakeProvider)
-                .map_err(|e| format!("--listen {listen}: {e}"))
-        }
         "inject" => {
             let mut fields = [None, None, None, None];
             let names = ["--listen", "--template", "--tls-cert", "--tls-key"];
@@ -145,18 +136,6 @@ fn main() -> ExitCode {
         Command::DefaultConfig { upstream } => {
             print!("{}", default_config(upstream.as_deref()));
             ExitCode::SUCCESS
-        }
-        Command::FakeProvider(addr) => {
-            telemetry::init_logging(llm_sidecar::settings::LogFormat::Text);
-            match runtime()
-                .and_then(|rt| rt.block_on(llm_sidecar::fake_provider::run_standalone(addr)))
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("llm-sidecar fake-provider: {err}");
-                    ExitCode::FAILURE
-                }
-            }
         }
         Command::Run { config } => run(config),
         Command::Inject(args) => inject(args),
@@ -403,5 +382,7 @@ mod tests {
         ));
         assert!(parse_args(&args(&["run", "--nope"])).is_err());
         assert!(parse_args(&args(&["frobnicate"])).is_err());
+        // The fake provider is its own binary (llm-sidecar-fake-provider), not a subcommand.
+        assert!(parse_args(&args(&["fake-provider", "--listen", "127.0.0.1:0"])).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! The real binary as an operator runs it: starts on a config file, serves, never logs a key,
-//! drains an in-flight stream on SIGTERM and exits 0; `check-config` reports every problem.
+//! drains an in-flight stream on SIGTERM and exits 0; `check-config` reports every problem; it
+//! has no fake provider in it.
 
 mod support;
 
@@ -170,6 +171,47 @@ fn bad_settings_exit_64_naming_each_variable() {
         stderr.contains("LLM_SIDECAR_LISTEN") && stderr.contains("LLM_SIDECAR_SHUTDOWN_GRACE"),
         "{stderr}"
     );
+}
+
+/// The product binary carries no fake provider (it is the `llm-sidecar-fake-provider` binary of
+/// the fake-provider/ crate, a dev-dependency only): `fake-provider` is an unknown command, the
+/// usage does not offer it, and none of the fake provider's own strings are linked in (its
+/// binary prints the first one: fake-provider/tests/binary.rs).
+#[tokio::test]
+async fn the_product_binary_has_no_fake_provider() {
+    let (code, out, err) = run_bin(&["fake-provider", "--listen", "127.0.0.1:0"], vec![]).await;
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(err.contains("unknown command `fake-provider`"), "{err}");
+    // The usage printed with the error does not offer it either.
+    let usage = usage_of(&err);
+    assert!(
+        usage.contains("check-config") && !usage.contains("fake"),
+        "{err}"
+    );
+    let (code, out, _) = run_bin(&["--help"], vec![]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("check-config"), "{out}");
+    assert!(
+        !out.contains("fake"),
+        "the usage still mentions a fake provider:\n{out}"
+    );
+
+    let binary = std::fs::read(BIN).expect("read the product binary");
+    for marker in [
+        "fake provider listening on",
+        "fake provider fault",
+        "x-fake-provider",
+    ] {
+        assert!(
+            memchr::memmem::find(&binary, marker.as_bytes()).is_none(),
+            "the product binary contains the fake provider's `{marker}`"
+        );
+    }
+}
+
+/// The usage text printed after an error line.
+fn usage_of(stderr: &str) -> &str {
+    stderr.split_once("usage:").map_or("", |(_, usage)| usage)
 }
 
 /// Runs `llm-sidecar <args>` with `env` off the async runtime; returns (exit code, stdout, stderr).

@@ -7,7 +7,6 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use llm_sidecar::fake_provider;
 use support::*;
 
 /// One request to the `chat` route with a rollout key header (or none).

@@ -62,7 +62,7 @@ fn full_answer(label: &str, words: usize) -> String {
     text
 }
 
-fn gap(requests: &[llm_sidecar::fake_provider::SeenRequest]) -> Duration {
+fn gap(requests: &[fake_provider::SeenRequest]) -> Duration {
     requests[1].at.duration_since(requests[0].at)
 }
 

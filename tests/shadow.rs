@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use llm_sidecar::fake_provider::FakeProvider;
+use fake_provider::FakeProvider;
 use support::*;
 
 /// A config whose `shadowed` route has a fast relay and the given official model; every

@@ -1,4 +1,8 @@
-"""Starts the real llm-sidecar binary and its fake provider on loopback for the SDK tests."""
+"""Starts the real llm-sidecar binary and the fake provider's binary on loopback for the SDK tests.
+
+LLM_SIDECAR_BIN names the sidecar (default target/debug/llm-sidecar), LLM_SIDECAR_FAKE_BIN the
+fake provider (default llm-sidecar-fake-provider next to it); `make py-test` builds and sets both.
+"""
 
 import json
 import os
@@ -10,6 +14,7 @@ import time
 import pytest
 
 BIN = os.environ.get("LLM_SIDECAR_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "llm-sidecar"))
+FAKE_BIN = os.environ.get("LLM_SIDECAR_FAKE_BIN") or os.path.join(os.path.dirname(BIN), "llm-sidecar-fake-provider")
 KEYS = {
     "HOLYSHEEP_API_KEY": "sk-py-relay-key",
     "DEEPSEEK_API_KEY": "sk-py-deepseek-key",
@@ -66,7 +71,7 @@ SCRUBBED = ("KUBERNETES_SERVICE_HOST", "KUBECONFIG", "HOLY_SHEEP_ENABLED", "POD_
 def start_fake():
     """The fake provider on a free port: (process, base URL)."""
     fake = subprocess.Popen(
-        [BIN, "fake-provider", "--listen", "127.0.0.1:0"],
+        [FAKE_BIN, "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

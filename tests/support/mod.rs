@@ -17,8 +17,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+pub use fake_provider::FakeProvider;
 use llm_sidecar::config::ConfigSource;
-pub use llm_sidecar::fake_provider::FakeProvider;
 use llm_sidecar::settings::Settings;
 use llm_sidecar::Sidecar;
 

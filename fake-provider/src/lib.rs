@@ -10,6 +10,7 @@
 //! part the window answers 500 (`fail-times`) or 503 (`down-for`). Shaping parts (`tokens`,
 //! `latency`, `chunk-delay`, `slow-first-token`, `gate`) and request-dependent ones
 //! (`context-length`, `no-prefill`) always apply.
+#![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -135,7 +136,7 @@ impl Drop for FakeProvider {
     }
 }
 
-/// For the `llm-sidecar fake-provider --listen ADDR` subcommand: prints one
+/// For the `llm-sidecar-fake-provider --listen ADDR` binary: prints one
 /// `fake provider listening on http://ADDR` line, then serves until ctrl-c or SIGTERM.
 pub async fn run_standalone(addr: SocketAddr) -> std::io::Result<()> {
     let provider = FakeProvider::start(addr).await?;
