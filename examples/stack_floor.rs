@@ -11,9 +11,9 @@ use std::time::Duration;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use llm_sidecar::proxy::body::{full, ProxyBody};
+use llm_sidecar::body::{full, ProxyBody};
 use llm_sidecar::proxy::server;
-use llm_sidecar::proxy::upstream::Upstream;
+use llm_sidecar::upstream::Upstream;
 use tokio::net::TcpListener;
 
 // The sidecar binary's allocator: the floor differs from it only by the work it leaves out.

@@ -11,9 +11,9 @@ use hyper::body::Incoming;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
+use crate::body::{full, ProxyBody};
 use crate::config::unix_seconds;
 use crate::errors::SidecarError;
-use crate::proxy::body::{full, ProxyBody};
 use crate::proxy::json_response;
 use crate::routing::breaker::Phase;
 use crate::store::configmap::WatchStatus;

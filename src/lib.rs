@@ -3,11 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod env;
 pub mod errors;
 pub mod inject;
 pub mod openai;
+pub mod outbound;
 pub mod path;
 pub mod probe;
 pub mod providers;
@@ -17,6 +19,7 @@ pub mod settings;
 pub mod shadow;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -154,7 +157,7 @@ impl Sidecar {
                 error,
             })?;
 
-        let upstream = proxy::upstream::Upstream::for_workers(
+        let upstream = upstream::Upstream::for_workers(
             settings.connect_timeout,
             settings.extra_ca_file.as_deref(),
             settings.workers,

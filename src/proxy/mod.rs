@@ -1,15 +1,13 @@
 //! The data plane: reads an OpenAI-compatible request once, picks the target from one config
 //! snapshot, swaps the app's credentials for the provider's, and streams the answer back.
 
-pub mod body;
 pub mod execute;
+
 mod headers;
 mod observe;
-pub mod outbound;
 pub mod prober;
 pub mod server;
 pub mod sse;
-pub mod upstream;
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -31,12 +29,12 @@ use crate::path::Normalized;
 use crate::routing::rollout::{self, Decision};
 use crate::store::ConfigStore;
 
+use crate::body::{full, Observed, OnFinish, ProxyBody};
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
 use crate::telemetry::{otel, ACCESS_TARGET};
-use body::{full, Observed, OnFinish, ProxyBody};
+use crate::upstream::{Lease, UpstreamError};
 use execute::{Core, Exchange, SharedOutcome};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use upstream::{Lease, UpstreamError};
 
 pub(crate) use headers::{add_route_headers, decide_side, strip_hop_by_hop, strip_request_headers};
 pub use headers::{HEADER_ROLLOUT_BUCKET, HEADER_ROLLOUT_KEY};
@@ -308,7 +306,7 @@ impl Proxy {
             span
         };
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let upstream = outbound::request(
+        let upstream = crate::outbound::request(
             provider,
             parts.method,
             path_and_query,
@@ -364,7 +362,7 @@ impl Proxy {
             }
         };
 
-        let mut out = response.map(|b| b.map_err(body::BoxError::from).boxed_unsync());
+        let mut out = response.map(|b| b.map_err(crate::body::BoxError::from).boxed_unsync());
         let headers = out.headers_mut();
         strip_hop_by_hop(headers);
         headers.reserve(6);

@@ -13,10 +13,10 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use tokio::time::Instant;
 
-use super::upstream::Upstream;
 use crate::config::Snapshot;
 use crate::providers::Provider;
 use crate::routing::health::Health;
+use crate::upstream::Upstream;
 
 /// Probes the targets whose breakers ask for it until `shutdown` resolves. `snapshot` gives the
 /// config in force; `probe` sends one probe and says whether the provider was reachable.

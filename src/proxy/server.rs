@@ -17,7 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::body::ProxyBody;
+use crate::body::ProxyBody;
 
 pub fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -186,7 +186,7 @@ pub async fn serve_on_workers<F: Handler>(
                         return;
                     }
                 };
-                super::upstream::as_worker(index);
+                crate::upstream::as_worker(index);
                 let drained =
                     runtime.block_on(worker(arrivals, builder, handler, shutdown, grace));
                 let _ = report.send(drained);
@@ -277,7 +277,7 @@ async fn worker<F: Handler>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::body::full;
+    use crate::body::full;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Sends one request on `stream` and returns the answer's body (the serving thread's name).

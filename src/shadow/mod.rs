@@ -28,14 +28,14 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::body::{Observed, OnFinish, ProxyBody};
 use crate::config::{unix_seconds, Route, Snapshot, Target};
 use crate::openai::RequestBody;
 use crate::providers::ProviderKind;
-use crate::proxy::body::{Observed, OnFinish, ProxyBody};
-use crate::proxy::upstream::Upstream;
 use crate::routing::tokens;
 use crate::telemetry::metrics::{Metrics, OutcomeLabels};
 use crate::telemetry::otel;
+use crate::upstream::Upstream;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// At most this much of each answer is kept for the comparison.
@@ -384,7 +384,7 @@ async fn call(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let Ok(req) = crate::proxy::outbound::request(
+    let Ok(req) = crate::outbound::request(
         &target.provider,
         request.method.clone(),
         &request.path_and_query,

@@ -326,7 +326,7 @@ pub fn start(
             .with_timeout(settings.timeout)
             .build(),
         Protocol::HttpProtobuf => {
-            let upstream = crate::proxy::upstream::Upstream::new(connect_timeout, extra_ca)
+            let upstream = crate::upstream::Upstream::new(connect_timeout, extra_ca)
                 .map_err(|e| format!("OTLP HTTP client: {e}"))?;
             opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
@@ -504,7 +504,7 @@ async fn export(
 /// OTLP/HTTP through the sidecar's own client: TLS with the bundled roots and the extra CA.
 #[derive(Debug)]
 struct OtlpHttpClient {
-    upstream: Arc<crate::proxy::upstream::Upstream>,
+    upstream: Arc<crate::upstream::Upstream>,
     timeout: Duration,
 }
 

@@ -64,7 +64,7 @@ pub(super) async fn read_answer(
             Ok(Some(Err(err))) => {
                 return Err(Failure::ConnectionLost(format!(
                     "the answer body broke: {}",
-                    crate::proxy::upstream::describe(&err)
+                    crate::upstream::describe(&err)
                 )))
             }
             Ok(Some(Ok(frame))) => {
@@ -116,7 +116,7 @@ impl Exchange {
         span: &tracing::Span,
     ) -> Result<Answer, AttemptError> {
         let body = self.body_for(target, prefill, first);
-        let request = crate::proxy::outbound::request(
+        let request = crate::outbound::request(
             &target.provider,
             self.method.clone(),
             &self.path_and_query,
@@ -195,9 +195,7 @@ impl Exchange {
                     .into())
                 }
                 Ok(Some(Err(err))) => {
-                    return Err(
-                        Failure::StreamFailedEarly(crate::proxy::upstream::describe(&err)).into(),
-                    )
+                    return Err(Failure::StreamFailedEarly(crate::upstream::describe(&err)).into())
                 }
                 Ok(Some(Ok(frame))) => frame,
             };

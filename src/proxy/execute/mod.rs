@@ -18,9 +18,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::body::{full, BoxError, ChannelBody, ProxyBody};
 use super::sse::{inspect, Chunk, RawEvent, SseParser};
-use super::upstream::{Lease, Upstream, UpstreamError};
+use crate::body::{full, BoxError, ChannelBody, ProxyBody};
 use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
@@ -37,6 +36,7 @@ use crate::routing::tokens;
 use crate::telemetry::cost::{format_usd, Bill, Usage};
 use crate::telemetry::metrics::{Metrics, TargetMetrics};
 use crate::telemetry::{otel, Operation};
+use crate::upstream::{Lease, Upstream, UpstreamError};
 use opentelemetry::KeyValue;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 

@@ -177,10 +177,7 @@ impl Exchange {
                 match tokio::time::timeout(idle, body.frame()).await {
                     Err(_) => break format!("the stream stalled for {idle:?}"),
                     Ok(Some(Err(err))) => {
-                        break format!(
-                            "the stream broke: {}",
-                            crate::proxy::upstream::describe(&err)
-                        )
+                        break format!("the stream broke: {}", crate::upstream::describe(&err))
                     }
                     Ok(Some(Ok(frame))) => {
                         let Ok(data) = frame.into_data() else {
