@@ -62,7 +62,7 @@ struct OriginPool {
     h2: Option<http2::SendRequest<RequestBody>>,
 }
 
-type Pools = HashMap<Origin, OriginPool>;
+type Pools = HashMap<Origin, OriginPool, foldhash::fast::RandomState>;
 
 enum Conn {
     H1(http1::SendRequest<RequestBody>),

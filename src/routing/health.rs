@@ -69,11 +69,14 @@ struct TargetHealth {
     cell: Arc<HealthCell>,
 }
 
+/// Looked up several times per request: a fast seeded hash (the keys are the config's names).
+type Cells = HashMap<Arc<str>, Arc<HealthCell>, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub struct Health {
     targets: Mutex<HashMap<Arc<str>, TargetHealth>>,
     /// Every target's cell, read without a lock; replaced whole when a target is added.
-    cells: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<HealthCell>>>,
+    cells: arc_swap::ArcSwap<Cells>,
     /// Woken when a breaker starts wanting background probes, so the prober can plan for it.
     probe_wanted: tokio::sync::Notify,
 }
@@ -83,11 +86,12 @@ impl Health {
         self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The target's cell: found without a lock in a copy of the registry's cells (a new target
-    /// is added to the registry once), so health survives reloads and the hot path never waits.
-    fn cell(&self, target: &Target) -> Arc<HealthCell> {
+    /// Reads the target's cell: found without a lock in a copy of the registry's cells (a new
+    /// target is added to the registry once), so health survives reloads and the hot path never
+    /// waits.
+    fn with_cell<T>(&self, target: &Target, read: impl FnOnce(&HealthCell) -> T) -> T {
         if let Some(cell) = self.cells.load().get(&target.health_key) {
-            return cell.clone();
+            return read(cell);
         }
         let cell = self
             .locked()
@@ -96,11 +100,15 @@ impl Health {
             .cell
             .clone();
         self.cells.rcu(|cells| {
-            let mut cells = HashMap::clone(cells);
+            let mut cells = Cells::clone(cells);
             cells.insert(target.health_key.clone(), cell.clone());
             cells
         });
-        cell
+        read(&cell)
+    }
+
+    fn troubled(&self, target: &Target) -> bool {
+        self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
     }
 
     fn with_breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {
@@ -164,7 +172,7 @@ impl Health {
     }
 
     pub fn admit(&self, target: &Target, now: Instant, forced: bool) -> Admission {
-        if !forced && !self.cell(target).troubled.load(Ordering::Acquire) {
+        if !forced && !self.troubled(target) {
             return Admission::Allowed;
         }
         self.with_breaker(target, |b| {
@@ -186,16 +194,17 @@ impl Health {
     /// ([`Health::record_answered`]): one cut after its first chunk must not clear the failures
     /// that came before.
     pub fn record_latency(&self, target: &Target, latency: Duration, ttft: Option<Duration>) {
-        let cell = self.cell(target);
-        cell.latency.observe(latency);
-        if let Some(ttft) = ttft {
-            cell.ttft.observe(ttft);
-        }
+        self.with_cell(target, |cell| {
+            cell.latency.observe(latency);
+            if let Some(ttft) = ttft {
+                cell.ttft.observe(ttft);
+            }
+        });
     }
 
     /// The target's answer ended well: its breaker closes.
     pub fn record_answered(&self, target: &Target) {
-        if self.cell(target).troubled.load(Ordering::Acquire) {
+        if self.troubled(target) {
             self.with_breaker(target, Breaker::on_success);
         }
     }
@@ -205,7 +214,7 @@ impl Health {
     }
 
     pub fn record_inconclusive(&self, target: &Target) {
-        if self.cell(target).troubled.load(Ordering::Acquire) {
+        if self.troubled(target) {
             self.with_breaker(target, Breaker::on_inconclusive)
         }
     }
@@ -234,7 +243,7 @@ pub struct HealthNow<'a> {
 
 impl HealthNow<'_> {
     fn troubled(&self, target: &Target) -> bool {
-        self.health.cell(target).troubled.load(Ordering::Acquire)
+        self.health.troubled(target)
     }
 
     fn breaker<T>(&self, target: &Target, f: impl FnOnce(&Breaker) -> T) -> Option<T> {
@@ -258,7 +267,7 @@ impl HealthLookup for HealthNow<'_> {
     }
 
     fn latency(&self, target: &Target) -> Option<Duration> {
-        self.health.cell(target).latency.get()
+        self.health.with_cell(target, |cell| cell.latency.get())
     }
 
     fn closed(&self, target: &Target) -> bool {

@@ -202,7 +202,7 @@ pub struct Metrics {
     pub none_label: Arc<str>,
     /// Every target's handles by `Target::metrics_key`, read without a lock; replaced whole
     /// when a target is first seen. Kept across reloads, like the families they point into.
-    targets: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<TargetMetrics>>>,
+    targets: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<TargetMetrics>, foldhash::fast::RandomState>>,
 }
 
 impl Metrics {
