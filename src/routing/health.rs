@@ -232,18 +232,31 @@ impl Health {
 
     /// A point-in-time view for planning one request.
     pub fn lookup(&self, now: Instant) -> HealthNow<'_> {
-        HealthNow { health: self, now }
+        HealthNow {
+            health: self,
+            now,
+            cells: self.cells.load(),
+        }
     }
 }
 
+/// Planning asks about every target of a chain: the cells are loaded once for all of them.
 pub struct HealthNow<'a> {
     health: &'a Health,
     now: Instant,
+    cells: arc_swap::Guard<Arc<Cells>>,
 }
 
 impl HealthNow<'_> {
+    fn with_cell<T>(&self, target: &Target, read: impl FnOnce(&HealthCell) -> T) -> T {
+        match self.cells.get(&target.health_key) {
+            Some(cell) => read(cell),
+            None => self.health.with_cell(target, read),
+        }
+    }
+
     fn troubled(&self, target: &Target) -> bool {
-        self.health.troubled(target)
+        self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
     }
 
     fn breaker<T>(&self, target: &Target, f: impl FnOnce(&Breaker) -> T) -> Option<T> {
@@ -267,7 +280,7 @@ impl HealthLookup for HealthNow<'_> {
     }
 
     fn latency(&self, target: &Target) -> Option<Duration> {
-        self.health.with_cell(target, |cell| cell.latency.get())
+        self.with_cell(target, |cell| cell.latency.get())
     }
 
     fn closed(&self, target: &Target) -> bool {
