@@ -243,22 +243,35 @@ async fn a_duplicate_top_level_key_is_a_400_naming_it_in_both_orders() {
     assert!(fake.requests().is_empty());
 }
 
-/// A provider that answers every request with an HTTP/1.0 response and closes the connection.
-async fn http10_upstream() -> std::net::SocketAddr {
+/// A provider on a raw socket: for each connection, reads the request and lets `answer` write
+/// whatever bytes it likes.
+async fn raw_upstream<F, Fut>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
                 read_request(&mut socket).await;
-                let body = r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"old"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
-                let answer =
-                    format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}");
-                let _ = socket.write_all(answer.as_bytes()).await;
+                answer(socket).await
             });
         }
     });
     addr
+}
+
+/// A provider that answers every request with an HTTP/1.0 response and closes the connection.
+async fn http10_upstream() -> std::net::SocketAddr {
+    raw_upstream(|mut socket| async move {
+        let body = r#"{"id":"c1","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"old"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let answer = format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}");
+        let _ = socket.write_all(answer.as_bytes()).await;
+    })
+    .await
 }
 
 /// Reads one request (head and a `Content-Length` body) off a raw connection.
@@ -563,28 +576,21 @@ async fn an_oversized_request_head_is_refused_before_it_reaches_a_provider() {
 
 /// A provider whose stream starts an event and never ends it.
 async fn endless_event_upstream() -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                read_request(&mut socket).await;
-                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
-                if socket.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                let piece = format!("data: {}", "x".repeat(64 * 1024));
-                let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
-                // 64 MiB at most, if nobody stops reading.
-                for _ in 0..1024 {
-                    if socket.write_all(chunk.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    raw_upstream(|mut socket| async move {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if socket.write_all(head.as_bytes()).await.is_err() {
+            return;
         }
-    });
-    addr
+        let piece = format!("data: {}", "x".repeat(64 * 1024));
+        let chunk = format!("{:x}\r\n{piece}\r\n", piece.len());
+        // 64 MiB at most, if nobody stops reading.
+        for _ in 0..1024 {
+            if socket.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
 }
 
 #[tokio::test]
