@@ -67,13 +67,11 @@ if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
     FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$(dirname "$BIN")/llm-sidecar-fake-provider}"
     STACK_BIN="${STACK_FLOOR_BIN:-$(dirname "$BIN")/examples/stack_floor}"
 else
-    log "cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example stack_floor"
-    (cd "$ROOT" && cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example stack_floor) >&2
-    target_dir="${CARGO_TARGET_DIR:-target}"
-    case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
-    BIN="$target_dir/release/llm-sidecar"
-    FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$target_dir/release/llm-sidecar-fake-provider}"
-    STACK_BIN="$target_dir/release/examples/stack_floor"
+    . "$BENCH_DIR/release.sh"
+    release_build stack_floor
+    BIN="$RELEASE_DIR/llm-sidecar"
+    FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$RELEASE_DIR/llm-sidecar-fake-provider}"
+    STACK_BIN="$RELEASE_DIR/examples/stack_floor"
 fi
 [ -x "$BIN" ] || die "no executable at $BIN"
 [ -x "$FAKE_BIN" ] || die "no executable at $FAKE_BIN (cargo build --release --bin llm-sidecar-fake-provider)"

@@ -26,12 +26,10 @@ die() { echo "soak: FAILED: $*" >&2; exit 1; }
 if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
     SOAK_BIN="${SOAK_BIN:-$(dirname "$LLM_SIDECAR_BIN")/examples/soak}"
 else
-    log "cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example soak"
-    (cd "$ROOT" && cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider --example soak) >&2
-    target_dir="${CARGO_TARGET_DIR:-target}"
-    case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
-    LLM_SIDECAR_BIN="$target_dir/release/llm-sidecar"
-    SOAK_BIN="$target_dir/release/examples/soak"
+    . "$BENCH_DIR/release.sh"
+    release_build soak
+    LLM_SIDECAR_BIN="$RELEASE_DIR/llm-sidecar"
+    SOAK_BIN="$RELEASE_DIR/examples/soak"
 fi
 [ -x "$LLM_SIDECAR_BIN" ] || die "no executable at $LLM_SIDECAR_BIN"
 LLM_SIDECAR_FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$(dirname "$LLM_SIDECAR_BIN")/llm-sidecar-fake-provider}"

@@ -49,6 +49,15 @@ impl RawAnswer {
         }
     }
 
+    /// Fails the test unless the answer is HTTP/1.1 with `status`; `what` says which request.
+    fn expect_status(&self, status: u16, what: &str) {
+        assert!(
+            self.status_line.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {}",
+            self.status_line
+        );
+    }
+
     fn header(&self, name: &str) -> &str {
         self.headers
             .iter()
@@ -89,11 +98,7 @@ async fn paths_that_leave_v1_are_refused_before_anything_goes_upstream() {
                 "{}",
             )
             .await;
-            assert!(
-                answer.status_line.starts_with("HTTP/1.1 400"),
-                "{method} {path}: {}",
-                answer.status_line
-            );
+            answer.expect_status(400, &format!("{method} {path}"));
             assert_eq!(
                 answer.header("x-llm-sidecar-error"),
                 "invalid_path",
@@ -123,11 +128,7 @@ async fn dot_segments_inside_v1_are_resolved_before_the_path_is_forwarded() {
         "",
     )
     .await;
-    assert!(
-        answer.status_line.starts_with("HTTP/1.1 200"),
-        "{}",
-        answer.status_line
-    );
+    answer.expect_status(200, "");
     let seen = fake.requests_for("sheep");
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].path, "/v1/files/file-1/content");
@@ -138,11 +139,7 @@ async fn dot_segments_inside_v1_are_resolved_before_the_path_is_forwarded() {
         &chat_body("chat", false),
     )
     .await;
-    assert!(
-        answer.status_line.starts_with("HTTP/1.1 200"),
-        "{}",
-        answer.status_line
-    );
+    answer.expect_status(200, "");
     assert_eq!(answer.header("x-llm-sidecar-route"), "chat");
 }
 
@@ -155,21 +152,15 @@ async fn a_passthrough_allowlist_refuses_the_other_paths() {
     );
     let sidecar = sidecar(&config).await;
     for (path, status) in [
-        ("/v1/files", "200"),
-        ("/v1/files/file-1/content", "200"),
-        ("/v1/batches", "200"),
-        ("/v1/batches/b-1", "403"),
-        ("/v1/assistants", "403"),
+        ("/v1/files", 200),
+        ("/v1/files/file-1/content", 200),
+        ("/v1/batches", 200),
+        ("/v1/batches/b-1", 403),
+        ("/v1/assistants", 403),
     ] {
         let answer = raw(sidecar.data_addr, &format!("GET {path} HTTP/1.1"), "").await;
-        assert!(
-            answer
-                .status_line
-                .starts_with(&format!("HTTP/1.1 {status}")),
-            "{path}: {}",
-            answer.status_line
-        );
-        if status == "403" {
+        answer.expect_status(status, path);
+        if status == 403 {
             assert_eq!(answer.header("x-llm-sidecar-error"), "path_not_allowed");
             let message = answer.error()["error"]["message"].to_string();
             assert!(message.contains("/v1/files*"), "{message}");
@@ -228,11 +219,7 @@ async fn a_duplicate_top_level_key_is_a_400_naming_it_in_both_orders() {
         ),
     ] {
         let answer = raw(sidecar.data_addr, &format!("POST {path} HTTP/1.1"), body).await;
-        assert!(
-            answer.status_line.starts_with("HTTP/1.1 400"),
-            "{body}: {}",
-            answer.status_line
-        );
+        answer.expect_status(400, body);
         assert_eq!(answer.header("x-llm-sidecar-error"), "invalid_request");
         let message = answer.error()["error"]["message"].to_string();
         assert!(
@@ -319,11 +306,7 @@ async fn an_http10_upstream_is_answered_to_an_http11_client_in_http11() {
         &chat_body("chat", false),
     )
     .await;
-    assert!(
-        answer.status_line.starts_with("HTTP/1.1 200"),
-        "{}",
-        answer.status_line
-    );
+    answer.expect_status(200, "");
     assert!(answer.body.contains("\"old\""), "{}", answer.body);
     // The same through a client library, which exposes the version it parsed.
     let response = send(
@@ -554,11 +537,7 @@ async fn an_oversized_request_head_is_refused_before_it_reaches_a_provider() {
         &chat_body("chat", false),
     )
     .await;
-    assert!(
-        answer.status_line.starts_with("HTTP/1.1 431"),
-        "{}",
-        answer.status_line
-    );
+    answer.expect_status(431, "");
     let many: String = (0..150).map(|i| format!("\r\nX-H{i}: v")).collect();
     let answer = raw(
         sidecar.data_addr,
@@ -566,11 +545,7 @@ async fn an_oversized_request_head_is_refused_before_it_reaches_a_provider() {
         &chat_body("chat", false),
     )
     .await;
-    assert!(
-        answer.status_line.starts_with("HTTP/1.1 431"),
-        "{}",
-        answer.status_line
-    );
+    answer.expect_status(431, "");
     assert!(fake.requests().is_empty());
 }
 
