@@ -140,30 +140,37 @@ impl Drop for FakeProvider {
 /// `fake provider listening on http://ADDR` line, then serves until ctrl-c or SIGTERM.
 pub async fn run_standalone(addr: SocketAddr) -> std::io::Result<()> {
     let provider = FakeProvider::start(addr).await?;
+    // Listening for the signals before saying so: a SIGTERM right after the line is seen must
+    // stop the provider cleanly, not kill it with the default action.
+    let terminated = termination()?;
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(out, "fake provider listening on http://{}", provider.addr())?;
         out.flush()?;
     }
-    wait_for_termination().await?;
+    terminated.await?;
     provider.shutdown();
     Ok(())
 }
 
-async fn wait_for_termination() -> std::io::Result<()> {
+/// Resolves on ctrl-c or SIGTERM; both are listened for from the moment this returns.
+fn termination() -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            res = tokio::signal::ctrl_c() => res,
-            _ = term.recv() => Ok(()),
-        }
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => Ok(()),
+                _ = term.recv() => Ok(()),
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await
+        Ok(async { tokio::signal::ctrl_c().await })
     }
 }
 

@@ -33,12 +33,15 @@ use crate::body::{full, Observed, OnFinish, ProxyBody};
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
 use crate::telemetry::{otel, ACCESS_TARGET};
 use crate::upstream::{Lease, UpstreamError};
-use execute::{Core, Exchange, SharedOutcome};
+use execute::{Core, Exchange};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub(crate) use headers::{add_route_headers, decide_side, strip_hop_by_hop, strip_request_headers};
 pub use headers::{HEADER_ROLLOUT_BUCKET, HEADER_ROLLOUT_KEY};
-use observe::{incoming_trace_id, server_span, Record};
+use observe::{incoming_trace_id, server_span, Record, Served};
+
+/// A request's answer (or the error it gets) and what serving it found out.
+type Handled = (Result<Response<ProxyBody>, SidecarError>, Served);
 
 pub use crate::config::{HEADER_PATH, HEADER_PROVIDER, HEADER_ROUTE, HEADER_UPSTREAM_MODEL};
 pub const HEADER_REASON: HeaderName = HeaderName::from_static("x-llm-sidecar-reason");
@@ -89,30 +92,28 @@ impl Proxy {
         };
         let mut record = Record {
             metrics: self.metrics.clone(),
-            route: None,
-            provider: None,
-            target: None,
-            path: "none",
-            status: 0,
             start: Instant::now(),
-            lease: None,
-            counted: false,
-            outcome: None,
+            status: 0,
+            served: Served::default(),
             span,
             trace_id,
             _permit: None,
         };
-        let response = match self.in_flight.clone().try_acquire_owned() {
+        let (response, served) = match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
                 record._permit = Some(permit);
-                self.dispatch(req, &mut record).await
+                self.dispatch(req, &record.span).await
             }
-            Err(_) => Err(SidecarError::Overloaded(self.limits.max_concurrency)),
-        }
-        .unwrap_or_else(|err| {
+            Err(_) => (
+                Err(SidecarError::Overloaded(self.limits.max_concurrency)),
+                Served::default(),
+            ),
+        };
+        let response = response.unwrap_or_else(|err| {
             tracing::debug!(error = %err, "request answered with a sidecar error");
             err.into_response().map(full)
         });
+        record.served = served;
         record.status = response.status().as_u16();
         let mut response = response;
         // The answer speaks the protocol of the client's connection, whatever the provider's
@@ -130,15 +131,14 @@ impl Proxy {
         Ok(response.map(|body| Observed::new(body, Box::new(record)).boxed_unsync()))
     }
 
-    async fn dispatch(
-        &self,
-        mut req: Request<Incoming>,
-        record: &mut Record,
-    ) -> Result<Response<ProxyBody>, SidecarError> {
-        normalize_path(&mut req)?;
+    /// Serves one request by its path; returns the answer and what serving it found out.
+    async fn dispatch(&self, mut req: Request<Incoming>, span: &tracing::Span) -> Handled {
+        if let Err(err) = normalize_path(&mut req) {
+            return (Err(err), Served::default());
+        }
         let path = req.uri().path();
         let is_get = req.method() == Method::GET;
-        match path {
+        let answered = match path {
             "/v1/models" if is_get => Ok(self.list_models()),
             "/v1/models" => Err(method_not_allowed(&req)),
             p if is_get && p.starts_with("/v1/models/") => {
@@ -147,23 +147,25 @@ impl Proxy {
             }
             "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" => {
                 if req.method() != Method::POST {
-                    return Err(method_not_allowed(&req));
+                    return (Err(method_not_allowed(&req)), Served::default());
                 }
-                record.counted = true;
-                self.forward(req, record, true).await
+                return self.forward(req, span, true).await;
             }
             _ => {
                 let passthrough = &self.store.load().passthrough;
                 if !passthrough.allows(path) {
-                    return Err(SidecarError::PathNotAllowed {
-                        path: path.to_string(),
-                        allowed: passthrough.describe().unwrap_or_default().join(", "),
-                    });
+                    return (
+                        Err(SidecarError::PathNotAllowed {
+                            path: path.to_string(),
+                            allowed: passthrough.describe().unwrap_or_default().join(", "),
+                        }),
+                        Served::default(),
+                    );
                 }
-                record.counted = true;
-                self.forward(req, record, false).await
+                return self.forward(req, span, false).await;
             }
-        }
+        };
+        (answered, Served::default())
     }
 
     fn list_models(&self) -> Response<ProxyBody> {
@@ -260,40 +262,60 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        record: &mut Record,
+        span: &tracing::Span,
         model_required: bool,
-    ) -> Result<Response<ProxyBody>, SidecarError> {
+    ) -> Handled {
         // One snapshot for the whole request, even if a new config is swapped in meanwhile.
         let snapshot = self.store.load();
-        let (mut parts, body) = req.into_parts();
-        let bytes = self.read_body(&parts.headers, body).await?;
+        let (parts, body) = req.into_parts();
+        let bytes = match self.read_body(&parts.headers, body).await {
+            Ok(bytes) => bytes,
+            Err(err) => return (Err(err), Served::counted()),
+        };
         if model_required {
-            return self.exchange(snapshot, parts, bytes, record).await;
+            self.exchange(snapshot, parts, bytes, span).await
+        } else {
+            self.passthrough(snapshot, parts, bytes, span).await
         }
+    }
+
+    /// Any other `/v1/` path: one call to the route's chosen target, its answer as it is.
+    async fn passthrough(
+        &self,
+        snapshot: Arc<Snapshot>,
+        mut parts: http::request::Parts,
+        bytes: Bytes,
+        parent: &tracing::Span,
+    ) -> Handled {
         let tripped = self
             .core
             .guard
             .is_tripped(&snapshot, tokio::time::Instant::now());
-        let (route, upstream_body, decision) =
-            Self::resolve(&snapshot, tripped, &parts.headers, bytes).map_err(|err| match err {
-                SidecarError::NoRoute { .. } => SidecarError::NoRoute {
-                    path: parts.uri.path().to_string(),
-                },
-                other => other,
-            })?;
+        let resolved = Self::resolve(&snapshot, tripped, &parts.headers, bytes);
+        let (route, upstream_body, decision) = match resolved {
+            Ok(resolved) => resolved,
+            Err(SidecarError::NoRoute { .. }) => {
+                let path = parts.uri.path().to_string();
+                return (Err(SidecarError::NoRoute { path }), Served::counted());
+            }
+            Err(err) => return (Err(err), Served::counted()),
+        };
         let (target, reason) = rollout::choose(&route, &decision);
+        let mut served = Served {
+            route: Some(target.tags.route.clone()),
+            provider: Some(target.tags.provider.clone()),
+            path: Some(target.path().as_str()),
+            ..Served::counted()
+        };
         let provider = &target.provider;
-        record.route = Some(target.tags.route.clone());
-        record.provider = Some(target.tags.provider.clone());
-        record.path = target.path().as_str();
 
         strip_request_headers(&mut parts.headers);
-        let span = if record.span.is_disabled() {
+        let span = if parent.is_disabled() {
             tracing::Span::none()
         } else {
             let span = tracing::info_span!(
                 target: otel::SPAN_TARGET,
-                parent: &record.span,
+                parent: parent,
                 "passthrough",
                 otel.name = %parts.method,
                 otel.kind = "client",
@@ -320,11 +342,16 @@ impl Proxy {
                 hint: why.detail,
             },
             _ => SidecarError::MalformedRequest(format!("bad request path: {}", why.detail)),
-        })?;
-        // One attempt record, so the log line and `/stats` show the call.
-        let outcome: SharedOutcome = Default::default();
-        execute::lock(&outcome).attempts = 1;
-        record.outcome = Some(outcome);
+        });
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(err) => return (Err(err), served),
+        };
+        // One attempt, so the log line and `/stats` show the call.
+        served.report = Some(execute::Report {
+            attempts: 1,
+            ..Default::default()
+        });
 
         let timeout = snapshot.timeouts.response_headers;
         let sent = tokio::time::timeout(timeout, self.core.upstream.send(upstream)).await;
@@ -343,21 +370,23 @@ impl Proxy {
         drop(span);
         let response = match sent {
             Err(_) => {
-                return Err(SidecarError::UpstreamTimeout {
+                let err = SidecarError::UpstreamTimeout {
                     provider: provider.name.clone(),
                     after: timeout,
-                })
+                };
+                return (Err(err), served);
             }
             Ok(Err(err)) => {
                 let reason = err.to_string();
                 tracing::warn!(provider = %provider.name, %reason, connect = matches!(err, UpstreamError::Connect(_)), "upstream request failed");
-                return Err(SidecarError::UpstreamUnreachable {
+                let err = SidecarError::UpstreamUnreachable {
                     provider: provider.name.clone(),
                     reason,
-                });
+                };
+                return (Err(err), served);
             }
             Ok(Ok((response, lease))) => {
-                record.lease = lease;
+                served.lease = lease;
                 response
             }
         };
@@ -367,7 +396,7 @@ impl Proxy {
         strip_hop_by_hop(headers);
         headers.reserve(6);
         add_route_headers(headers, target, reason, decision.bucket, &snapshot);
-        Ok(out)
+        (Ok(out), served)
     }
 }
 
@@ -378,29 +407,43 @@ impl Proxy {
         snapshot: Arc<Snapshot>,
         parts: http::request::Parts,
         bytes: Bytes,
-        record: &mut Record,
-    ) -> Result<Response<ProxyBody>, SidecarError> {
-        let outcome: SharedOutcome = Default::default();
-        record.outcome = Some(outcome.clone());
-        let (core, span, body) = (self.core.clone(), record.span.clone(), bytes.clone());
-        let prepare = move || prepare(core, snapshot, parts, body, span, outcome);
+        span: &tracing::Span,
+    ) -> Handled {
+        let mut served = Served::counted();
+        let (core, trace, body) = (self.core.clone(), span.clone(), bytes.clone());
+        let prepare = move || prepare(core, snapshot, parts, body, trace);
         // Reading a large body (parse, prompt estimate, rendering) takes milliseconds: off the
         // worker, so the other connections it serves are not held up meanwhile.
-        let (exchange, shadow) = if bytes.len() < OFFLOAD_BODY_BYTES {
-            prepare()?
+        let prepared = if bytes.len() < OFFLOAD_BODY_BYTES {
+            prepare()
         } else {
-            tokio::task::spawn_blocking(prepare).await.map_err(|err| {
-                SidecarError::BodyRead(format!("reading the body failed: {err}"))
-            })??
+            tokio::task::spawn_blocking(prepare)
+                .await
+                .unwrap_or_else(|err| {
+                    Err(SidecarError::BodyRead(format!(
+                        "reading the body failed: {err}"
+                    )))
+                })
         };
-        let committed = exchange.run().await?;
-        let target = committed.route.target(committed.side);
-        if let Some(target) = target {
-            record.target = Some(self.metrics.target(target));
-            record.path = target.path().as_str();
+        let (exchange, shadow) = match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => return (Err(err), served),
+        };
+        let committed = match exchange.run().await {
+            Ok(committed) => committed,
+            Err(gave_up) => {
+                served.report = Some(gave_up.report);
+                return (Err(gave_up.error), served);
+            }
+        };
+        if let Some(target) = committed.route.target(committed.side) {
+            served.target = Some(self.metrics.target(target));
+            served.path = Some(target.path().as_str());
         }
-        record.lease = committed.lease;
-        match shadow {
+        served.lease = committed.lease;
+        served.report = Some(committed.report);
+        served.stream_end = committed.stream_end;
+        let response = match shadow {
             Some((snapshot, method, path_and_query, stream, started))
                 if committed.response.status().is_success() =>
             {
@@ -413,16 +456,15 @@ impl Proxy {
                     body: bytes,
                     stream,
                     started,
-                    trace: record.span.clone(),
+                    trace: span.clone(),
                 };
-                Ok(self.core.shadows.launch(
-                    self.core.upstream.clone(),
-                    request,
-                    committed.response,
-                ))
+                self.core
+                    .shadows
+                    .launch(self.core.upstream.clone(), request, committed.response)
             }
-            _ => Ok(committed.response),
-        }
+            _ => committed.response,
+        };
+        (Ok(response), served)
     }
 }
 
@@ -440,7 +482,6 @@ fn prepare(
     parts: http::request::Parts,
     bytes: Bytes,
     span: tracing::Span,
-    outcome: SharedOutcome,
 ) -> Result<(Exchange, Option<ShadowPlan>), SidecarError> {
     let parsed =
         RequestBody::parse(&bytes).map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
@@ -485,7 +526,6 @@ fn prepare(
         &parsed,
         route,
         span,
-        outcome,
     );
     Ok((exchange, shadow))
 }

@@ -2,81 +2,147 @@
 //! body ends, feeding the request metrics, `/stats`, the access log line and the SERVER span.
 
 use super::*;
+use crate::telemetry::cost::{Bill, Usage};
+use execute::{Report, StreamEnd};
+use tokio::sync::oneshot;
 
-/// What a finished request is counted as.
-pub(super) struct Record {
-    pub(super) metrics: Arc<Metrics>,
+/// What serving a request found out, returned by the path that served it with its response.
+#[derive(Default)]
+pub(super) struct Served {
+    /// Counted in the `/stats` totals: model calls and pass-through calls.
+    pub(super) counted: bool,
     /// Labels for the generic path; `None` is counted as "none" (answered by the sidecar).
     pub(super) route: Option<Arc<str>>,
     pub(super) provider: Option<Arc<str>>,
-    pub(super) path: &'static str,
+    pub(super) path: Option<&'static str>,
     /// The answering target's metric handles: a successful request needs no label lookup.
     pub(super) target: Option<Arc<TargetMetrics>>,
-    pub(super) status: u16,
-    pub(super) start: Instant,
     /// The upstream connection, returned to the pool only when the body was read to the end.
     pub(super) lease: Option<Lease>,
-    /// Counted in the `/stats` totals: model calls and pass-through calls.
-    pub(super) counted: bool,
-    /// What the exchange found out: attempts, failover, usage and cost.
-    pub(super) outcome: Option<SharedOutcome>,
+    /// What the exchange (or the one pass-through call) found out; `None` when nothing was sent.
+    pub(super) report: Option<Report>,
+    /// A committed stream's ending, sent by its pump.
+    pub(super) stream_end: Option<oneshot::Receiver<StreamEnd>>,
+}
+
+impl Served {
+    /// A model or pass-through call, counted in `/stats` however it ends.
+    pub(super) fn counted() -> Served {
+        Served {
+            counted: true,
+            ..Served::default()
+        }
+    }
+}
+
+/// A request being answered: opened when it arrives, closed when its response body ends.
+pub(super) struct Record {
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) start: Instant,
+    pub(super) status: u16,
+    pub(super) served: Served,
     /// The SERVER span (disabled without tracing); it ends with the response body.
     pub(super) span: tracing::Span,
     pub(super) trace_id: Option<String>,
     pub(super) _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A request once its response body has ended: what it came to and what it cost.
+struct Finished {
+    outcome: RequestOutcome,
+    status: u16,
+    elapsed: Duration,
+    /// Who the request is counted against: the answering target, else the last one tried.
+    who: Option<Arc<TargetMetrics>>,
+    /// The answering target, for a success.
+    answered_by: Option<Arc<TargetMetrics>>,
+    report: Report,
+    usage: Option<Usage>,
+    bill: Bill,
+    /// The whole answer was handed over.
+    complete: bool,
+}
+
 impl OnFinish for Record {
     fn finish(mut self: Box<Self>, completed: bool) {
         let elapsed = self.start.elapsed();
-        if let Some(lease) = self.lease.take().filter(|_| completed) {
+        if let Some(lease) = self.served.lease.take().filter(|_| completed) {
             lease.release();
         }
         if !completed {
             tracing::debug!(status = self.status, "response body ended early");
         }
-        let Record {
-            metrics,
-            route,
-            provider,
-            path,
-            status,
-            target,
-            counted,
-            outcome,
-            span,
-            trace_id,
-            ..
-        } = *self;
-        let mut out = execute::Outcome::default();
-        if let Some(shared) = &outcome {
-            std::mem::swap(&mut *execute::lock(shared), &mut out);
-        }
-        let success = (200..300).contains(&status);
-        let result = if success && out.interrupted {
+        let finished = self.conclude(completed, elapsed);
+        self.observe(&finished);
+        // The SERVER span ends before the request stops counting as in flight.
+        let metrics = self.metrics.clone();
+        drop(self);
+        metrics.in_flight.dec();
+    }
+}
+
+impl Record {
+    /// What the request came to, from its status, what serving it found out, and whether the
+    /// client read the body to its end.
+    fn conclude(&mut self, completed: bool, elapsed: Duration) -> Finished {
+        let served = &mut self.served;
+        let ran = served.report.is_some();
+        let report = served.report.take().unwrap_or_default();
+        let end = served.stream_end.take().map(|mut rx| rx.try_recv().ok());
+        let (usage, bill, interrupted, complete) = match end {
+            // A stream: its pump's ending, if it got to one before the client left.
+            Some(Some(end)) => (end.usage, end.bill, end.interrupted, !end.interrupted),
+            Some(None) => (None, Bill::default(), false, false),
+            None => (report.usage, report.bill, false, report.complete),
+        };
+        let success = (200..300).contains(&self.status);
+        let outcome = if success && interrupted {
             RequestOutcome::Interrupted
-        } else if success && !completed && !out.complete {
+        } else if success && !completed && !complete {
             RequestOutcome::Cancelled
-        } else if success && out.fell_back {
+        } else if success && report.fell_back {
             RequestOutcome::Fallback
         } else if success {
             RequestOutcome::Success
-        } else if (outcome.is_some() && out.attempts > 0) || route.is_some() {
+        } else if (ran && report.attempts > 0) || served.route.is_some() {
             // Every target failed, or a pass-through call the provider refused.
             RequestOutcome::UpstreamError
         } else {
             RequestOutcome::Rejected
         };
-        let label = result.label();
-        let seconds = elapsed.as_secs_f64();
-        let answered_by = target.as_ref().filter(|_| success);
-        if let Some(t) = answered_by {
-            t.stats.tally.latency.record(elapsed);
-            if let Some(ttft) = out.ttft {
+        let answered_by = served.target.clone().filter(|_| success);
+        let who = served.target.clone().or_else(|| report.last.clone());
+        Finished {
+            outcome,
+            status: self.status,
+            elapsed,
+            who,
+            answered_by,
+            report,
+            usage,
+            bill,
+            complete,
+        }
+    }
+
+    /// The one place a finished request is seen: the request metrics, `/stats`, the access
+    /// log line and the SERVER span.
+    fn observe(&self, f: &Finished) {
+        self.count(f);
+        self.log(f);
+        self.end_span(f);
+    }
+
+    fn count(&self, f: &Finished) {
+        let metrics = &self.metrics;
+        let seconds = f.elapsed.as_secs_f64();
+        if let Some(t) = &f.answered_by {
+            t.stats.tally.latency.record(f.elapsed);
+            if let Some(ttft) = f.report.ttft {
                 t.ttft.observe(ttft.as_secs_f64());
             }
         }
-        match (answered_by, status, result) {
+        match (&f.answered_by, f.status, f.outcome) {
             (Some(t), 200, RequestOutcome::Success) => {
                 t.duration.observe(seconds);
                 t.requests_ok.inc();
@@ -86,15 +152,18 @@ impl OnFinish for Record {
                 t.requests_fallback.inc();
             }
             _ => {
-                let who = target.as_ref().or(out.last.as_ref());
-                let (route, provider, model, path) = match who {
+                let (route, provider, model, path) = match &f.who {
                     Some(t) => (t.route.clone(), t.provider.clone(), t.model.clone(), t.path),
-                    None => (
-                        route.unwrap_or_else(|| metrics.none_label.clone()),
-                        provider.unwrap_or_else(|| metrics.none_label.clone()),
-                        metrics.none_label.clone(),
-                        path,
-                    ),
+                    None => {
+                        let none = || metrics.none_label.clone();
+                        let served = &self.served;
+                        (
+                            served.route.clone().unwrap_or_else(none),
+                            served.provider.clone().unwrap_or_else(none),
+                            none(),
+                            served.path.unwrap_or("none"),
+                        )
+                    }
                 };
                 let duration = DurationLabels {
                     route,
@@ -117,72 +186,83 @@ impl OnFinish for Record {
                         provider,
                         model,
                         path,
-                        status,
-                        outcome: label,
+                        status: f.status,
+                        outcome: f.outcome.label(),
                     })
                     .inc();
             }
         }
-        if counted {
+        if self.served.counted {
             let total = &metrics.stats.total;
             total.sent();
-            match result {
+            match f.outcome {
                 RequestOutcome::Success => total.answered(false),
                 RequestOutcome::Fallback => total.answered(true),
                 _ => total.failed(),
             }
-            total.latency.record(elapsed);
+            total.latency.record(f.elapsed);
             // Model answers without usage count as missing; pass-through calls have none.
-            if out.usage.is_some() || (success && out.complete) {
-                total.add_usage(out.usage, out.bill);
+            let success = (200..300).contains(&f.status);
+            if f.usage.is_some() || (success && f.complete) {
+                total.add_usage(f.usage, f.bill);
             }
         }
-        let who = target.as_ref().or(out.last.as_ref());
-        let savings = out.bill.savings();
+    }
+
+    fn log(&self, f: &Finished) {
+        let who = f.who.as_ref();
+        let seconds = f.elapsed.as_secs_f64();
         tracing::info!(
             target: ACCESS_TARGET,
             route = who.map(|t| t.route.as_ref()),
             path = who.map(|t| t.path),
             provider = who.map(|t| t.provider.as_ref()),
             model = who.map(|t| t.model.as_ref()),
-            status,
-            outcome = label,
-            attempts = out.attempts,
-            fallbacks = out.fallbacks,
+            status = f.status,
+            outcome = f.outcome.label(),
+            attempts = f.report.attempts,
+            fallbacks = f.report.fallbacks,
             duration_ms = (seconds * 1000.0 * 1000.0).round() / 1000.0,
-            input_tokens = out.usage.map(|u| u.input),
-            output_tokens = out.usage.map(|u| u.output),
-            cost_usd = out.bill.cost.map(round_usd),
-            savings_usd = savings.map(round_usd),
-            trace_id = trace_id.as_deref(),
+            input_tokens = f.usage.map(|u| u.input),
+            output_tokens = f.usage.map(|u| u.output),
+            cost_usd = f.bill.cost.map(round_usd),
+            savings_usd = f.bill.savings().map(round_usd),
+            trace_id = self.trace_id.as_deref(),
             "request"
         );
-        if !span.is_disabled() {
-            let mut attributes = Vec::with_capacity(8);
-            attributes.extend([
-                KeyValue::new("http.response.status_code", i64::from(status)),
-                KeyValue::new("llm_sidecar.outcome", label),
-                KeyValue::new("llm_sidecar.attempts", i64::from(out.attempts)),
-                KeyValue::new("llm_sidecar.fallbacks", i64::from(out.fallbacks)),
-                KeyValue::new("llm_sidecar.fallback", out.fell_back),
-            ]);
-            if let Some(t) = who {
-                attributes.push(KeyValue::new("llm_sidecar.path", t.path));
-            }
-            if let Some(cost) = out.bill.cost {
-                attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
-            }
-            let failed = !matches!(result, RequestOutcome::Success | RequestOutcome::Fallback);
-            if failed {
-                attributes.push(KeyValue::new("error.type", label));
-            }
-            otel::set_attributes(&span, attributes);
-            if failed {
-                span.set_status(opentelemetry::trace::Status::error(label));
-            }
+    }
+
+    fn end_span(&self, f: &Finished) {
+        let span = &self.span;
+        if span.is_disabled() {
+            return;
         }
-        drop(span);
-        metrics.in_flight.dec();
+        let label = f.outcome.label();
+        let mut attributes = Vec::with_capacity(8);
+        attributes.extend([
+            KeyValue::new("http.response.status_code", i64::from(f.status)),
+            KeyValue::new("llm_sidecar.outcome", label),
+            KeyValue::new("llm_sidecar.attempts", i64::from(f.report.attempts)),
+            KeyValue::new("llm_sidecar.fallbacks", i64::from(f.report.fallbacks)),
+            KeyValue::new("llm_sidecar.fallback", f.report.fell_back),
+        ]);
+        if let Some(t) = &f.who {
+            attributes.push(KeyValue::new("llm_sidecar.path", t.path));
+        }
+        if let Some(cost) = f.bill.cost {
+            attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
+        }
+        let failed = !matches!(
+            f.outcome,
+            RequestOutcome::Success | RequestOutcome::Fallback
+        );
+        if failed {
+            attributes.push(KeyValue::new("error.type", label));
+        }
+        otel::set_attributes(span, attributes);
+        if failed {
+            span.set_status(opentelemetry::trace::Status::error(label));
+        }
     }
 }
 

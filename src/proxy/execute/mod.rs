@@ -5,7 +5,7 @@
 //! prefill-capable target or the stream ends with an explicit error event and no `[DONE]`.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::sse::{inspect, Chunk, RawEvent, SseParser};
@@ -48,6 +48,8 @@ mod stream;
 use attempt::{fail_span, Answer, AttemptError, PlainBody, OVERSIZED_EVENT};
 use settle::{cut, Reported, RequestMeta};
 
+pub use report::{Report, StreamEnd};
+
 pub const HEADER_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-sidecar-attempts");
 pub const HEADER_FALLBACKS: HeaderName = HeaderName::from_static("x-llm-sidecar-fallbacks");
 pub const HEADER_ATTEMPT_LOG: HeaderName = HeaderName::from_static("x-llm-sidecar-attempt-log");
@@ -62,35 +64,6 @@ pub const HEADER_COST: HeaderName = HeaderName::from_static("x-llm-sidecar-cost-
 const MAX_BUFFERED_ANSWER: usize = 8 * 1024 * 1024;
 /// Message content recorded on a span (when enabled) is cut to this many bytes.
 const MAX_CONTENT_ATTRIBUTE: usize = 16 * 1024;
-
-/// What the request's answer was, for its log line, metrics, `/stats` and server span. The
-/// exchange fills it; a committed stream keeps filling it until its end.
-#[derive(Default)]
-pub struct Outcome {
-    /// Upstream attempts, the attempt header's number.
-    pub attempts: u32,
-    /// Moves from one target to another.
-    pub fallbacks: u32,
-    /// The answer came after at least one failed attempt.
-    pub fell_back: bool,
-    /// The last target tried, for a request that got no answer.
-    pub last: Option<Arc<TargetMetrics>>,
-    /// Reported usage of the answer, summed over a continued stream's parts.
-    pub usage: Option<Usage>,
-    pub bill: Bill,
-    pub ttft: Option<Duration>,
-    /// A committed stream broke and ended with an error event.
-    pub interrupted: bool,
-    /// The whole answer was handed over: a client that closes right after a stream's `[DONE]`
-    /// did not cancel anything.
-    pub complete: bool,
-}
-
-pub type SharedOutcome = Arc<Mutex<Outcome>>;
-
-pub fn lock(outcome: &SharedOutcome) -> MutexGuard<'_, Outcome> {
-    outcome.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Why an attempt is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +153,17 @@ pub struct Committed {
     pub route: Arc<Route>,
     pub side: ProviderKind,
     pub lease: Option<Lease>,
+    /// What the exchange found out up to the commit.
+    pub report: Report,
+    /// A stream's usage, cost and ending, sent by its pump before the client gets the last
+    /// bytes; `None` for a plain answer, whose report is whole already.
+    pub stream_end: Option<oneshot::Receiver<StreamEnd>>,
+}
+
+/// Every target failed: the one error the client gets, and what the exchange found out.
+pub struct GaveUp {
+    pub error: SidecarError,
+    pub report: Report,
 }
 
 pub struct Exchange {
@@ -211,7 +195,6 @@ pub struct Exchange {
     trace: tracing::Span,
     operation: Operation,
     meta: RequestMeta,
-    outcome: SharedOutcome,
 }
 
 impl Exchange {
@@ -227,7 +210,6 @@ impl Exchange {
         parsed: &RequestBody<'_>,
         route: Arc<Route>,
         trace: tracing::Span,
-        outcome: SharedOutcome,
     ) -> Exchange {
         let prefer = headers
             .get(HEADER_PREFER)
@@ -260,7 +242,6 @@ impl Exchange {
             trace,
             operation,
             meta,
-            outcome,
             core,
             snapshot,
             decision,
@@ -406,7 +387,7 @@ impl Exchange {
 
     /// Runs the request to a committed answer, or to one error that keeps the most meaningful
     /// upstream failure and lists every attempt.
-    pub async fn run(mut self) -> Result<Committed, SidecarError> {
+    pub async fn run(mut self) -> Result<Committed, GaveUp> {
         self.core.budget.record_request(Instant::now());
         let mut steps = std::mem::take(&mut self.steps);
         let skipped = std::mem::take(&mut self.skipped);
@@ -617,7 +598,10 @@ impl Exchange {
                 }
             }
         }
-        Err(self.give_up(worst, &skipped))
+        Err(GaveUp {
+            error: self.give_up(worst, &skipped),
+            report: self.report(),
+        })
     }
 }
 

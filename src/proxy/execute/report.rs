@@ -1,6 +1,6 @@
 //! What the exchange tells the client about itself: the headers every answer gets (attempts,
 //! fallbacks, the attempt log), a provider's refusal passed back as it is, the one error when
-//! every target failed, and the request's outcome.
+//! every target failed, and the report the exchange returns.
 
 use super::*;
 
@@ -78,12 +78,13 @@ impl Exchange {
                 .insert(header::CONTENT_TYPE, ct.clone());
         }
         self.add_headers(response.headers_mut(), step);
-        self.close_outcome();
         Committed {
             response,
             route: step.route.clone(),
             side: step.side,
             lease: None,
+            report: self.report(),
+            stream_end: None,
         }
     }
 
@@ -92,7 +93,6 @@ impl Exchange {
         worst: Option<Worst>,
         skipped: &[crate::routing::plan::Skipped],
     ) -> SidecarError {
-        self.close_outcome();
         let attempts: Vec<Value> = self.attempts.iter().map(AttemptRecord::json).collect();
         let skipped: Vec<Value> = skipped
             .iter()
@@ -172,21 +172,55 @@ impl Exchange {
         }
     }
 
-    /// Fills the request's outcome with the attempt count and failover.
-    pub(super) fn close_outcome(&self) -> bool {
-        let fell_back = self
-            .attempts
-            .iter()
-            .any(|a| a.outcome != AttemptOutcome::Answered);
-        let last = self
-            .attempts
-            .last()
-            .map(|a| self.core.metrics.target(a.step.target()));
-        let mut outcome = lock(&self.outcome);
-        outcome.last = last;
-        outcome.attempts = self.attempts.len().max(1) as u32;
-        outcome.fallbacks = self.moves() as u32;
-        outcome.fell_back = fell_back;
-        fell_back
+    /// What the attempts so far add up to: their count, the moves between targets, the last
+    /// target tried. Usage and cost are added by whoever settles the answer.
+    pub(super) fn report(&self) -> Report {
+        Report {
+            attempts: self.attempts.len().max(1) as u32,
+            fallbacks: self.moves() as u32,
+            fell_back: self.fell_back(),
+            last: self
+                .attempts
+                .last()
+                .map(|a| self.core.metrics.target(a.step.target())),
+            ..Report::default()
+        }
     }
+
+    /// The answer comes after at least one failed attempt.
+    pub(super) fn fell_back(&self) -> bool {
+        self.attempts
+            .iter()
+            .any(|a| a.outcome != AttemptOutcome::Answered)
+    }
+}
+
+/// What the exchange found out about a request: returned with its answer or its error, for the
+/// request's metrics, `/stats`, log line and span.
+#[derive(Clone, Default)]
+pub struct Report {
+    /// Upstream attempts, the attempt header's number.
+    pub attempts: u32,
+    /// Moves from one target to another.
+    pub fallbacks: u32,
+    /// The answer came after at least one failed attempt.
+    pub fell_back: bool,
+    /// The last target tried, for a request that got no answer.
+    pub last: Option<Arc<TargetMetrics>>,
+    /// Reported usage of a plain answer (a stream's comes in its [`StreamEnd`]).
+    pub usage: Option<Usage>,
+    pub bill: Bill,
+    pub ttft: Option<Duration>,
+    /// A plain answer read whole: the client got all of it once it was sent.
+    pub complete: bool,
+}
+
+/// How a committed stream ended, as its pump saw it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamEnd {
+    /// Reported usage of the part that finished the answer.
+    pub usage: Option<Usage>,
+    pub bill: Bill,
+    /// The stream broke and ended with an error event; otherwise it ended whole.
+    pub interrupted: bool,
 }

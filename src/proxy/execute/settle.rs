@@ -142,13 +142,6 @@ impl Exchange {
             }
         };
         handles.stats.tally.add_usage(reported.usage, bill);
-        {
-            let mut outcome = lock(&self.outcome);
-            if let Some(usage) = reported.usage {
-                outcome.usage.get_or_insert_with(Usage::default).add(usage);
-            }
-            outcome.bill.add(bill);
-        }
         if !span.is_disabled() {
             let mut attributes = Vec::with_capacity(8);
             if let Some(model) = reported.model {

@@ -13,14 +13,15 @@ impl Exchange {
         span: tracing::Span,
         started: Instant,
     ) -> Committed {
-        let fell_back = self.close_outcome();
+        let mut report = self.report();
+        let fell_back = report.fell_back;
         let target = step.target();
         let tally = &self.core.metrics.target(target).stats.tally;
         tally.sent();
         match answer {
             Answer::Plain { head, body, lease } => {
                 tally.answered(fell_back);
-                lock(&self.outcome).complete = matches!(body, PlainBody::Whole(_));
+                report.complete = matches!(body, PlainBody::Whole(_));
                 let mut response = Response::from_parts(head, ());
                 crate::proxy::strip_hop_by_hop(response.headers_mut());
                 self.add_headers(response.headers_mut(), step);
@@ -30,7 +31,9 @@ impl Exchange {
                             lease.release();
                         }
                         let reported = Reported::from_plain(&bytes, !span.is_disabled());
+                        report.usage = reported.usage;
                         let bill = self.settle(target, &step.route, &span, started, reported);
+                        report.bill = bill;
                         if let Some(cost) = bill.cost {
                             if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
                                 response.headers_mut().insert(HEADER_COST, value);
@@ -56,6 +59,8 @@ impl Exchange {
                     route: step.route.clone(),
                     side: step.side,
                     lease,
+                    report,
+                    stream_end: None,
                 }
             }
             Answer::Stream {
@@ -66,17 +71,19 @@ impl Exchange {
                 lease,
                 ttft,
             } => {
-                lock(&self.outcome).ttft = Some(ttft);
+                report.ttft = Some(ttft);
                 crate::proxy::strip_hop_by_hop(&mut head.headers);
                 head.headers.remove(header::CONTENT_LENGTH);
                 self.add_headers(&mut head.headers, step);
                 let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+                let (end_tx, end_rx) = oneshot::channel();
                 let route = step.route.clone();
                 let side = step.side;
                 let current = step.clone();
                 tokio::spawn(async move {
                     let mut pump = Pump {
                         tx,
+                        end: Some(end_tx),
                         state: StreamState::default(),
                         usage_added: self.usage_added,
                         metrics: self.core.metrics.clone(),
@@ -102,6 +109,8 @@ impl Exchange {
                     route,
                     side,
                     lease: None,
+                    report,
+                    stream_end: Some(end_rx),
                 }
             }
         }
@@ -121,7 +130,6 @@ impl Exchange {
         if std::mem::replace(&mut segment.settled, true) {
             return;
         }
-        lock(&self.outcome).complete = true;
         let target = segment.step.target();
         self.core.health.record_answered(target);
         let tally = &self.core.metrics.target(target).stats.tally;
@@ -130,13 +138,19 @@ impl Exchange {
         if otel::record_content() {
             reported.content = Some(cut(&pump.state.text[pump.state.segment_start..]));
         }
-        self.settle(
+        let usage = reported.usage;
+        let bill = self.settle(
             target,
             &segment.step.route,
             &segment.span,
             segment.started,
             reported,
         );
+        pump.conclude(StreamEnd {
+            usage,
+            bill,
+            interrupted: false,
+        });
     }
 
     /// Forwards one event; a `[DONE]` settles the part first, so the answer is billed before
@@ -289,7 +303,10 @@ impl Exchange {
             }
             let Some((next, next_body, next_parser, prefix, next_lease)) = continued else {
                 self.core.metrics.record_stream_interruption("error_event");
-                lock(&self.outcome).interrupted = true;
+                pump.conclude(StreamEnd {
+                    interrupted: true,
+                    ..StreamEnd::default()
+                });
                 let error = json!({
                     "error": {
                         "message": format!("the answer was interrupted and could not be continued: {original}"),
@@ -347,12 +364,22 @@ pub(super) struct StreamState {
 
 pub(super) struct Pump {
     pub(super) tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    /// Where the stream's ending goes, once, before the client can see it (the request's
+    /// record reads it when the response body ends). Dropped unsent when the client left.
+    pub(super) end: Option<oneshot::Sender<StreamEnd>>,
     pub(super) state: StreamState,
     pub(super) usage_added: bool,
     pub(super) metrics: Arc<Metrics>,
 }
 
 impl Pump {
+    pub(super) fn conclude(&mut self, end: StreamEnd) {
+        if let Some(tx) = self.end.take() {
+            // The receiver is gone only when the client is, and then nobody needs it.
+            let _ = tx.send(end);
+        }
+    }
+
     pub(super) async fn send(&mut self, bytes: Bytes) -> bool {
         self.tx.send(Ok(Frame::data(bytes))).await.is_ok()
     }
