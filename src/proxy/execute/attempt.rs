@@ -118,9 +118,9 @@ impl Exchange {
         let body = self.body_for(target, prefill, first);
         let request = crate::outbound::request(
             &target.provider,
-            self.method.clone(),
-            &self.path_and_query,
-            self.headers.clone(),
+            self.call.method.clone(),
+            &self.call.path_and_query,
+            self.call.headers.clone(),
             body,
             span,
         )

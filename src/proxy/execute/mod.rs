@@ -166,15 +166,21 @@ pub struct GaveUp {
     pub report: Report,
 }
 
+/// A model request as the client sent it.
+pub struct Call {
+    pub method: Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub bytes: Bytes,
+}
+
 pub struct Exchange {
     core: Arc<Core>,
     snapshot: Arc<Snapshot>,
     /// The side order and its reason (flags, guard, rollout bucket).
     decision: Decision,
-    method: Method,
-    path_and_query: String,
-    headers: HeaderMap,
-    bytes: Bytes,
+    /// The client's request, as it is sent on (headers stripped of the sidecar's own).
+    call: Call,
     route: Arc<Route>,
     stream: bool,
     /// The client did not ask for usage in its stream; the sidecar asked, and strips it.
@@ -198,19 +204,16 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         core: Arc<Core>,
         snapshot: Arc<Snapshot>,
         decision: Decision,
-        method: Method,
-        path_and_query: String,
-        headers: HeaderMap,
-        bytes: Bytes,
+        mut call: Call,
         parsed: &RequestBody<'_>,
         route: Arc<Route>,
         trace: tracing::Span,
     ) -> Exchange {
+        let headers = &call.headers;
         let prefer = headers
             .get(HEADER_PREFER)
             .and_then(|v| v.to_str().ok())
@@ -222,8 +225,7 @@ impl Exchange {
                 matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
             });
         // The sidecar's own request headers are read here and never forwarded.
-        let mut headers = headers;
-        super::strip_request_headers(&mut headers);
+        super::strip_request_headers(&mut call.headers);
         let stream = parsed.stream;
         let usage_added = stream
             && !parsed
@@ -232,7 +234,7 @@ impl Exchange {
                 .is_some_and(|o| o["include_usage"] == Value::Bool(true));
         let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
         let deadline = Instant::now() + snapshot.resilience.deadline;
-        let operation = Operation::from_path(&path_and_query);
+        let operation = Operation::from_path(&call.path_and_query);
         let meta = if !trace.is_disabled() {
             RequestMeta::read(parsed)
         } else {
@@ -245,10 +247,7 @@ impl Exchange {
             core,
             snapshot,
             decision,
-            method,
-            path_and_query,
-            headers,
-            bytes,
+            call,
             route,
             stream,
             usage_added,
@@ -304,7 +303,7 @@ impl Exchange {
         if self.prompt_tokens <= largest {
             return;
         }
-        let Ok(parsed) = RequestBody::parse(&self.bytes) else {
+        let Ok(parsed) = RequestBody::parse(&self.call.bytes) else {
             return;
         };
         let Some(mut messages) = parsed
@@ -333,9 +332,9 @@ impl Exchange {
         if let (Some(body), None, true) = (&self.first_body, prefill, first) {
             return body.clone();
         }
-        match RequestBody::parse(&self.bytes) {
+        match RequestBody::parse(&self.call.bytes) {
             Ok(parsed) => self.render_body(&parsed, target, prefill),
-            Err(_) => self.bytes.clone(),
+            Err(_) => self.call.bytes.clone(),
         }
     }
 
@@ -367,7 +366,7 @@ impl Exchange {
             overrides.push(("messages", m));
         }
         if overrides.is_empty() && parsed.model.as_deref() == Some(target.model.as_str()) {
-            return self.bytes.clone();
+            return self.call.bytes.clone();
         }
         let borrowed: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
         parsed.render(&target.model, &borrowed)
