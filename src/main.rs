@@ -226,8 +226,9 @@ fn inject(args: llm_sidecar::inject::server::InjectArgs) -> ExitCode {
     rt.block_on(async move {
         telemetry::init_logging(settings.log_format);
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        let terminated = termination();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            terminated.await;
             tracing::info!("shutting down the injector");
             let _ = stop.send(true);
         });
@@ -291,6 +292,7 @@ fn run(config_flag: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
+        let terminated = termination();
         let sidecar = match Sidecar::start(&settings, &text, source, Arc::new(ProcessEnv)).await {
             Ok(s) => s,
             Err(err) => {
@@ -298,7 +300,7 @@ fn run(config_flag: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         };
-        wait_for_signal().await;
+        terminated.await;
         tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight requests");
         sidecar.shutdown();
         let drained = sidecar.wait().await;
@@ -315,17 +317,24 @@ fn run(config_flag: Option<PathBuf>) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or ctrl-c; both are listened for from the moment this returns, so a
+/// signal that comes while the sidecar is still starting stops it cleanly instead of killing it
+/// with the default action.
+fn termination() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (term, interrupt) {
+            (Ok(mut term), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
             }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
