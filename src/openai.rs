@@ -144,6 +144,11 @@ impl<'a> RequestBody<'a> {
     }
 
     /// The raw JSON of a top-level field.
+    /// Every top-level field, in the order the client wrote them.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
+        self.fields.iter().map(|(k, v)| (k.as_ref(), *v))
+    }
+
     pub fn field(&self, name: &str) -> Option<&'a RawValue> {
         self.fields
             .iter()
