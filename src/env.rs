@@ -32,23 +32,24 @@ pub const ENV_POD_NAME: &str = "POD_NAME";
 /// to clock readings on the request path, where a longer one would overflow (and panic).
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
-/// Durations are written with a unit: `250ms`, `15s`, `2m`; at most [`MAX_DURATION`].
+/// Durations are written with a unit: `250ms`, `15s`, `2m`, `24h`; at most [`MAX_DURATION`].
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let split = raw
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| "missing unit (use ms, s or m, e.g. `15s`)".to_string())?;
+        .ok_or_else(|| "missing unit (use ms, s, m or h, e.g. `15s`)".to_string())?;
     let (number, unit) = raw.split_at(split);
     let n: u64 = number
         .parse()
-        .map_err(|_| "expected a whole number followed by ms, s or m".to_string())?;
+        .map_err(|_| "expected a whole number followed by ms, s, m or h".to_string())?;
     let duration = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("unknown unit `{unit}` (use ms, s or m)")),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("unknown unit `{unit}` (use ms, s, m or h)")),
     };
     if duration > MAX_DURATION {
-        return Err("must be at most 365 days (525600m)".into());
+        return Err("must be at most 365 days (8760h)".into());
     }
     Ok(duration)
 }

@@ -386,11 +386,19 @@ mod tests {
     fn durations_need_units() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("s").is_err());
         // Up to a year; past it (and past u64 minutes) an error, not an overflow.
         assert_eq!(parse_duration("525600m"), Ok(MAX_DURATION));
-        for long in ["525601m", "307445734561825861m", "18446744073709551615s"] {
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        for long in [
+            "525601m",
+            "8761h",
+            "307445734561825861m",
+            "18446744073709551615s",
+            "18446744073709551615h",
+        ] {
             let err = parse_duration(long).unwrap_err();
             assert!(err.contains("at most 365 days"), "{long}: {err}");
         }

@@ -65,6 +65,13 @@ pub enum Mode {
 }
 
 impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Deterministic => "deterministic",
+            Mode::Always => "always",
+        }
+    }
+
     /// The request may be answered from, and stored in, the cache.
     pub fn admits(self, body: &RequestBody<'_>) -> bool {
         match self {

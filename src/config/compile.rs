@@ -133,10 +133,10 @@ pub(super) fn field_path(path: &serde_path_to_error::Path) -> String {
     out
 }
 
-pub(super) struct Errors(Vec<FieldError>);
+pub(crate) struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
             message: message.into(),
@@ -210,6 +210,7 @@ pub(crate) fn compile_raw(
     let resilience = compile_resilience(&raw.resilience, &mut errors);
     let guard = compile_guard(&raw.guard, &mut errors);
     let shadow = compile_shadow(&raw.shadow, &mut errors);
+    let cache_max_bytes = super::cache::compile_max_bytes(&raw.cache, &mut errors);
     let passthrough = match &raw.passthrough.paths {
         None => crate::path::Allowlist::default(),
         Some(paths) => crate::path::Allowlist::new(paths).unwrap_or_else(|problems| {
@@ -390,6 +391,12 @@ pub(crate) fn compile_raw(
             truncate_to_fit: r.truncate_to_fit,
             relay,
             official,
+            cache: super::cache::compile_route(&path, r.cache, &mut errors),
+            static_fallback: super::cache::compile_static_fallback(
+                &path,
+                r.static_fallback,
+                &mut errors,
+            ),
             smallest_window: std::sync::OnceLock::new(),
         });
         for model in std::iter::once(&route.name).chain(route.aliases.iter()) {
@@ -451,6 +458,7 @@ pub(crate) fn compile_raw(
         guard,
         shadow,
         passthrough,
+        cache_max_bytes,
         providers,
         routes,
         default_route,

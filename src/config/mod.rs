@@ -1,6 +1,7 @@
 //! Routing config: parse, validate (every error names its field path), and compile into one
 //! immutable [`Snapshot`] that a request loads once and uses throughout.
 
+pub mod cache;
 mod compile;
 pub mod layers;
 pub mod schema;
@@ -315,6 +316,11 @@ pub struct Route {
     pub truncate_to_fit: bool,
     pub relay: Option<Target>,
     pub official: Option<Target>,
+    /// How the route's answers are cached; `None`: they are not.
+    pub cache: Option<crate::cache::Policy>,
+    /// Served, marked `x-llm-sidecar-path: static`, only when every target failed and nothing
+    /// is cached.
+    pub static_fallback: Option<String>,
     /// The smallest context window of the route and its fallbacks, found on first use (a
     /// route belongs to one snapshot, whose fallbacks never change).
     smallest_window: std::sync::OnceLock<Option<u64>>,
@@ -364,6 +370,8 @@ pub struct Snapshot {
     pub shadow: ShadowConfig,
     /// The paths passed through to providers besides the model endpoints.
     pub passthrough: crate::path::Allowlist,
+    /// The response cache's bound, in bytes of answers.
+    pub cache_max_bytes: u64,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
@@ -436,6 +444,12 @@ impl Snapshot {
                     json!({
                         "aliases": r.aliases,
                         "context_window": r.context_window,
+                        "cache": r.cache.map(|c| json!({
+                            "ttl_ms": c.ttl.as_millis() as u64,
+                            "max_stale_ms": c.max_stale.as_millis() as u64,
+                            "mode": c.mode.as_str(),
+                        })),
+                        "static_fallback": r.static_fallback.is_some(),
                         "relay": target(&r.relay),
                         "official": target(&r.official),
                     }),
@@ -459,6 +473,7 @@ impl Snapshot {
             "timeouts": { "response_headers_ms": self.timeouts.response_headers.as_millis() as u64 },
             "default_route": self.default_route.as_ref().map(|r| r.name.clone()),
             "passthrough": { "paths": self.passthrough.describe() },
+            "cache": { "max_bytes": self.cache_max_bytes },
             "providers": providers,
             "routes": routes,
         })

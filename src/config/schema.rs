@@ -31,6 +31,9 @@ pub struct RawConfig {
     pub shadow: RawShadow,
     #[serde(default)]
     pub passthrough: RawPassthrough,
+    /// The response cache's sidecar-wide bounds.
+    #[serde(default)]
+    pub cache: RawCache,
     pub providers: BTreeMap<String, RawProvider>,
     pub routes: BTreeMap<String, RawRoute>,
 }
@@ -148,6 +151,35 @@ pub struct RawRoute {
     pub relay: Option<RawTarget>,
     #[serde(default)]
     pub official: Option<RawTarget>,
+    /// Answers of this route kept and served again; absent: not cached.
+    #[serde(default)]
+    pub cache: Option<RawRouteCache>,
+    /// Text served, marked as such, only when every target failed and nothing is cached.
+    #[serde(default)]
+    pub static_fallback: Option<String>,
+}
+
+/// The response cache's bounds, for the whole sidecar.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// `64MiB`, `512KiB`, `1GiB`, or a number of bytes.
+    #[serde(default)]
+    pub max_bytes: Option<FlagValue>,
+}
+
+/// How a route caches its answers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteCache {
+    /// Fresh for this long (`10m`).
+    pub ttl: String,
+    /// Kept, and served marked stale when every target failed, until this old (default: `ttl`).
+    #[serde(default)]
+    pub max_stale: Option<String>,
+    /// `deterministic` (temperature 0 or a seed only, the default) or `always`.
+    #[serde(default)]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
