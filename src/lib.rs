@@ -171,6 +171,15 @@ impl Sidecar {
             metrics: metrics.clone(),
             guard: routing::guard::Guard::new(metrics.clone()),
             shadows: Arc::new(shadow::Shadows::new(metrics.clone())),
+            cache: {
+                let evictions = metrics.cache.evictions.clone();
+                cache::Shared::new(
+                    config::cache::DEFAULT_MAX_BYTES,
+                    Arc::new(move || {
+                        evictions.inc();
+                    }),
+                )
+            },
         });
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),

@@ -140,7 +140,7 @@ mod tests {
                 Joined::Leader(_) => panic!("only one leader per key"),
             })
             .collect();
-        let cache = Cache::new(1 << 20);
+        let cache = Cache::new(1 << 20, || {});
         let body = r#"{"object":"chat.completion","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}]}"#;
         let policy = Policy {
             ttl: Duration::from_secs(60),

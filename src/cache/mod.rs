@@ -11,3 +11,45 @@ pub use answer::{Assembler, Stored};
 pub use flight::{Flights, Joined, Landed, Leader, Waiter};
 pub use key::{Key, Mode};
 pub use store::{Cache, Entry, Lookup, Policy};
+
+use std::sync::Arc;
+
+/// The process's cache and its flights, kept across config reloads; the cache is built anew
+/// (empty) only when the config's size bound changes.
+pub struct Shared {
+    cache: arc_swap::ArcSwap<(u64, Arc<Cache>)>,
+    pub flights: Arc<Flights>,
+    evicted: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Shared {
+    /// `evicted` runs for each answer dropped for room or for age.
+    pub fn new(max_bytes: u64, evicted: Arc<dyn Fn() + Send + Sync>) -> Shared {
+        let cache = Self::build(&evicted, max_bytes);
+        Shared {
+            cache: arc_swap::ArcSwap::from_pointee((max_bytes, cache)),
+            flights: Default::default(),
+            evicted,
+        }
+    }
+
+    fn build(evicted: &Arc<dyn Fn() + Send + Sync>, max_bytes: u64) -> Arc<Cache> {
+        let evicted = evicted.clone();
+        Arc::new(Cache::new(max_bytes, move || evicted()))
+    }
+
+    /// The cache for a config whose bound is `max_bytes`.
+    pub fn cache(&self, max_bytes: u64) -> Arc<Cache> {
+        let current = self.cache.load();
+        if current.0 == max_bytes {
+            return current.1.clone();
+        }
+        let cache = Self::build(&self.evicted, max_bytes);
+        self.cache.store(Arc::new((max_bytes, cache.clone())));
+        tracing::info!(
+            max_bytes,
+            "the response cache's size bound changed: it starts empty"
+        );
+        cache
+    }
+}

@@ -67,8 +67,9 @@ impl moka::Expiry<Key, Arc<Entry>> for KeepFor {
 }
 
 impl Cache {
-    /// A cache of at most `max_bytes` of answers.
-    pub fn new(max_bytes: u64) -> Cache {
+    /// A cache of at most `max_bytes` of answers; `evicted` runs for each one dropped for room
+    /// or for age.
+    pub fn new(max_bytes: u64, evicted: impl Fn() + Send + Sync + 'static) -> Cache {
         let evictions = Arc::new(AtomicU64::new(0));
         let counted = evictions.clone();
         let entries = moka::sync::Cache::builder()
@@ -80,10 +81,16 @@ impl Cache {
             .eviction_listener(move |_key, _entry, cause| {
                 if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
                     counted.fetch_add(1, Ordering::Relaxed);
+                    evicted();
                 }
             })
             .build();
         Cache { entries, evictions }
+    }
+
+    /// Bytes and entries held, as last counted (without waiting for pending upkeep).
+    pub fn size(&self) -> (u64, u64) {
+        (self.entries.weighted_size(), self.entries.entry_count())
     }
 
     /// The entry for `key` as `policy` sees it now: fresh, stale, or nothing usable.
@@ -173,7 +180,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn fresh_for_the_ttl_then_stale_until_max_stale_then_gone() {
-        let cache = Cache::new(1 << 20);
+        let cache = Cache::new(1 << 20, || {});
         let start = Instant::now();
         cache.put(key(1), answer("hi"), Some(0.002), &POLICY, start);
         assert!(matches!(
@@ -211,7 +218,7 @@ mod tests {
     fn bytes_bound_evicts() {
         let one = answer(&"x".repeat(1000));
         let weight = one.weight() as u64 + 128;
-        let cache = Cache::new(weight * 10);
+        let cache = Cache::new(weight * 10, || {});
         let now = Instant::now();
         for n in 0..100 {
             cache.put(key(n), answer(&"x".repeat(1000)), None, &POLICY, now);

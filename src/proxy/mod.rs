@@ -1,6 +1,7 @@
 //! The data plane: reads an OpenAI-compatible request once, picks the target from one config
 //! snapshot, swaps the app's credentials for the provider's, and streams the answer back.
 
+mod cached;
 pub mod execute;
 
 mod headers;
@@ -36,6 +37,8 @@ use crate::upstream::{Lease, UpstreamError};
 use execute::{Core, Exchange};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use cached::Looked;
+pub use cached::HEADER_CACHE;
 pub(crate) use headers::{add_route_headers, decide_side, strip_hop_by_hop, strip_request_headers};
 pub use headers::{HEADER_ROLLOUT_BUCKET, HEADER_ROLLOUT_KEY};
 use observe::{incoming_trace_id, server_span, Record, Served};
@@ -113,9 +116,15 @@ impl Proxy {
             tracing::debug!(error = %err, "request answered with a sidecar error");
             err.into_response().map(full)
         });
+        let mut response = response;
+        if let Some(status) = served.cache {
+            // Every model answer says how it was found, errors included.
+            response
+                .headers_mut()
+                .insert(HEADER_CACHE, HeaderValue::from_static(status.as_str()));
+        }
         record.served = served;
         record.status = response.status().as_u16();
-        let mut response = response;
         // The answer speaks the protocol of the client's connection, whatever the provider's
         // was (an HTTP/1.0 upstream must not make an HTTP/1.1 client read a 1.0 status line).
         *response.version_mut() = http::Version::default();
@@ -409,8 +418,9 @@ impl Proxy {
         bytes: Bytes,
         span: &tracing::Span,
     ) -> Handled {
-        let mut served = Served::counted();
         let (core, trace, body) = (self.core.clone(), span.clone(), bytes.clone());
+        let path = parts.uri.path().to_string();
+        let max_bytes = snapshot.cache_max_bytes;
         let prepare = move || prepare(core, snapshot, parts, body, trace);
         // Reading a large body (parse, prompt estimate, rendering) takes milliseconds: off the
         // worker, so the other connections it serves are not held up meanwhile.
@@ -425,16 +435,31 @@ impl Proxy {
                     )))
                 })
         };
-        let (exchange, shadow) = match prepared {
+        let Prepared {
+            mut exchange,
+            shadow,
+            cache,
+        } = match prepared {
             Ok(prepared) => prepared,
-            Err(err) => return (Err(err), served),
+            Err(err) => return (Err(err), Served::counted()),
         };
+        let ctx = cached::Context::new(cache, &exchange, &self.core.cache, max_bytes, path);
+        match self.look_up(&ctx).await {
+            Looked::Served(handled) => return *handled,
+            Looked::Lead(leader) => {
+                if let Some(capture) = ctx.capture(leader) {
+                    exchange.capture(capture);
+                }
+            }
+        }
         let committed = match exchange.run().await {
             Ok(committed) => committed,
-            Err(gave_up) => {
-                served.report = Some(gave_up.report);
-                return (Err(gave_up.error), served);
-            }
+            Err(gave_up) => return self.last_resort(&ctx, gave_up),
+        };
+        self.answered(&ctx);
+        let mut served = Served {
+            cache: Some(ctx.status()),
+            ..Served::counted()
         };
         if let Some(target) = committed.route.target(committed.side) {
             served.target = Some(self.metrics.target(target));
@@ -471,6 +496,14 @@ impl Proxy {
 /// Bodies from this size on are read on the blocking pool rather than on a data-port worker.
 const OFFLOAD_BODY_BYTES: usize = 256 * 1024;
 
+/// A model request ready to run: its exchange, and what was decided for its shadow and its
+/// cache use while its body was read.
+struct Prepared {
+    exchange: Exchange,
+    shadow: Option<ShadowPlan>,
+    cache: cached::Use,
+}
+
 /// What an exchange's shadow needs, decided before the exchange runs.
 type ShadowPlan = (Arc<Snapshot>, Method, String, bool, tokio::time::Instant);
 
@@ -482,7 +515,7 @@ fn prepare(
     parts: http::request::Parts,
     bytes: Bytes,
     span: tracing::Span,
-) -> Result<(Exchange, Option<ShadowPlan>), SidecarError> {
+) -> Result<Prepared, SidecarError> {
     let parsed =
         RequestBody::parse(&bytes).map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
     let Some(model) = parsed.model.as_deref() else {
@@ -515,6 +548,7 @@ fn prepare(
             tokio::time::Instant::now(),
         )
     });
+    let cache = cached::Use::decide(&route, parts.uri.path(), &parts.headers, &parsed);
     let exchange = Exchange::new(
         core,
         snapshot,
@@ -529,7 +563,11 @@ fn prepare(
         route,
         span,
     );
-    Ok((exchange, shadow))
+    Ok(Prepared {
+        exchange,
+        shadow,
+        cache,
+    })
 }
 
 /// Puts the request's path in the form it is served and forwarded in ([`crate::path`]), or

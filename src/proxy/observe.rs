@@ -2,6 +2,7 @@
 //! body ends, feeding the request metrics, `/stats`, the access log line and the SERVER span.
 
 use super::*;
+use crate::telemetry::cache::CacheStatus;
 use crate::telemetry::cost::{Bill, Usage};
 use execute::{Report, StreamEnd};
 use tokio::sync::oneshot;
@@ -23,6 +24,10 @@ pub(super) struct Served {
     pub(super) report: Option<Report>,
     /// A committed stream's ending, sent by its pump.
     pub(super) stream_end: Option<oneshot::Receiver<StreamEnd>>,
+    /// How the answer was found, on model requests.
+    pub(super) cache: Option<CacheStatus>,
+    /// The route's static fallback answered: every target failed, and nothing was cached.
+    pub(super) static_answer: bool,
 }
 
 impl Served {
@@ -96,7 +101,11 @@ impl Record {
             None => (report.usage, report.bill, false, report.complete),
         };
         let success = (200..300).contains(&self.status);
-        let outcome = if success && interrupted {
+        let outcome = if success && served.static_answer {
+            RequestOutcome::Static
+        } else if success && served.cache == Some(CacheStatus::Stale) {
+            RequestOutcome::Stale
+        } else if success && interrupted {
             RequestOutcome::Interrupted
         } else if success && !completed && !complete {
             RequestOutcome::Cancelled
@@ -197,7 +206,9 @@ impl Record {
             total.sent();
             match f.outcome {
                 RequestOutcome::Success => total.answered(false),
-                RequestOutcome::Fallback => total.answered(true),
+                RequestOutcome::Fallback | RequestOutcome::Stale | RequestOutcome::Static => {
+                    total.answered(true)
+                }
                 _ => total.failed(),
             }
             total.latency.record(f.elapsed);
@@ -227,6 +238,7 @@ impl Record {
             output_tokens = f.usage.map(|u| u.output),
             cost_usd = f.bill.cost.map(round_usd),
             savings_usd = f.bill.savings().map(round_usd),
+            cache = self.served.cache.map(CacheStatus::as_str),
             trace_id = self.trace_id.as_deref(),
             "request"
         );
@@ -252,6 +264,9 @@ impl Record {
         if let Some(cost) = f.bill.cost {
             attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
         }
+        if let Some(cache) = self.served.cache {
+            attributes.push(KeyValue::new("llm_sidecar.cache", cache.as_str()));
+        }
         let failed = !matches!(
             f.outcome,
             RequestOutcome::Success | RequestOutcome::Fallback
@@ -276,6 +291,10 @@ pub(super) enum RequestOutcome {
     Interrupted,
     /// The client went away before the answer was whole.
     Cancelled,
+    /// Every target failed; an older answer from the cache was served, marked stale.
+    Stale,
+    /// Every target failed and nothing was cached; the route's static fallback was served.
+    Static,
     /// Every target failed, or the provider refused a pass-through call.
     UpstreamError,
     /// Answered by the sidecar itself (a bad request, an unknown model, a limit).
@@ -289,6 +308,8 @@ impl RequestOutcome {
             RequestOutcome::Fallback => "fallback",
             RequestOutcome::Interrupted => "interrupted",
             RequestOutcome::Cancelled => "cancelled",
+            RequestOutcome::Stale => "stale",
+            RequestOutcome::Static => "static",
             RequestOutcome::UpstreamError => "upstream_error",
             RequestOutcome::Rejected => "rejected",
         }

@@ -198,6 +198,8 @@ pub struct Metrics {
     pub shadow_log_dropped: Counter,
     /// Equivalent pairs over compared pairs since start.
     pub shadow_equivalence_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The response cache's counts.
+    pub cache: super::cache::CacheMetrics,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
     /// Every target's handles by `Target::metrics_key`, read without a lock; replaced whole
@@ -249,6 +251,7 @@ impl Metrics {
             shadow_in_flight: Gauge::default(),
             shadow_log_dropped: Counter::default(),
             shadow_equivalence_rate: Gauge::default(),
+            cache: Default::default(),
             none_label: Arc::from("none"),
             targets: Default::default(),
         };
@@ -434,6 +437,7 @@ impl Metrics {
             "Committed streams that broke, by what the client got: continued or error_event",
             metrics.stream_interruptions.clone(),
         );
+        metrics.cache.register(registry);
         metrics
     }
 

@@ -1,5 +1,6 @@
 //! Logs, OpenTelemetry traces, Prometheus metrics and the `/stats` totals.
 
+pub mod cache;
 pub mod cost;
 pub mod metrics;
 pub mod otel;

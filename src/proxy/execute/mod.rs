@@ -95,6 +95,8 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     pub guard: crate::routing::guard::Guard,
     pub shadows: Arc<crate::shadow::Shadows>,
+    /// The response cache and its flights.
+    pub cache: crate::cache::Shared,
 }
 
 /// How one attempt ended.
@@ -166,6 +168,27 @@ pub struct GaveUp {
     pub report: Report,
 }
 
+/// Where the exchange stores its answer once it is complete, and who waits for it.
+pub struct Capture {
+    pub cache: Arc<crate::cache::Cache>,
+    pub key: crate::cache::Key,
+    pub policy: crate::cache::Policy,
+    /// Identical requests wait for this one's answer; dropped unlanded, they go on their own.
+    pub leader: Option<crate::cache::Leader>,
+}
+
+impl Capture {
+    /// Stores a complete answer and hands it to the waiters.
+    fn store(mut self, answer: crate::cache::Stored, cost: Option<f64>) {
+        let entry = self
+            .cache
+            .put(self.key, answer, cost, &self.policy, Instant::now());
+        if let Some(leader) = self.leader.take() {
+            leader.landed(entry);
+        }
+    }
+}
+
 /// A model request as the client sent it.
 pub struct Call {
     pub method: Method,
@@ -197,6 +220,8 @@ pub struct Exchange {
     skipped: Vec<crate::routing::plan::Skipped>,
     /// The body for the first planned target, rendered while the request was parsed anyway.
     first_body: Option<Bytes>,
+    /// Where a complete answer is stored, when the route caches this request.
+    capture: Option<Capture>,
     /// The request's server span, parent of the attempt spans (disabled without tracing).
     trace: tracing::Span,
     operation: Operation,
@@ -261,6 +286,7 @@ impl Exchange {
             steps: Vec::new(),
             skipped: Vec::new(),
             first_body: None,
+            capture: None,
         };
         exchange.truncate_if_needed();
         let (steps, skipped) = exchange.plan_steps();
@@ -271,6 +297,30 @@ impl Exchange {
         exchange.steps = steps;
         exchange.skipped = skipped;
         exchange
+    }
+
+    pub fn route(&self) -> &Arc<Route> {
+        &self.route
+    }
+
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// The client asked for a stream.
+    pub fn streams(&self) -> bool {
+        self.stream
+    }
+
+    /// A streaming client asked for the usage chunk itself.
+    pub fn client_asked_usage(&self) -> bool {
+        self.stream && !self.usage_added
+    }
+
+    /// Stores the answer in the cache once it is complete (a plain success, or a stream that
+    /// finished on its first target).
+    pub fn capture(&mut self, capture: Capture) {
+        self.capture = Some(capture);
     }
 
     fn plan_steps(&self) -> (Vec<Step>, Vec<crate::routing::plan::Skipped>) {

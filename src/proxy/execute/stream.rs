@@ -6,7 +6,7 @@ use super::*;
 
 impl Exchange {
     pub(super) fn commit(
-        self,
+        mut self,
         step: &Step,
         answer: Answer,
         rest: Vec<Step>,
@@ -34,6 +34,14 @@ impl Exchange {
                         report.usage = reported.usage;
                         let bill = self.settle(target, &step.route, &span, started, reported);
                         report.bill = bill;
+                        let storable = response
+                            .status()
+                            .is_success()
+                            .then(|| crate::cache::Stored::from_plain(bytes.clone()))
+                            .flatten();
+                        if let (Some(capture), Some(answer)) = (self.capture.take(), storable) {
+                            capture.store(answer, bill.cost);
+                        }
                         if let Some(cost) = bill.cost {
                             if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
                                 response.headers_mut().insert(HEADER_COST, value);
@@ -80,10 +88,15 @@ impl Exchange {
                 let route = step.route.clone();
                 let side = step.side;
                 let current = step.clone();
+                let capture = self
+                    .capture
+                    .take()
+                    .map(|c| (c, crate::cache::Assembler::default()));
                 tokio::spawn(async move {
                     let mut pump = Pump {
                         tx,
                         end: Some(end_tx),
+                        capture,
                         state: StreamState::default(),
                         usage_added: self.usage_added,
                         metrics: self.core.metrics.clone(),
@@ -146,6 +159,12 @@ impl Exchange {
             segment.started,
             reported,
         );
+        // An answer continued on another target has a seam: it is not stored.
+        if let Some((capture, assembler)) = pump.capture.take().filter(|_| !pump.state.continuing) {
+            if let Some(answer) = assembler.finish() {
+                capture.store(answer, bill.cost);
+            }
+        }
         pump.conclude(StreamEnd {
             usage,
             bill,
@@ -367,6 +386,8 @@ pub(super) struct Pump {
     /// Where the stream's ending goes, once, before the client can see it (the request's
     /// record reads it when the response body ends). Dropped unsent when the client left.
     pub(super) end: Option<oneshot::Sender<StreamEnd>>,
+    /// Where the answer goes once it is complete, and what has been seen of it.
+    pub(super) capture: Option<(Capture, crate::cache::Assembler)>,
     pub(super) state: StreamState,
     pub(super) usage_added: bool,
     pub(super) metrics: Arc<Metrics>,
@@ -389,6 +410,9 @@ impl Pump {
         let Some(data) = &event.data else {
             return self.send(event.raw).await;
         };
+        if let Some((_, assembler)) = &mut self.capture {
+            assembler.push(data);
+        }
         match inspect(data) {
             Chunk::Done => {
                 self.state.done = true;

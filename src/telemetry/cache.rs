@@ -1,0 +1,203 @@
+//! What the response cache did: per route, how each answer was found (hit, miss, stale,
+//! bypass), the requests that waited for an identical one, and what hits saved; for the whole
+//! sidecar, its bytes, entries and evictions. Prometheus and `/stats` read the same counts.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+
+/// How an answer was found, the `x-llm-sidecar-cache` header's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheStatus {
+    /// Served from the cache, fresh (or from an identical request's answer).
+    Hit,
+    /// Not in the cache: a provider answered.
+    Miss,
+    /// Every target failed; an older answer was served, marked so.
+    Stale,
+    /// The cache was not used: the route does not cache, the request is not deterministic,
+    /// or the client said `skip` or `no-store`.
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: Arc<str>,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: Arc<str>,
+}
+
+type F64Counter = Counter<f64, AtomicU64>;
+
+/// One route's cache counts for `/stats`.
+#[derive(Default)]
+struct RouteTally {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    bypass: AtomicU64,
+    coalesced: AtomicU64,
+    static_fallbacks: AtomicU64,
+    /// What the hits would have cost, in nano-USD.
+    savings_nano: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct CacheMetrics {
+    pub lookups: Family<CacheLabels, Counter>,
+    pub coalesced: Family<RouteLabels, Counter>,
+    pub static_fallbacks: Family<RouteLabels, Counter>,
+    pub savings: Family<RouteLabels, F64Counter>,
+    pub evictions: Counter,
+    pub bytes: Gauge,
+    pub entries: Gauge,
+    routes: Mutex<Vec<(Arc<str>, Arc<RouteTally>)>>,
+}
+
+impl CacheMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cache_lookups",
+            "Model requests by how their answer was found: hit, miss, stale (served after every target failed) or bypass",
+            self.lookups.clone(),
+        );
+        registry.register(
+            "cache_coalesced",
+            "Requests served the answer of an identical request in flight instead of calling a provider",
+            self.coalesced.clone(),
+        );
+        registry.register(
+            "cache_static_fallbacks",
+            "Requests answered with the route's static_fallback text after every target failed",
+            self.static_fallbacks.clone(),
+        );
+        registry.register(
+            "cache_savings_usd",
+            "What the answers served from the cache cost when they were bought, in USD",
+            self.savings.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Cached answers dropped for room or for age",
+            self.evictions.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes of answers the cache holds",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Answers the cache holds",
+            self.entries.clone(),
+        );
+    }
+
+    fn route(&self, route: &Arc<str>) -> Arc<RouteTally> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, tally)) = routes.iter().find(|(name, _)| name == route) {
+            return tally.clone();
+        }
+        let tally = Arc::new(RouteTally::default());
+        routes.push((route.clone(), tally.clone()));
+        tally
+    }
+
+    /// Counts how a model request's answer was found.
+    pub fn looked_up(&self, route: &Arc<str>, status: CacheStatus) {
+        self.lookups
+            .get_or_create(&CacheLabels {
+                route: route.clone(),
+                result: status.as_str(),
+            })
+            .inc();
+        let tally = self.route(route);
+        match status {
+            CacheStatus::Hit => &tally.hits,
+            CacheStatus::Miss => &tally.misses,
+            CacheStatus::Stale => &tally.stale,
+            CacheStatus::Bypass => &tally.bypass,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    /// A hit saved what its answer cost when it was bought.
+    pub fn saved(&self, route: &Arc<str>, usd: f64) {
+        if usd.is_finite() && usd > 0.0 {
+            let labels = RouteLabels {
+                route: route.clone(),
+            };
+            self.savings.get_or_create(&labels).inc_by(usd);
+            self.route(route)
+                .savings_nano
+                .fetch_add((usd * 1e9).round() as u64, Relaxed);
+        }
+    }
+
+    pub fn waited(&self, route: &Arc<str>) {
+        let labels = RouteLabels {
+            route: route.clone(),
+        };
+        self.coalesced.get_or_create(&labels).inc();
+        self.route(route).coalesced.fetch_add(1, Relaxed);
+    }
+
+    pub fn static_fallback(&self, route: &Arc<str>) {
+        let labels = RouteLabels {
+            route: route.clone(),
+        };
+        self.static_fallbacks.get_or_create(&labels).inc();
+        self.route(route).static_fallbacks.fetch_add(1, Relaxed);
+    }
+
+    /// `/stats`' `cache` section: per route, and the store's size.
+    pub fn view(&self) -> Value {
+        let routes: serde_json::Map<String, Value> = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, t)| {
+                (
+                    name.to_string(),
+                    json!({
+                        "hits": t.hits.load(Relaxed),
+                        "misses": t.misses.load(Relaxed),
+                        "stale": t.stale.load(Relaxed),
+                        "bypass": t.bypass.load(Relaxed),
+                        "coalesced": t.coalesced.load(Relaxed),
+                        "static_fallbacks": t.static_fallbacks.load(Relaxed),
+                        "savings_usd": t.savings_nano.load(Relaxed) as f64 / 1e9,
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "bytes": self.bytes.get(),
+            "entries": self.entries.get(),
+            "evictions": self.evictions.get(),
+            "routes": routes,
+        })
+    }
+}
