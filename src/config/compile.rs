@@ -136,7 +136,7 @@ pub(super) fn field_path(path: &serde_path_to_error::Path) -> String {
 pub(super) struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(FieldError {
             path: path.into(),
             message: message.into(),
@@ -436,6 +436,14 @@ pub(crate) fn compile_raw(
         },
     };
 
+    let budgets = budgets::compile_budgets(
+        raw.budgets,
+        raw.budget_store_down,
+        &routes,
+        &providers,
+        &mut errors,
+    );
+
     if !errors.0.is_empty() {
         return Err(ConfigError(errors.0));
     }
@@ -454,6 +462,7 @@ pub(crate) fn compile_raw(
         providers,
         routes,
         default_route,
+        budgets,
         generation_header: HeaderValue::from(generation),
         by_model,
     })

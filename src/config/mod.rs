@@ -1,6 +1,7 @@
 //! Routing config: parse, validate (every error names its field path), and compile into one
 //! immutable [`Snapshot`] that a request loads once and uses throughout.
 
+pub mod budgets;
 mod compile;
 pub mod layers;
 pub mod schema;
@@ -367,6 +368,8 @@ pub struct Snapshot {
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
+    /// Daily spend caps; their counters live in `spend::Spend`, across reloads.
+    pub budgets: budgets::Budgets,
     /// `generation` as a ready header value.
     pub generation_header: HeaderValue,
     /// Looked up on every request: a fast seeded hash (the keys are the config's own names).
@@ -461,6 +464,8 @@ impl Snapshot {
             "passthrough": { "paths": self.passthrough.describe() },
             "providers": providers,
             "routes": routes,
+            "budgets": self.budgets.view(),
+            "budget_store_down": self.budgets.store_down.as_str(),
         })
     }
 }
