@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod routing;
 pub mod settings;
 pub mod shadow;
+pub mod spend;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
