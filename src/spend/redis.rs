@@ -38,19 +38,20 @@ for i, key in ipairs(KEYS) do
 end
 if out[1] == 1 then
   for i, key in ipairs(KEYS) do
-    out[2 * i + 1] = redis.call('HINCRBY', key, 'reserved', amount)
+    out[2 * i + 1] = redis.call('HINCRBY', key, 'reserved', ARGV[1])
     redis.call('EXPIRE', key, ARGV[2])
   end
 end
 return out
 ";
 
-/// Takes `ARGV[1]` off each key's `reserved` (never below 0) and adds `ARGV[2]` to its
-/// `spent`. Returns `{spent1, reserved1, ...}` after.
+/// Adds `ARGV[1]` (the release, 0 or negative) to each key's `reserved` (never below 0) and
+/// `ARGV[2]` to its `spent`. Returns `{spent1, reserved1, ...}` after. Amounts go to HINCRBY
+/// as the strings Rust wrote: a Lua number would be written `-0` or `1e+15`, which it refuses.
 const SETTLE: &str = r"
 local out = {}
 for i, key in ipairs(KEYS) do
-  local reserved = redis.call('HINCRBY', key, 'reserved', -tonumber(ARGV[1]))
+  local reserved = redis.call('HINCRBY', key, 'reserved', ARGV[1])
   if reserved < 0 then
     redis.call('HSET', key, 'reserved', 0)
     reserved = 0
@@ -203,7 +204,7 @@ impl RedisStore {
                     invocation.key(key);
                 }
                 invocation
-                    .arg(pending.reserved)
+                    .arg(-pending.reserved)
                     .arg(pending.actual)
                     .arg(KEY_TTL_SECONDS);
                 let fut = invocation.invoke_async::<Vec<i64>>(&mut conn);
@@ -390,7 +391,7 @@ impl RedisStore {
                 invocation.key(key);
             }
             invocation
-                .arg(p.reserved)
+                .arg(-p.reserved)
                 .arg(p.actual)
                 .arg(KEY_TTL_SECONDS);
             let sent =
