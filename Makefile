@@ -7,14 +7,15 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
 IMAGE_FAKE ?= ghcr.io/llm-sidecar/llm-sidecar-fake-provider:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy fake-free cargo-test py-test demo run bench bench-throughput bench-rollback soak image image-fake clean e2e-kind chart-test
+.PHONY: build test lint fmt-check clippy fake-free cargo-test py-test rules-test demo run bench bench-throughput bench-rollback bench-budget soak image image-fake clean e2e-kind chart-test
 
 ## build: both release binaries, the sidecar and the fake provider the demo, run, bench and soak use.
 build:
 	$(CARGO) build --release --bin llm-sidecar --bin llm-sidecar-fake-provider
 
-## test: everything CI runs — formatting, clippy, the fake-free check, Rust tests of the whole workspace, the OpenAI Python SDK test, the Helm chart.
-test: lint cargo-test py-test chart-test
+## test: everything CI runs — formatting, clippy, the fake-free check, Rust tests of the whole workspace (the budget
+## tests start redis-server), the OpenAI Python SDK test, the Helm chart, the alert rules under promtool.
+test: lint cargo-test py-test chart-test rules-test
 
 ## lint: formatting, clippy, and the product's dependencies checked free of the fake provider.
 lint: fmt-check clippy fake-free
@@ -50,6 +51,11 @@ chart-test: $(VENV)/.installed
 	$(CARGO) build --bin llm-sidecar
 	PYTHON=$(VENV)/bin/python bash scripts/chart-test.sh
 
+## rules-test: promtool check rules on deploy/prometheus-rule.yaml and promtool test rules with tests/prometheus/
+## (Debian package prometheus; a missing promtool fails).
+rules-test:
+	bash scripts/rules-test.sh
+
 ## demo: offline walk-through — fake provider, sidecar on the embedded default, a routing flip.
 demo: build
 	bash scripts/demo.sh
@@ -58,14 +64,18 @@ demo: build
 run: build
 	bash scripts/run-local.sh
 
-## bench: throughput against nginx (wrk), then rollback propagation across 20 sidecars.
-bench: bench-throughput bench-rollback
+## bench: throughput against nginx (wrk), rollback propagation across 20 sidecars, the cost of budget checks.
+bench: bench-throughput bench-rollback bench-budget
 
 bench-throughput:
 	bash bench/run.sh
 
 bench-rollback:
 	$(PYTHON) bench/rollback.py
+
+## bench-budget: reserve + settle per request, in memory and with redis-server on loopback (µs and req/s).
+bench-budget:
+	$(CARGO) test --release --test spend bench_budget_checks -- --ignored --nocapture
 
 ## soak: SOAK_SECONDS (600) of open-loop plain and streamed chat traffic at SOAK_RPS (1000) through the release
 ## sidecar, a routing-config change every second, a provider fault every 10 s; fails on a lost or skipped request,

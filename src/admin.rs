@@ -23,6 +23,7 @@ use crate::telemetry::metrics::TargetLabels;
 pub struct Admin {
     pub store: Arc<ConfigStore>,
     pub core: Arc<crate::proxy::execute::Core>,
+    pub spend: Arc<crate::spend::Spend>,
     pub registry: Registry,
     /// True once the data port is serving; false again while draining.
     pub serving: AtomicBool,
@@ -40,7 +41,7 @@ impl Admin {
             "/ready" => self.ready(),
             "/metrics" => self.metrics(),
             "/config" => self.config(),
-            "/stats" => json_response(StatusCode::OK, &self.core.metrics.stats.view()),
+            "/stats" => self.stats(),
             other => SidecarError::NotFound(other.to_string())
                 .into_response()
                 .map(full),
@@ -63,7 +64,19 @@ impl Admin {
         }
     }
 
+    fn stats(&self) -> Response<ProxyBody> {
+        let mut view = self.core.metrics.stats.view();
+        if let Some(map) = view.as_object_mut() {
+            map.insert(
+                "budgets".into(),
+                self.spend.view(&self.store.load().budgets),
+            );
+        }
+        json_response(StatusCode::OK, &view)
+    }
+
     fn metrics(&self) -> Response<ProxyBody> {
+        self.spend.export_metrics(&self.store.load().budgets);
         let now = tokio::time::Instant::now();
         for (target, phase) in self.core.health.phases(now) {
             let value = match phase {
@@ -106,6 +119,10 @@ impl Admin {
                 "precedence": ["env HOLY_SHEEP_ENABLED", "configmap", "file", "embedded"],
                 "configmap": self.configmap.as_ref().map(|w| w.view()),
                 "guard": self.core.guard.view(&snapshot),
+                "budgets": {
+                    "store": self.spend.store_view(&snapshot.budgets),
+                    "today": self.spend.view(&snapshot.budgets),
+                },
                 "config": snapshot.redacted_view(),
             }),
         )

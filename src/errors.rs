@@ -46,6 +46,14 @@ pub enum SidecarError {
     UpstreamTimeout { provider: String, after: Duration },
     #[error("the sidecar is shutting down")]
     ShuttingDown,
+    /// A daily spend budget refused the request (`on_exhausted: reject`, or no target left).
+    #[error("{message}")]
+    BudgetExceeded {
+        budget: String,
+        message: String,
+        /// Until the budget's day resets (its local midnight).
+        retry_after: Duration,
+    },
     /// Every target of the plan failed; keeps the most meaningful upstream error.
     #[error("{message}")]
     AllTargetsFailed {
@@ -76,6 +84,7 @@ impl SidecarError {
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::AllTargetsFailed { status, .. } => *status,
+            Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -98,12 +107,16 @@ impl SidecarError {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::ShuttingDown => "sidecar_shutting_down",
             Self::AllTargetsFailed { .. } => "all_targets_failed",
+            Self::BudgetExceeded { .. } => "budget_exceeded",
         }
     }
 
     /// The OpenAI `error.type`: client mistakes are `invalid_request_error`, the rest are ours or the
     /// upstream's fault.
     fn kind(&self) -> &'static str {
+        if let Self::BudgetExceeded { .. } = self {
+            return "insufficient_quota";
+        }
         match self.status().as_u16() {
             400..=499 => "invalid_request_error",
             _ => "server_error",
@@ -138,14 +151,28 @@ impl SidecarError {
                 }
             });
         }
-        json!({
+        let mut body = json!({
             "error": {
                 "message": self.to_string(),
                 "type": self.kind(),
                 "param": self.param(),
                 "code": self.code(),
             }
-        })
+        });
+        if let Self::BudgetExceeded { budget, .. } = self {
+            body["error"]["budget"] = json!(budget);
+        }
+        body
+    }
+
+    /// The answer when a budget refuses: 429 `budget_exceeded`, naming the budget, with
+    /// `Retry-After` up to its reset.
+    pub fn budget_exceeded(exhausted: &crate::spend::Exhausted) -> SidecarError {
+        SidecarError::BudgetExceeded {
+            budget: exhausted.budget.to_string(),
+            message: exhausted.to_string(),
+            retry_after: exhausted.retry_after,
+        }
     }
 
     /// The response a client gets: the OpenAI error JSON, its status and the error header.
@@ -159,6 +186,12 @@ impl SidecarError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if let Self::BudgetExceeded { retry_after, .. } = &self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+        }
         response
     }
 }
@@ -183,6 +216,25 @@ mod tests {
             message.contains("gpt-9") && message.contains("a, b"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_spent_budget_is_a_429_naming_it_with_retry_after_until_the_reset() {
+        let exhausted = crate::spend::Exhausted {
+            budget: "relay-deepseek".into(),
+            on_exhausted: crate::config::budgets::OnExhausted::Reject,
+            retry_after: Duration::from_secs(3600),
+            reason: crate::spend::ExhaustedReason::Spent,
+        };
+        let err = SidecarError::budget_exceeded(&exhausted);
+        let body = err.body_json();
+        assert_eq!(body["error"]["code"], "budget_exceeded");
+        assert_eq!(body["error"]["budget"], "relay-deepseek");
+        assert_eq!(body["error"]["type"], "insufficient_quota");
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[ERROR_HEADER], "budget_exceeded");
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3600");
     }
 
     #[test]

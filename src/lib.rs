@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod routing;
 pub mod settings;
 pub mod shadow;
+pub mod spend;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
@@ -53,6 +54,8 @@ pub enum StartError {
     },
     #[error("cannot build the upstream client: {0}")]
     Client(std::io::Error),
+    #[error("cannot set up the budget store (LLM_SIDECAR_REDIS_URL): {0}")]
+    BudgetStore(String),
     #[error("cannot set up the Kubernetes client for the ConfigMap watch ({hint}): {error}")]
     Kube { hint: String, error: String },
 }
@@ -112,6 +115,8 @@ pub struct Sidecar {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub store: Arc<ConfigStore>,
+    /// The daily spend budgets' counts, for the request path.
+    pub spend: Arc<spend::Spend>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<bool>,
 }
@@ -190,6 +195,20 @@ impl Sidecar {
                 max_concurrency: settings.max_concurrency,
             },
         ));
+        let spend = match &settings.redis {
+            None => {
+                if !store.load().budgets.list.is_empty() {
+                    tracing::info!("budgets are per sidecar (in memory): set LLM_SIDECAR_REDIS_URL to share them across replicas");
+                }
+                spend::Spend::new(spend::Store::Memory, metrics.clone())
+            }
+            Some(redis) => spend::Spend::new(
+                spend::Store::redis(redis, metrics.clone())
+                    .await
+                    .map_err(StartError::BudgetStore)?,
+                metrics.clone(),
+            ),
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let prober_core = core.clone();
         let prober_store = store.clone();
@@ -218,6 +237,7 @@ impl Sidecar {
                     kube.instance.clone(),
                 ));
                 core.guard.set_sink(events.clone());
+                spend.set_sink(events.clone());
                 store::configmap::spawn(
                     client,
                     store.clone(),
@@ -234,6 +254,7 @@ impl Sidecar {
         let admin = Arc::new(admin::Admin {
             store: store.clone(),
             core,
+            spend: spend.clone(),
             registry,
             serving: Default::default(),
             configmap,
@@ -283,6 +304,7 @@ impl Sidecar {
             data_addr,
             admin_addr,
             store,
+            spend,
             shutdown,
             task,
         })

@@ -32,6 +32,13 @@ pub const ENV_CONFIGMAP_NAMESPACE: &str = "LLM_SIDECAR_CONFIGMAP_NAMESPACE";
 pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
 /// Present in every pod: the sign that the sidecar runs in a cluster.
 pub const ENV_KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
+/// Redis for budgets shared by every sidecar: `redis://` or `rediss://`, a password in the URL
+/// or in the file below. Unset: budgets are per sidecar, in memory.
+pub const ENV_REDIS_URL: &str = "LLM_SIDECAR_REDIS_URL";
+/// A file (a mounted Secret) holding the Redis password; it wins over one in the URL.
+pub const ENV_REDIS_PASSWORD_FILE: &str = "LLM_SIDECAR_REDIS_PASSWORD_FILE";
+/// How long one Redis call may take before the budget store counts as down (default 50ms).
+pub const ENV_REDIS_TIMEOUT: &str = "LLM_SIDECAR_REDIS_TIMEOUT";
 /// The ConfigMap watched in a pod when `LLM_SIDECAR_CONFIGMAP` is not set.
 pub const DEFAULT_CONFIGMAP: &str = "llm-sidecar";
 
@@ -58,6 +65,8 @@ pub struct Settings {
     pub otel: Option<crate::telemetry::otel::OtelSettings>,
     /// PEM certificates trusted for provider TLS in addition to the bundled web roots.
     pub extra_ca_file: Option<PathBuf>,
+    /// The budgets' shared store; `None`: budgets are per sidecar, in memory.
+    pub redis: Option<crate::spend::RedisSettings>,
 }
 
 impl Default for Settings {
@@ -79,8 +88,60 @@ impl Default for Settings {
             kube: None,
             holy_sheep_enabled: None,
             otel: None,
+            redis: None,
         }
     }
+}
+
+/// `LLM_SIDECAR_REDIS_*`; the password file is read now. No error shows the URL's password.
+fn redis_settings(env: &dyn Env, errors: &mut Vec<String>) -> Option<crate::spend::RedisSettings> {
+    let mut timeout = Duration::from_millis(50);
+    read(env, ENV_REDIS_TIMEOUT, errors, parse_duration, &mut timeout);
+    if timeout.is_zero() || timeout > Duration::from_secs(5) {
+        errors.push(format!(
+            "{ENV_REDIS_TIMEOUT}: must be more than 0 and at most 5s (a request may wait this long)"
+        ));
+    }
+    let url = env.get(ENV_REDIS_URL).map(|u| u.trim().to_string());
+    let file = env
+        .get(ENV_REDIS_PASSWORD_FILE)
+        .map(|f| f.trim().to_string())
+        .filter(|f| !f.is_empty());
+    let url = match url.filter(|u| !u.is_empty()) {
+        Some(url) => url,
+        None => {
+            if file.is_some() {
+                errors.push(format!(
+                    "{ENV_REDIS_PASSWORD_FILE} is set but {ENV_REDIS_URL} is not"
+                ));
+            }
+            return None;
+        }
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        errors.push(format!(
+            "{ENV_REDIS_URL}={:?}: must start with redis:// or rediss://",
+            crate::spend::redis::redacted_url(&url)
+        ));
+        return None;
+    }
+    let password = match file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text.trim_end_matches(['\r', '\n']).to_string()),
+            Err(err) => {
+                errors.push(format!(
+                    "{ENV_REDIS_PASSWORD_FILE}={path:?}: cannot read: {err}"
+                ));
+                None
+            }
+        },
+    };
+    Some(crate::spend::RedisSettings {
+        url,
+        password,
+        timeout,
+    })
 }
 
 /// Where the routing ConfigMap is and how to reach the API server.
@@ -213,6 +274,7 @@ impl Settings {
         );
         s.kube = kube_settings(env, &mut errors);
         s.otel = crate::telemetry::otel::from_env(env, &mut errors);
+        s.redis = redis_settings(env, &mut errors);
         match crate::config::layers::env_override(env) {
             Ok(v) => s.holy_sheep_enabled = v,
             Err(why) => errors.push(why),
@@ -380,6 +442,47 @@ mod tests {
         assert!(errors.iter().any(|e| e.starts_with("HOLY_SHEEP_ENABLED")));
         let forced = Settings::from_env(&env(&[("HOLY_SHEEP_ENABLED", "false")])).unwrap();
         assert_eq!(forced.holy_sheep_enabled, Some(false));
+    }
+
+    #[test]
+    fn redis_settings_read_the_password_file_and_never_show_the_password() {
+        assert!(Settings::from_env(&env(&[])).unwrap().redis.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-file-s3cret\n").unwrap();
+        let path = file.to_string_lossy().to_string();
+        let s = Settings::from_env(&env(&[
+            (ENV_REDIS_URL, "rediss://:url-s3cret@redis.example:6380/1"),
+            (ENV_REDIS_PASSWORD_FILE, &path),
+            (ENV_REDIS_TIMEOUT, "20ms"),
+        ]))
+        .unwrap();
+        let redis = s.redis.clone().unwrap();
+        assert_eq!(redis.password.as_deref(), Some("from-file-s3cret"));
+        assert_eq!(redis.timeout, Duration::from_millis(20));
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert_eq!(
+            Settings::from_env(&env(&[(ENV_REDIS_URL, "redis://127.0.0.1:6379")]))
+                .unwrap()
+                .redis
+                .unwrap()
+                .timeout,
+            Duration::from_millis(50)
+        );
+        let errors = Settings::from_env(&env(&[
+            (ENV_REDIS_URL, "http://:url-s3cret@redis:6379"),
+            (ENV_REDIS_TIMEOUT, "0ms"),
+        ]))
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(!errors.join(" ").contains("s3cret"), "{errors:?}");
+        let errors = Settings::from_env(&env(&[
+            (ENV_REDIS_URL, "redis://h:1"),
+            (ENV_REDIS_PASSWORD_FILE, "/nonexistent/password"),
+        ]))
+        .unwrap_err();
+        assert!(errors[0].starts_with(ENV_REDIS_PASSWORD_FILE), "{errors:?}");
     }
 
     #[test]

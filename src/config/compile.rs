@@ -443,6 +443,14 @@ pub(crate) fn compile_raw(
         },
     };
 
+    let budgets = budgets::compile_budgets(
+        raw.budgets,
+        raw.budget_store_down,
+        &routes,
+        &providers,
+        &mut errors,
+    );
+
     if !errors.0.is_empty() {
         return Err(ConfigError(errors.0));
     }
@@ -462,6 +470,7 @@ pub(crate) fn compile_raw(
         providers,
         routes,
         default_route,
+        budgets,
         generation_header: HeaderValue::from(generation),
         by_model,
     })

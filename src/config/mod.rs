@@ -1,6 +1,7 @@
 //! Routing config: parse, validate (every error names its field path), and compile into one
 //! immutable [`Snapshot`] that a request loads once and uses throughout.
 
+pub mod budgets;
 pub mod cache;
 mod compile;
 pub mod layers;
@@ -375,6 +376,8 @@ pub struct Snapshot {
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
+    /// Daily spend caps; their counters live in `spend::Spend`, across reloads.
+    pub budgets: budgets::Budgets,
     /// `generation` as a ready header value.
     pub generation_header: HeaderValue,
     /// Looked up on every request: a fast seeded hash (the keys are the config's own names).
@@ -476,6 +479,8 @@ impl Snapshot {
             "cache": { "max_bytes": self.cache_max_bytes },
             "providers": providers,
             "routes": routes,
+            "budgets": self.budgets.view(),
+            "budget_store_down": self.budgets.store_down.as_str(),
         })
     }
 }

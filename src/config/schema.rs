@@ -34,6 +34,12 @@ pub struct RawConfig {
     /// The response cache's sidecar-wide bounds.
     #[serde(default)]
     pub cache: RawCache,
+    /// Daily spend caps (see `docs/configuration.md`, "Budgets").
+    #[serde(default)]
+    pub budgets: Vec<RawBudget>,
+    /// What the budgets do while the shared store (Redis) cannot be reached.
+    #[serde(default)]
+    pub budget_store_down: Option<StoreDownMode>,
     pub providers: BTreeMap<String, RawProvider>,
     pub routes: BTreeMap<String, RawRoute>,
 }
@@ -234,4 +240,78 @@ pub struct RawShadow {
     /// Put prompts and answers in the log lines (off: only numbers and labels).
     #[serde(default)]
     pub log_content: bool,
+}
+
+/// A daily spend cap on the targets it matches.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub name: String,
+    /// `{ route, provider, model }`, each optional; `{}` matches every target.
+    #[serde(default, rename = "match")]
+    pub matches: RawBudgetMatch,
+    pub daily_usd: f64,
+    #[serde(default)]
+    pub on_exhausted: Option<OnExhausted>,
+    /// Fractions of `daily_usd` that raise an alert the first time they are reached in a day.
+    #[serde(default)]
+    pub alert_at: Option<Vec<f64>>,
+    /// IANA name; the day resets at local midnight. Default `UTC`.
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudgetMatch {
+    #[serde(default)]
+    pub route: Option<String>,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// What a request does when a budget it needs is spent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Skip the targets the budget matches and go on down the fallback chain.
+    #[default]
+    Fallback,
+    /// Answer 429 `budget_exceeded`.
+    Reject,
+}
+
+impl OnExhausted {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnExhausted::Fallback => "fallback",
+            OnExhausted::Reject => "reject",
+        }
+    }
+}
+
+/// What budgets do while the shared store cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreDownMode {
+    /// Keep enforcing with what this sidecar has seen: the last count the store returned plus
+    /// this sidecar's own reservations since.
+    #[default]
+    Local,
+    /// Allow every request (spend is still counted locally).
+    FailOpen,
+    /// Refuse every request a budget matches.
+    FailClosed,
+}
+
+impl StoreDownMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreDownMode::Local => "local",
+            StoreDownMode::FailOpen => "fail_open",
+            StoreDownMode::FailClosed => "fail_closed",
+        }
+    }
 }

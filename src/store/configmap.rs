@@ -458,6 +458,13 @@ impl crate::routing::guard::TripSink for KubeEvents {
     }
 }
 
+impl crate::spend::AlertSink for KubeEvents {
+    fn budget_alert(&self, _budget: &str, message: &str) {
+        let event = self.warning(None, "BudgetAlert", "Alert", message.to_string());
+        self.post(event);
+    }
+}
+
 /// Starts the watch on `target`: runs until `shutdown` flips.
 pub fn spawn(
     client: Client,

@@ -94,6 +94,86 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub budget: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The daily spend budgets (`spend::Spend`): the day's counts per budget, set when `/metrics`
+/// is scraped, and the shared store's health, set as it changes.
+#[derive(Default)]
+pub struct BudgetMetrics {
+    pub spent: Family<BudgetLabels, F64Gauge>,
+    pub reserved: Family<BudgetLabels, F64Gauge>,
+    pub limit: Family<BudgetLabels, F64Gauge>,
+    pub exhausted: Family<BudgetLabels, Gauge>,
+    pub refusals: Family<BudgetLabels, Counter>,
+    pub alerts: Family<BudgetLabels, Counter>,
+    pub store_up: Gauge,
+    pub store_errors: Family<ReasonLabels, Counter>,
+    pub store_transitions: Family<StateLabels, Counter>,
+    pub settles_dropped: Counter,
+}
+
+impl BudgetMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let budget = registry.sub_registry_with_prefix("budget");
+        budget.register(
+            "spent_usd",
+            "USD spent today (the budget's local day), settled answers only",
+            self.spent.clone(),
+        );
+        budget.register(
+            "reserved_usd",
+            "USD reserved today by attempts still under way (their worst case)",
+            self.reserved.clone(),
+        );
+        budget.register("limit_usd", "The budget's daily_usd", self.limit.clone());
+        budget.register(
+            "exhausted",
+            "1 while the budget is spent or refusing reservations, else 0",
+            self.exhausted.clone(),
+        );
+        budget.register(
+            "refusals",
+            "Reservations refused: the budget was spent, or its store down with fail_closed",
+            self.refusals.clone(),
+        );
+        budget.register(
+            "alerts",
+            "alert_at levels reached (once per level per day)",
+            self.alerts.clone(),
+        );
+        budget.register(
+            "store_up",
+            "1 while the shared budget store (Redis) answers; always 1 without one",
+            self.store_up.clone(),
+        );
+        budget.register(
+            "store_errors",
+            "Budget store calls that failed, by reason: timeout or error",
+            self.store_errors.clone(),
+        );
+        budget.register(
+            "store_transitions",
+            "Budget store state changes, by the state entered: down or up",
+            self.store_transitions.clone(),
+        );
+        budget.register(
+            "settles_dropped",
+            "Settles lost because too many were waiting for a store that was down",
+            self.settles_dropped.clone(),
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -200,6 +280,7 @@ pub struct Metrics {
     pub shadow_equivalence_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// The response cache's counts.
     pub cache: super::cache::CacheMetrics,
+    pub budgets: BudgetMetrics,
     /// The label for requests the sidecar answered itself.
     pub none_label: Arc<str>,
     /// Every target's handles by `Target::metrics_key`, read without a lock; replaced whole
@@ -252,6 +333,7 @@ impl Metrics {
             shadow_log_dropped: Counter::default(),
             shadow_equivalence_rate: Gauge::default(),
             cache: Default::default(),
+            budgets: BudgetMetrics::default(),
             none_label: Arc::from("none"),
             targets: Default::default(),
         };
@@ -268,6 +350,7 @@ impl Metrics {
             metrics.gen_ai_tokens.clone(),
         );
         let registry = root.sub_registry_with_prefix("llm_sidecar");
+        metrics.budgets.register(registry);
         registry.register_with_unit(
             "time_to_first_token",
             "Streams: time from the request to the first content chunk of the answer",

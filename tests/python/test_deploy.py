@@ -357,6 +357,8 @@ def scraped(routing_config, tmp_path_factory):
     text = routing_config.read_text()
     assert text.rstrip().splitlines()[-1].startswith("    "), "routes is the last section"
     text = re.sub(r"(?m)^shadow_percent: \d+", "shadow_percent: 100", text) + EXTRA_ROUTES
+    # A budget, so the budget gauges have a series to scrape.
+    text = "budgets: [{ name: all, daily_usd: 1000 }]\n" + text
     config = tmp_path_factory.mktemp("deploy") / "routing.yaml"
     config.write_text(text)
     sidecar = start_sidecar(config)
