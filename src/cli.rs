@@ -156,7 +156,11 @@ pub fn usd(amount: f64) -> String {
     } else if abs == 0.0 {
         "$0".to_string()
     } else {
-        format!("{sign}${}", crate::telemetry::cost::format_usd(abs))
+        // Six significant digits: enough to compare small runs, no noise beyond them.
+        let decimals = (5 - abs.log10().floor() as i32).clamp(0, 9) as usize;
+        let text = format!("{abs:.decimals$}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        format!("{sign}${text}")
     }
 }
 
@@ -274,6 +278,8 @@ mod tests {
         assert_eq!(usd(1_234_567.891), "$1,234,567.89");
         assert_eq!(usd(0.000123), "$0.000123");
         assert_eq!(usd(0.0), "$0");
+        assert_eq!(usd(0.628061538), "$0.628062");
+        assert_eq!(usd(0.00002457), "$0.00002457");
         assert_eq!(usd(-12.5), "-$12.50");
     }
 

@@ -441,6 +441,12 @@ pub fn traffic_text(t: &Traffic, url: &str, config: &str) -> String {
         &cells,
         &[false, true, true, true, true, true, true, true, true, true],
     ));
+    if t.observed_seconds < 3600 {
+        out.push_str(&format!(
+            "note: projected from only {} of traffic: a rough figure\n",
+            span(t.observed_seconds)
+        ));
+    }
     for w in &t.warnings {
         out.push_str(&format!("warning: {w}\n"));
     }
