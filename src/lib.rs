@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bench_providers;
 pub mod body;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod env;
 pub mod errors;
@@ -15,6 +17,7 @@ pub mod path;
 pub mod probe;
 pub mod providers;
 pub mod proxy;
+pub mod roi;
 pub mod routing;
 pub mod settings;
 pub mod shadow;

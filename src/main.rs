@@ -28,6 +28,10 @@ usage:
                                            run the sidecar injector (admission webhook, HTTPS, default 0.0.0.0:8443)
   llm-sidecar probe live|ready|models      exit 0 when the admin port's /live or /ready, or
                                            $OPENAI_BASE_URL/models, answers (the kubelet's exec probes)
+  llm-sidecar bench-providers [--config FILE] [--targets P/M,...] [--stream] ...
+                                           measure the config's targets side by side (--help for flags)
+  llm-sidecar roi [--config FILE] [--monthly-output-tokens 500M] [--from-stats URL] ...
+                                           monthly cost and savings per route (--help for flags)
   llm-sidecar --version";
 
 enum Command {
@@ -36,6 +40,8 @@ enum Command {
     DefaultConfig { upstream: Option<String> },
     Inject(llm_sidecar::inject::server::InjectArgs),
     Probe(llm_sidecar::probe::Check),
+    BenchProviders(Vec<String>),
+    Roi(Vec<String>),
     Version,
     Help,
 }
@@ -108,6 +114,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             [check] => check.parse().map(Command::Probe),
             _ => Err("probe takes one of live, ready, models".into()),
         },
+        "bench-providers" => Ok(Command::BenchProviders(rest.to_vec())),
+        "roi" => Ok(Command::Roi(rest.to_vec())),
         "--version" | "-V" | "version" => Ok(Command::Version),
         "--help" | "-h" | "help" => Ok(Command::Help),
         other => Err(format!("unknown command `{other}`")),
@@ -139,6 +147,8 @@ fn main() -> ExitCode {
         }
         Command::Run { config } => run(config),
         Command::Inject(args) => inject(args),
+        Command::BenchProviders(args) => llm_sidecar::bench_providers::cli(&args),
+        Command::Roi(args) => llm_sidecar::roi::cli(&args),
         Command::Probe(check) => {
             match llm_sidecar::probe::run(&check, &ProcessEnv, std::time::Duration::from_secs(2)) {
                 Ok(summary) => {
