@@ -165,16 +165,6 @@ impl SidecarError {
         body
     }
 
-    /// The answer when a budget refuses: 429 `budget_exceeded`, naming the budget, with
-    /// `Retry-After` up to its reset.
-    pub fn budget_exceeded(exhausted: &crate::spend::Exhausted) -> SidecarError {
-        SidecarError::BudgetExceeded {
-            budget: exhausted.budget.to_string(),
-            message: exhausted.to_string(),
-            retry_after: exhausted.retry_after,
-        }
-    }
-
     /// The response a client gets: the OpenAI error JSON, its status and the error header.
     pub fn into_response(self) -> Response<Bytes> {
         let body = Bytes::from(self.body_json().to_string());
@@ -220,13 +210,11 @@ mod tests {
 
     #[test]
     fn a_spent_budget_is_a_429_naming_it_with_retry_after_until_the_reset() {
-        let exhausted = crate::spend::Exhausted {
+        let err = SidecarError::BudgetExceeded {
             budget: "relay-deepseek".into(),
-            on_exhausted: crate::config::budgets::OnExhausted::Reject,
+            message: "daily budget `relay-deepseek` is spent; it resets in 3600 s".into(),
             retry_after: Duration::from_secs(3600),
-            reason: crate::spend::ExhaustedReason::Spent,
         };
-        let err = SidecarError::budget_exceeded(&exhausted);
         let body = err.body_json();
         assert_eq!(body["error"]["code"], "budget_exceeded");
         assert_eq!(body["error"]["budget"], "relay-deepseek");

@@ -172,6 +172,20 @@ impl Sidecar {
             settings.workers,
         )
         .map_err(StartError::Client)?;
+        let spend = match &settings.redis {
+            None => {
+                if !store.load().budgets.list.is_empty() {
+                    tracing::info!("budgets are per sidecar (in memory): set LLM_SIDECAR_REDIS_URL to share them across replicas");
+                }
+                spend::Spend::new(spend::Store::Memory, metrics.clone())
+            }
+            Some(redis) => spend::Spend::new(
+                spend::Store::redis(redis, metrics.clone())
+                    .await
+                    .map_err(StartError::BudgetStore)?,
+                metrics.clone(),
+            ),
+        };
         let core = Arc::new(proxy::execute::Core {
             upstream,
             health: Default::default(),
@@ -188,6 +202,7 @@ impl Sidecar {
                     }),
                 )
             },
+            spend: spend.clone(),
         });
         let proxy = Arc::new(proxy::Proxy::new(
             store.clone(),
@@ -198,20 +213,6 @@ impl Sidecar {
                 max_concurrency: settings.max_concurrency,
             },
         ));
-        let spend = match &settings.redis {
-            None => {
-                if !store.load().budgets.list.is_empty() {
-                    tracing::info!("budgets are per sidecar (in memory): set LLM_SIDECAR_REDIS_URL to share them across replicas");
-                }
-                spend::Spend::new(spend::Store::Memory, metrics.clone())
-            }
-            Some(redis) => spend::Spend::new(
-                spend::Store::redis(redis, metrics.clone())
-                    .await
-                    .map_err(StartError::BudgetStore)?,
-                metrics.clone(),
-            ),
-        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let prober_core = core.clone();
         let prober_store = store.clone();

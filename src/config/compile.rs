@@ -372,6 +372,9 @@ pub(crate) fn compile_raw(
         if r.context_window == Some(0) {
             errors.push(format!("{path}.context_window"), "must be greater than 0");
         }
+        if r.max_tokens == Some(0) {
+            errors.push(format!("{path}.max_tokens"), "must be greater than 0");
+        }
         for (i, alias) in r.aliases.iter().enumerate() {
             if !valid_name(alias) {
                 errors.push(
@@ -389,6 +392,7 @@ pub(crate) fn compile_raw(
             context_window: r.context_window,
             fallbacks: r.fallbacks,
             truncate_to_fit: r.truncate_to_fit,
+            max_tokens: r.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             relay,
             official,
             cache: super::cache::compile_route(&path, r.cache, &mut errors),

@@ -317,6 +317,8 @@ pub struct Route {
     pub truncate_to_fit: bool,
     pub relay: Option<Target>,
     pub official: Option<Target>,
+    /// The answer length a budget assumes for a request that sets no `max_tokens`.
+    pub max_tokens: u64,
     /// How the route's answers are cached; `None`: they are not.
     pub cache: Option<crate::cache::Policy>,
     /// Served, marked `x-llm-sidecar-path: static`, only when every target failed and nothing
@@ -350,6 +352,10 @@ impl Route {
         }
     }
 }
+
+/// The answer length a budget assumes for a request without `max_tokens`, when its route
+/// sets none.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 /// The reason header when a route has only the other side.
 pub const ONLY_TARGET: &str = "only_target";
@@ -447,6 +453,7 @@ impl Snapshot {
                     json!({
                         "aliases": r.aliases,
                         "context_window": r.context_window,
+                        "max_tokens": r.max_tokens,
                         "cache": r.cache.map(|c| json!({
                             "ttl_ms": c.ttl.as_millis() as u64,
                             "max_stale_ms": c.max_stale.as_millis() as u64,

@@ -157,6 +157,10 @@ pub struct RawRoute {
     pub relay: Option<RawTarget>,
     #[serde(default)]
     pub official: Option<RawTarget>,
+    /// The answer length assumed for a request that sets no `max_tokens`, when a budget
+    /// reserves its worst case (default 4096).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
     /// Answers of this route kept and served again; absent: not cached.
     #[serde(default)]
     pub cache: Option<RawRouteCache>,

@@ -39,6 +39,9 @@ pub trait AlertSink: Send + Sync {
     fn budget_alert(&self, budget: &str, message: &str);
 }
 
+/// The reason header of an answer that came after a budget turned a target away.
+pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
+
 /// Why a target may not be used now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exhausted {
@@ -62,6 +65,18 @@ impl ExhaustedReason {
         match self {
             ExhaustedReason::Spent => "budget_exhausted",
             ExhaustedReason::StoreDown => "budget_store_down",
+        }
+    }
+}
+
+impl Exhausted {
+    /// The answer when a budget refuses: 429 `budget_exceeded`, naming the budget, with
+    /// `Retry-After` up to its reset.
+    pub fn error(&self) -> crate::errors::SidecarError {
+        crate::errors::SidecarError::BudgetExceeded {
+            budget: self.budget.to_string(),
+            message: self.to_string(),
+            retry_after: self.retry_after,
         }
     }
 }

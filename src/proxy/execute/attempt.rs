@@ -289,7 +289,7 @@ impl Exchange {
         let number = self
             .attempts
             .iter()
-            .filter(|a| a.outcome != AttemptOutcome::BreakerOpen)
+            .filter(|a| a.outcome.was_sent())
             .count()
             + 1;
         // Attributes known now are span fields, recorded in one pass when the span is created.

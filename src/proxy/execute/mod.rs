@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::sse::{inspect, Chunk, RawEvent, SseParser};
 use crate::body::{full, BoxError, ChannelBody, ProxyBody};
+use crate::config::budgets::{OnExhausted, TargetRef};
 use crate::config::{Route, Snapshot, Target, FALLBACK, ONLY_TARGET};
 use crate::errors::SidecarError;
 use crate::openai::RequestBody;
@@ -36,6 +37,7 @@ use crate::routing::tokens;
 use crate::telemetry::cost::{format_usd, Bill, Usage};
 use crate::telemetry::metrics::{Metrics, TargetMetrics};
 use crate::telemetry::{otel, Operation};
+use crate::spend::Reservation;
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use opentelemetry::KeyValue;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -97,6 +99,8 @@ pub struct Core {
     pub shadows: Arc<crate::shadow::Shadows>,
     /// The response cache and its flights.
     pub cache: crate::cache::Shared,
+    /// The daily spend budgets' counts.
+    pub spend: Arc<crate::spend::Spend>,
 }
 
 /// How one attempt ended.
@@ -105,15 +109,26 @@ pub enum AttemptOutcome {
     Answered,
     /// Not sent: the target's breaker turned it away.
     BreakerOpen,
+    /// Not sent: a daily budget matching the target has no room for it.
+    BudgetExhausted,
     Failed(Class),
 }
 
 impl AttemptOutcome {
+    /// The attempt reached the provider (a breaker or a budget stops it before).
+    pub fn was_sent(self) -> bool {
+        !matches!(
+            self,
+            AttemptOutcome::BreakerOpen | AttemptOutcome::BudgetExhausted
+        )
+    }
+
     /// The label of the attempt log, the attempts metric and the error's attempt list.
     pub fn label(self) -> &'static str {
         match self {
             AttemptOutcome::Answered => "ok",
             AttemptOutcome::BreakerOpen => "breaker_open",
+            AttemptOutcome::BudgetExhausted => "budget_exhausted",
             AttemptOutcome::Failed(class) => class.label(),
         }
     }
@@ -209,6 +224,8 @@ pub struct Exchange {
     /// The client did not ask for usage in its stream; the sidecar asked, and strips it.
     usage_added: bool,
     prompt_tokens: u64,
+    /// The request's `max_tokens` (or `max_completion_tokens`), for a budget's worst case.
+    max_tokens: Option<u64>,
     /// Messages after truncation to fit, as raw JSON.
     messages_override: Option<String>,
     truncated: usize,
@@ -258,6 +275,10 @@ impl Exchange {
                 .and_then(|o| serde_json::from_str::<Value>(o.get()).ok())
                 .is_some_and(|o| o["include_usage"] == Value::Bool(true));
         let prompt_tokens = estimate_prompt(&snapshot, &route, parsed);
+        let max_tokens = parsed
+            .field("max_tokens")
+            .or_else(|| parsed.field("max_completion_tokens"))
+            .and_then(|v| v.get().parse::<u64>().ok());
         let deadline = Instant::now() + snapshot.resilience.deadline;
         let operation = Operation::from_path(&call.path_and_query);
         let meta = if !trace.is_disabled() {
@@ -277,6 +298,7 @@ impl Exchange {
             stream,
             usage_added,
             prompt_tokens,
+            max_tokens,
             messages_override: None,
             truncated: 0,
             prefer,
@@ -447,6 +469,8 @@ impl Exchange {
         let mut waits = 0;
         let mut index = 0;
         let mut requeued: Option<usize> = None;
+        // The first daily budget that turned a target away.
+        let mut refused: Option<crate::spend::Exhausted> = None;
         // The target of the last failed attempt, and why it failed.
         let mut last_failed: Option<(Arc<TargetMetrics>, Arc<str>, &'static str)> = None;
 
@@ -487,6 +511,21 @@ impl Exchange {
                 if Instant::now() >= self.deadline {
                     break;
                 }
+                let reservation = match self.reserve(step).await {
+                    Ok(reservation) => reservation,
+                    Err(exhausted) => {
+                        self.record(step, AttemptOutcome::BudgetExhausted, None, Instant::now());
+                        tracing::info!(provider = %target.provider.name, model = %target.model, budget = %exhausted.budget, reason = exhausted.reason.as_str(), "a daily budget turned the target away: {exhausted}");
+                        if exhausted.on_exhausted == OnExhausted::Reject {
+                            return Err(GaveUp {
+                                error: exhausted.error(),
+                                report: self.report(),
+                            });
+                        }
+                        refused.get_or_insert(exhausted);
+                        break;
+                    }
+                };
                 let first_try = tries == 0 || was_requeued;
                 // A breaker the plan saw closed needs no second look for the first attempt.
                 let admission = if first_try && step.closed {
@@ -549,12 +588,21 @@ impl Exchange {
                         } else {
                             Vec::new()
                         };
-                        return Ok(self.commit(&steps[step_index], answer, rest, span, started));
+                        return Ok(self.commit(
+                            &steps[step_index],
+                            answer,
+                            rest,
+                            span,
+                            started,
+                            reservation,
+                        ));
                     }
                     Err(AttemptError {
                         failure,
                         passthrough,
                     }) => {
+                        // A failed attempt costs nothing: what it held is released.
+                        drop(reservation);
                         let class = classify(&failure);
                         let status = match &failure {
                             Failure::Status { status, .. } => Some(status.as_u16()),
@@ -647,11 +695,59 @@ impl Exchange {
                 }
             }
         }
+        let error = match (&worst, refused) {
+            // Nothing was sent: the budgets left no target to try.
+            (None, Some(exhausted)) => exhausted.error(),
+            _ => self.give_up(worst, &skipped),
+        };
         Err(GaveUp {
-            error: self.give_up(worst, &skipped),
+            error,
             report: self.report(),
         })
     }
+}
+
+impl Exchange {
+    /// Holds the worst case of an attempt on `step`'s target on every budget matching it:
+    /// the prompt at the input price plus `max_tokens` (the request's, else the route's) at
+    /// the output price. `None` when no budget matches.
+    async fn reserve(&self, step: &Step) -> Result<Option<Reservation>, crate::spend::Exhausted> {
+        let budgets = &self.snapshot.budgets;
+        if budgets.list.is_empty() {
+            return Ok(None);
+        }
+        let target = step.target();
+        let output = self.max_tokens.unwrap_or(step.route.max_tokens);
+        let worst = target.price.as_ref().map_or(0.0, |price| {
+            crate::spend::worst_case_usd(price, self.prompt_tokens, output)
+        });
+        let reservation = self
+            .core
+            .spend
+            .reserve(budgets, TargetRef::of(target), worst)
+            .await?;
+        Ok((!reservation.is_empty()).then_some(reservation))
+    }
+}
+
+/// Settles a reservation on what the answer cost, off the request's way (with Redis it is a
+/// round trip).
+fn settle_reservation(reservation: Option<Reservation>, usd: f64) {
+    if let Some(reservation) = reservation {
+        tokio::spawn(reservation.settle(usd));
+    }
+}
+
+/// What the part of an answer a target streamed cost, when it reported no usage: the prompt
+/// and the streamed text, estimated.
+fn streamed_cost(target: &Target, prompt_tokens: u64, text: &str) -> f64 {
+    target.price.as_ref().map_or(0.0, |price| {
+        price.cost(Usage {
+            input: prompt_tokens,
+            output: tokens::estimate_text(text),
+            cached_input: 0,
+        })
+    })
 }
 
 /// Estimated prompt tokens, parsed only when a window could matter.

@@ -19,6 +19,12 @@ impl Exchange {
         let reason = if self
             .attempts
             .iter()
+            .any(|a| a.outcome == AttemptOutcome::BudgetExhausted)
+        {
+            crate::spend::BUDGET_EXHAUSTED
+        } else if self
+            .attempts
+            .iter()
             .any(|a| a.outcome != AttemptOutcome::Answered)
         {
             FALLBACK

@@ -12,6 +12,7 @@ impl Exchange {
         rest: Vec<Step>,
         span: tracing::Span,
         started: Instant,
+        reservation: Option<Reservation>,
     ) -> Committed {
         let mut report = self.report();
         let fell_back = report.fell_back;
@@ -34,6 +35,8 @@ impl Exchange {
                         report.usage = reported.usage;
                         let bill = self.settle(target, &step.route, &span, started, reported);
                         report.bill = bill;
+                        let cost = bill.cost.unwrap_or_else(|| streamed_cost(target, self.prompt_tokens, ""));
+                        settle_reservation(reservation, cost);
                         let storable = response
                             .status()
                             .is_success()
@@ -51,6 +54,11 @@ impl Exchange {
                     }
                     PlainBody::Large { read, rest } => {
                         self.settle(target, &step.route, &span, started, Reported::default());
+                        // Passed through unread, so unpriced: the worst case stays spent.
+                        if let Some(reservation) = reservation {
+                            let worst = reservation.reserved_usd();
+                            settle_reservation(Some(reservation), worst);
+                        }
                         let read = futures_util::stream::iter(
                             read.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))),
                         );
@@ -97,6 +105,7 @@ impl Exchange {
                         tx,
                         end: Some(end_tx),
                         capture,
+                        reservation,
                         state: StreamState::default(),
                         usage_added: self.usage_added,
                         metrics: self.core.metrics.clone(),
@@ -110,7 +119,7 @@ impl Exchange {
                     };
                     for event in prefix {
                         if !self.relay(&mut pump, &mut segment, event).await {
-                            self.client_left(&segment);
+                            self.client_left(&segment, &mut pump);
                             return;
                         }
                     }
@@ -131,11 +140,19 @@ impl Exchange {
 
     /// The client went away mid-stream: that says nothing about the target's health (a probe
     /// it carried is given back).
-    pub(super) fn client_left(&self, segment: &Segment) {
+    pub(super) fn client_left(&self, segment: &Segment, pump: &mut Pump) {
         if !segment.settled {
             fail_span(&segment.span, "client_cancelled", None);
             self.core.health.record_inconclusive(segment.step.target());
+            self.settle_cut(segment, pump);
         }
+    }
+
+    /// A part that ended before its answer did is billed on what it streamed.
+    pub(super) fn settle_cut(&self, segment: &Segment, pump: &mut Pump) {
+        let text = &pump.state.text[pump.state.segment_start..];
+        let cost = streamed_cost(segment.step.target(), self.prompt_tokens, text);
+        settle_reservation(pump.reservation.take(), cost);
     }
 
     /// A stream part ended well: its target answered, its usage is billed.
@@ -152,6 +169,8 @@ impl Exchange {
             reported.content = Some(cut(&pump.state.text[pump.state.segment_start..]));
         }
         let usage = reported.usage;
+        let streamed = &pump.state.text[pump.state.segment_start..];
+        let estimate = streamed_cost(target, self.prompt_tokens, streamed);
         let bill = self.settle(
             target,
             &segment.step.route,
@@ -159,6 +178,7 @@ impl Exchange {
             segment.started,
             reported,
         );
+        settle_reservation(pump.reservation.take(), bill.cost.unwrap_or(estimate));
         // An answer continued on another target has a seam: it is not stored.
         if let Some((capture, assembler)) = pump.capture.take().filter(|_| !pump.state.continuing) {
             if let Some(answer) = assembler.finish() {
@@ -218,7 +238,7 @@ impl Exchange {
                         };
                         for event in parser.push(&data) {
                             if !self.relay(&mut pump, &mut segment, event).await {
-                                self.client_left(&segment);
+                                self.client_left(&segment, &mut pump);
                                 return;
                             }
                         }
@@ -257,6 +277,7 @@ impl Exchange {
                 .health
                 .record_failure(t, Instant::now(), &self.snapshot.resilience.breaker);
             let original = format!("{}/{}: {broken}", t.provider.name, t.model);
+            self.settle_cut(&segment, &mut pump);
             self.break_segment(segment, "stream_interrupted");
             pump.state.reported = Reported::default();
 
@@ -267,6 +288,9 @@ impl Exchange {
                 if !step.target().supports_prefill || Instant::now() >= self.deadline {
                     continue;
                 }
+                let Ok(reservation) = self.reserve(&step).await else {
+                    continue;
+                };
                 let admission = self.core.health.admit(step.target(), Instant::now(), false);
                 if admission == Admission::Rejected {
                     continue;
@@ -302,6 +326,7 @@ impl Exchange {
                             fell_back: true,
                             settled: false,
                         };
+                        pump.reservation = reservation;
                         continued = Some((next, body, parser, prefix, l));
                         break;
                     }
@@ -343,7 +368,7 @@ impl Exchange {
             segment = next;
             for event in prefix {
                 if !self.relay(&mut pump, &mut segment, event).await {
-                    self.client_left(&segment);
+                    self.client_left(&segment, &mut pump);
                     return;
                 }
             }
@@ -386,6 +411,8 @@ pub(super) struct Pump {
     /// Where the stream's ending goes, once, before the client can see it (the request's
     /// record reads it when the response body ends). Dropped unsent when the client left.
     pub(super) end: Option<oneshot::Sender<StreamEnd>>,
+    /// What the current part holds on the daily budgets, settled when it ends.
+    pub(super) reservation: Option<Reservation>,
     /// Where the answer goes once it is complete, and what has been seen of it.
     pub(super) capture: Option<(Capture, crate::cache::Assembler)>,
     pub(super) state: StreamState,
