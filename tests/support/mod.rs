@@ -2,6 +2,8 @@
 //! real HTTP client, all on loopback, plus `eventually` for eventually-consistent checks.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -35,7 +35,9 @@ impl Exchange {
                         report.usage = reported.usage;
                         let bill = self.settle(target, &step.route, &span, started, reported);
                         report.bill = bill;
-                        let cost = bill.cost.unwrap_or_else(|| streamed_cost(target, self.prompt_tokens, ""));
+                        let cost = bill
+                            .cost
+                            .unwrap_or_else(|| streamed_cost(target, self.prompt_tokens, ""));
                         settle_reservation(reservation, cost);
                         let storable = response
                             .status()
