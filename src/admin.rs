@@ -71,12 +71,25 @@ impl Admin {
                 "budgets".into(),
                 self.spend.view(&self.store.load().budgets),
             );
+            self.measure_cache();
+            map.insert("cache".into(), self.core.metrics.cache.view());
         }
         json_response(StatusCode::OK, &view)
     }
 
+    /// The cache's size gauges, read when someone looks.
+    fn measure_cache(&self) {
+        let (bytes, entries) = self.core.cache.size();
+        let gauges = &self.core.metrics.cache;
+        gauges.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        gauges
+            .entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
     fn metrics(&self) -> Response<ProxyBody> {
         self.spend.export_metrics(&self.store.load().budgets);
+        self.measure_cache();
         let now = tokio::time::Instant::now();
         for (target, phase) in self.core.health.phases(now) {
             let value = match phase {

@@ -38,6 +38,13 @@ impl Shared {
         Arc::new(Cache::new(max_bytes, move || evicted()))
     }
 
+    /// Bytes and entries the current cache holds, after its pending upkeep (evictions are
+    /// counted then).
+    pub fn size(&self) -> (u64, u64) {
+        let cache = self.cache.load();
+        (cache.1.bytes(), cache.1.len())
+    }
+
     /// The cache for a config whose bound is `max_bytes`.
     pub fn cache(&self, max_bytes: u64) -> Arc<Cache> {
         let current = self.cache.load();

@@ -247,14 +247,9 @@ impl Proxy {
         Some((Ok(response), served))
     }
 
-    /// A provider answered: counts the lookup, and the cache's size if it stored the answer.
+    /// A provider answered: counts the lookup.
     pub(super) fn answered(&self, ctx: &Context) {
         self.metrics.cache.looked_up(&ctx.label, ctx.status());
-        if let Some(store) = &ctx.store {
-            let (bytes, entries) = store.size();
-            self.metrics.cache.bytes.set(bytes as i64);
-            self.metrics.cache.entries.set(entries as i64);
-        }
     }
 
     /// Every target failed: a stored answer (marked stale), else the route's static
