@@ -42,8 +42,19 @@ fn request(stream: bool) -> String {
 /// The relay (`sheep`, priced, capped by the budget) answers three words once `gate` opens;
 /// the official target (`deep`) answers at once.
 fn config(fake: &FakeProvider, relay_model: &str, daily_usd: f64, on_exhausted: &str) -> String {
+    config_down(fake, relay_model, daily_usd, on_exhausted, "local")
+}
+
+fn config_down(
+    fake: &FakeProvider,
+    relay_model: &str,
+    daily_usd: f64,
+    on_exhausted: &str,
+    store_down: &str,
+) -> String {
     format!(
         "holy_sheep_routing_enabled: true
+budget_store_down: {store_down}
 timeouts:
   response_headers: 30s
 resilience:
@@ -376,4 +387,74 @@ async fn three_sidecars_sharing_redis_stay_under_one_cap_together() {
         "Redis has {spent}, the answers cost {relay_cost}"
     );
     assert!(spent <= cap);
+}
+
+/// One sidecar on Redis, then Redis killed: what `budget_store_down` says holds, for real
+/// requests, and `/config` shows the store down.
+async fn redis_down(mode: &str) -> Vec<(u16, String, String)> {
+    let mut redis = RedisServer::start();
+    let fake = fake().await;
+    let text = config_down(
+        &fake,
+        "relay-model+tokens=3",
+        cap_for(1000),
+        "fallback",
+        mode,
+    );
+    let settings = Settings {
+        redis: Some(llm_sidecar::spend::RedisSettings {
+            url: redis.url(),
+            password: None,
+            timeout: Duration::from_millis(50),
+        }),
+        ..test_settings()
+    };
+    let sidecar = sidecar_with(settings, &text).await;
+    let (status, headers, _) = call(
+        &client(),
+        post(sidecar.data_addr, "/v1/chat/completions", request(false)),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), header(&headers, "x-llm-sidecar-provider")),
+        (200, "sheep")
+    );
+    redis.kill();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let (status, headers, _) = call(
+            &client(),
+            post(sidecar.data_addr, "/v1/chat/completions", request(false)),
+        )
+        .await;
+        answers.push((
+            status.as_u16(),
+            header(&headers, "x-llm-sidecar-provider").to_string(),
+            header(&headers, "x-llm-sidecar-reason").to_string(),
+        ));
+    }
+    let (_, _, config) = call_json(&client(), get(sidecar.admin_addr, "/config")).await;
+    assert_eq!(
+        config["budgets"]["store"]["state"], "down",
+        "{}",
+        config["budgets"]
+    );
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_local_keeps_serving_the_budgeted_target() {
+    for (status, provider, _) in redis_down("local").await {
+        assert_eq!((status, provider.as_str()), (200, "sheep"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_fail_closed_turns_the_budgeted_target_away() {
+    for (status, provider, reason) in redis_down("fail_closed").await {
+        assert_eq!(
+            (status, provider.as_str(), reason.as_str()),
+            (200, "deep", "budget_exhausted")
+        );
+    }
 }
