@@ -295,37 +295,6 @@ async fn the_client_can_skip_refresh_or_refuse_storage() {
     );
 }
 
-struct FileSidecar {
-    sidecar: llm_sidecar::Sidecar,
-    path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-async fn file_sidecar(text: &str) -> FileSidecar {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("routing.yaml");
-    write_atomically(&path, text);
-    let mut settings = test_settings();
-    settings.config_path = Some(path.clone());
-    FileSidecar {
-        sidecar: sidecar_with(settings, text).await,
-        path,
-        _dir: dir,
-    }
-}
-
-impl FileSidecar {
-    /// Swaps in `text` and waits until it serves.
-    async fn reload(&self, text: &str) {
-        let generation = self.sidecar.store.load().generation;
-        write_atomically(&self.path, text);
-        eventually(Duration::from_secs(10), "the new config", || async {
-            self.sidecar.store.load().generation > generation
-        })
-        .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_down_serves_a_stale_answer_inside_max_stale_then_the_static_fallback() {
     let fake = fake().await;

@@ -11,25 +11,6 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use support::*;
 
-struct FileSidecar {
-    sidecar: llm_sidecar::Sidecar,
-    path: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-async fn file_sidecar(text: &str) -> FileSidecar {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("routing.yaml");
-    write_atomically(&path, text);
-    let mut settings = test_settings();
-    settings.config_path = Some(path.clone());
-    FileSidecar {
-        sidecar: sidecar_with(settings, text).await,
-        path,
-        _dir: dir,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipping_the_routing_flag_under_load_fails_no_request_and_splits_none() {
     let fake = fake().await;

@@ -104,6 +104,38 @@ pub async fn sidecar_with(settings: Settings, config_text: &str) -> Sidecar {
         .expect("sidecar starts")
 }
 
+/// A sidecar whose routing config is a file it polls.
+pub struct FileSidecar {
+    pub sidecar: Sidecar,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn file_sidecar(text: &str) -> FileSidecar {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("routing.yaml");
+    write_atomically(&path, text);
+    let mut settings = test_settings();
+    settings.config_path = Some(path.clone());
+    FileSidecar {
+        sidecar: sidecar_with(settings, text).await,
+        path,
+        _dir: dir,
+    }
+}
+
+impl FileSidecar {
+    /// Swaps in `text` and waits until the sidecar serves it.
+    pub async fn reload(&self, text: &str) {
+        let generation = self.sidecar.store.load().generation;
+        write_atomically(&self.path, text);
+        eventually(Duration::from_secs(10), "the new config", || async {
+            self.sidecar.store.load().generation > generation
+        })
+        .await;
+    }
+}
+
 /// Writes a config file the way editors and kubelet do: a whole new file renamed into place.
 pub fn write_atomically(path: &PathBuf, text: &str) {
     let tmp = path.with_extension("tmp");
