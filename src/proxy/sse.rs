@@ -33,7 +33,12 @@ pub struct SseParser {
 }
 
 fn parse_event(raw: Bytes) -> RawEvent {
-    let text = String::from_utf8_lossy(&raw);
+    // Valid text, the usual case, is checked by `from_utf8`, which takes ASCII a word at a
+    // time; the lossy conversion walks it byte by byte.
+    let text = match std::str::from_utf8(&raw) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(&raw),
+    };
     let mut data: Option<String> = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("data:") else {
@@ -393,6 +398,14 @@ mod tests {
                 "{split}"
             );
         }
+    }
+
+    #[test]
+    fn an_event_that_is_not_utf8_is_read_lossily() {
+        let mut p = SseParser::default();
+        let events = p.push(b"data: caf\xff\n\n");
+        assert_eq!(events[0].data.as_deref(), Some("caf\u{fffd}"));
+        assert_eq!(&events[0].raw[..], b"data: caf\xff\n\n");
     }
 
     #[test]
