@@ -11,7 +11,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::Value;
+
+use crate::telemetry::cost::{Usage, UsageMember};
 
 /// The most a provider may send without ending an event: past it the stream counts as broken,
 /// so one answer cannot make the sidecar hold an unbounded buffer.
@@ -32,7 +33,12 @@ pub struct SseParser {
 }
 
 fn parse_event(raw: Bytes) -> RawEvent {
-    let text = String::from_utf8_lossy(&raw);
+    // Valid text, the usual case, is checked by `from_utf8`, which takes ASCII a word at a
+    // time; the lossy conversion walks it byte by byte.
+    let text = match std::str::from_utf8(&raw) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(&raw),
+    };
     let mut data: Option<String> = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("data:") else {
@@ -98,7 +104,7 @@ pub enum Chunk<'a> {
     Error(&'a str),
     /// A chunk with no choices and usage: the `include_usage` chunk.
     UsageOnly {
-        usage: Value,
+        usage: Option<Usage>,
         model: Option<Cow<'a, str>>,
     },
     Content {
@@ -107,7 +113,7 @@ pub enum Chunk<'a> {
         finish_reason: Option<Cow<'a, str>>,
         /// The chunk carries an answer (text, tool calls or a finish), not just the role.
         substantive: bool,
-        usage: Option<Value>,
+        usage: Option<Usage>,
         /// The answering model, read only from a chunk that finishes or carries usage.
         model: Option<Cow<'a, str>>,
     },
@@ -121,7 +127,7 @@ struct WireChunk<'a> {
     #[serde(borrow, default)]
     error: Option<&'a RawValue>,
     #[serde(default)]
-    usage: Option<Value>,
+    usage: UsageMember,
     #[serde(borrow, default, deserialize_with = "text")]
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -297,20 +303,21 @@ pub fn inspect(data: &str) -> Chunk<'_> {
     if let Some(error) = chunk.error.filter(|e| e.get() != "null") {
         return Chunk::Error(error.get());
     }
-    let usage = chunk.usage.filter(Value::is_object);
+    let usage = chunk.usage;
     let Some(choice) = chunk.choices.0 else {
-        return match usage {
-            Some(usage) => Chunk::UsageOnly {
-                usage,
+        return if usage.object {
+            Chunk::UsageOnly {
+                usage: usage.usage,
                 model: chunk.model,
-            },
-            None => Chunk::Content {
+            }
+        } else {
+            Chunk::Content {
                 text: Cow::Borrowed(""),
                 finish_reason: None,
                 substantive: false,
                 usage: None,
                 model: None,
-            },
+            }
         };
     };
     let (content, tool_calls, reasoning) = match choice.delta.0 {
@@ -323,7 +330,7 @@ pub fn inspect(data: &str) -> Chunk<'_> {
     };
     let text = content.or(choice.text).unwrap_or(Cow::Borrowed(""));
     let finish_reason = choice.finish_reason;
-    let model = if finish_reason.is_some() || usage.is_some() {
+    let model = if finish_reason.is_some() || usage.object {
         chunk.model
     } else {
         None
@@ -332,7 +339,7 @@ pub fn inspect(data: &str) -> Chunk<'_> {
         substantive: !text.is_empty() || tool_calls || reasoning || finish_reason.is_some(),
         text,
         finish_reason,
-        usage,
+        usage: usage.usage,
         model,
     }
 }
@@ -391,6 +398,14 @@ mod tests {
                 "{split}"
             );
         }
+    }
+
+    #[test]
+    fn an_event_that_is_not_utf8_is_read_lossily() {
+        let mut p = SseParser::default();
+        let events = p.push(b"data: caf\xff\n\n");
+        assert_eq!(events[0].data.as_deref(), Some("caf\u{fffd}"));
+        assert_eq!(&events[0].raw[..], b"data: caf\xff\n\n");
     }
 
     #[test]
@@ -469,9 +484,7 @@ mod tests {
             matches!(finish, Chunk::Content { finish_reason: Some(ref f), substantive: true, .. } if f == "stop")
         );
         let usage = inspect(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#);
-        assert!(
-            matches!(usage, Chunk::UsageOnly { usage: ref u, .. } if u["completion_tokens"] == 5)
-        );
+        assert!(matches!(usage, Chunk::UsageOnly { usage: Some(u), .. } if u.output == 5));
         let legacy = inspect(r#"{"choices":[{"text":"Once","index":0}]}"#);
         assert!(matches!(legacy, Chunk::Content { ref text, .. } if text == "Once"));
         assert!(matches!(

@@ -1,7 +1,11 @@
 //! What a call cost: the usage a provider reported, priced at the answering target's price, and
 //! what the same usage would have cost at the route's official price.
 
-use serde_json::Value;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 
 use crate::config::Price;
 
@@ -15,29 +19,164 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Reads an OpenAI-style `usage` object: `prompt_tokens`, `completion_tokens` (absent for
-    /// embeddings) and cached input as OpenAI (`prompt_tokens_details.cached_tokens`) or
-    /// DeepSeek (`prompt_cache_hit_tokens`) report it. A count that is not a non-negative
-    /// integer is absent; without `prompt_tokens` there is no usage.
-    pub fn from_json(usage: &Value) -> Option<Usage> {
-        let count = |value: Option<&Value>| value.and_then(Value::as_u64);
-        let input = count(usage.get("prompt_tokens"))?;
-        let cached_input = count(usage.pointer("/prompt_tokens_details/cached_tokens"))
-            .or_else(|| count(usage.get("prompt_cache_hit_tokens")))
-            .unwrap_or(0)
-            .min(input);
-        Some(Usage {
-            input,
-            output: count(usage.get("completion_tokens")).unwrap_or(0),
-            cached_input,
-        })
-    }
-
     /// Adds a continuation's usage; saturating, since the counts are the provider's numbers.
     pub fn add(&mut self, other: Usage) {
         self.input = self.input.saturating_add(other.input);
         self.output = self.output.saturating_add(other.output);
         self.cached_input = self.cached_input.saturating_add(other.cached_input);
+    }
+}
+
+/// The `usage` member of an answer or a stream chunk, read in place: no JSON tree is built.
+/// Any JSON value reads, so an odd `usage` cannot make the rest of its answer unreadable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageMember {
+    /// The member is a JSON object (a stream's usage chunk has one and no choices).
+    pub object: bool,
+    /// What an OpenAI-style `usage` object reports: `prompt_tokens`, `completion_tokens` (absent
+    /// for embeddings) and cached input as OpenAI (`prompt_tokens_details.cached_tokens`) or
+    /// DeepSeek (`prompt_cache_hit_tokens`) report it. A count that is not a non-negative
+    /// integer is absent, as is a `prompt_tokens_details` that is not an object; without
+    /// `prompt_tokens` there is no usage. A repeated member counts with its last value.
+    pub usage: Option<Usage>,
+}
+
+/// The members of a `usage` object the sidecar reads.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum UsageField {
+    PromptTokens,
+    CompletionTokens,
+    PromptTokensDetails,
+    PromptCacheHitTokens,
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum DetailsField {
+    CachedTokens,
+    #[serde(other)]
+    Other,
+}
+
+/// A token count: a non-negative integer; any other value reads as `Count(None)`.
+#[derive(Default)]
+struct Count(Option<u64>);
+
+/// `prompt_tokens_details`: its `cached_tokens`; any value that is not an object reads as
+/// `Details(None)`.
+#[derive(Default)]
+struct Details(Option<u64>);
+
+/// A value read from any JSON: what an integer or an object says, and the default for every
+/// other value.
+trait Lenient: Default {
+    fn from_u64(_: u64) -> Self {
+        Self::default()
+    }
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Self::default())
+    }
+}
+
+impl Lenient for Count {
+    fn from_u64(count: u64) -> Self {
+        Count(Some(count))
+    }
+}
+
+impl Lenient for Details {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut cached = None;
+        while let Some(field) = map.next_key()? {
+            match field {
+                DetailsField::CachedTokens => cached = map.next_value::<Count>()?.0,
+                DetailsField::Other => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        Ok(Details(cached))
+    }
+}
+
+impl Lenient for UsageMember {
+    fn from_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let (mut input, mut output, mut cached, mut cache_hit) = (None, None, None, None);
+        while let Some(field) = map.next_key()? {
+            match field {
+                UsageField::PromptTokens => input = map.next_value::<Count>()?.0,
+                UsageField::CompletionTokens => output = map.next_value::<Count>()?.0,
+                UsageField::PromptTokensDetails => cached = map.next_value::<Details>()?.0,
+                UsageField::PromptCacheHitTokens => cache_hit = map.next_value::<Count>()?.0,
+                UsageField::Other => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        let usage = input.map(|input| Usage {
+            input,
+            output: output.unwrap_or(0),
+            cached_input: cached.or(cache_hit).unwrap_or(0).min(input),
+        });
+        Ok(UsageMember {
+            object: true,
+            usage,
+        })
+    }
+}
+
+/// Reads any JSON value as `T` (see [`Lenient`]).
+fn lenient<'de, T: Lenient, D: Deserializer<'de>>(deserializer: D) -> Result<T, D::Error> {
+    struct Any<T>(PhantomData<T>);
+    impl<'de, T: Lenient> Visitor<'de> for Any<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<T, E> {
+            Ok(T::from_u64(v))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::from_map(map)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(T::default())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<T, E> {
+            Ok(T::default())
+        }
+        fn visit_unit<E>(self) -> Result<T, E> {
+            Ok(T::default())
+        }
+    }
+    deserializer.deserialize_any(Any(PhantomData))
+}
+
+impl<'de> Deserialize<'de> for UsageMember {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        lenient(deserializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        lenient(deserializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Details {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        lenient(deserializer)
     }
 }
 
@@ -100,6 +239,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn usage_of(value: serde_json::Value) -> Option<Usage> {
+        serde_json::from_value::<UsageMember>(value).unwrap().usage
+    }
+
     #[test]
     fn playbook_prices() {
         // The migration playbook: relay DeepSeek V3.2 $0.21 / $0.42, official $0.50 / $1.50.
@@ -138,7 +281,7 @@ mod tests {
             output: 2.0,
             cached_input: Some(0.1),
         };
-        let usage = Usage::from_json(&json!({
+        let usage = usage_of(json!({
             "prompt_tokens": 1000, "completion_tokens": 10,
             "prompt_tokens_details": {"cached_tokens": 800}
         }))
@@ -146,7 +289,7 @@ mod tests {
         assert_eq!(usage.cached_input, 800);
         let expected = (200.0 * 1.0 + 800.0 * 0.1 + 10.0 * 2.0) / 1e6;
         assert!((price.cost(usage) - expected).abs() < 1e-15);
-        let deepseek = Usage::from_json(&json!({
+        let deepseek = usage_of(json!({
             "prompt_tokens": 50, "completion_tokens": 5, "prompt_cache_hit_tokens": 40
         }))
         .unwrap();
@@ -155,9 +298,9 @@ mod tests {
 
     #[test]
     fn embeddings_and_missing_usage() {
-        let u = Usage::from_json(&json!({"prompt_tokens": 8, "total_tokens": 8})).unwrap();
+        let u = usage_of(json!({"prompt_tokens": 8, "total_tokens": 8})).unwrap();
         assert_eq!((u.input, u.output), (8, 0));
-        assert_eq!(Usage::from_json(&json!(null)), None);
+        assert_eq!(usage_of(json!(null)), None);
         assert_eq!(Bill::new(u, None, None).savings(), None);
     }
 
@@ -222,10 +365,36 @@ mod tests {
             (r#""usage""#, None),
             (r#"{"prompt_tokens": 3"#, None),
         ] {
-            let read = serde_json::from_str::<Value>(text)
+            let read = serde_json::from_str::<UsageMember>(text)
                 .ok()
-                .and_then(|tree| Usage::from_json(&tree));
+                .and_then(|member| member.usage);
             assert_eq!(read, want, "{text}");
         }
+    }
+
+    #[test]
+    fn a_usage_member_tells_an_object_from_other_values_and_a_repeated_count_from_the_first() {
+        let member = |text| serde_json::from_str::<UsageMember>(text).unwrap();
+        assert_eq!(
+            member("{}"),
+            UsageMember {
+                object: true,
+                usage: None
+            }
+        );
+        for other in ["null", "3", "\"usage\"", "[{\"prompt_tokens\": 3}]"] {
+            assert_eq!(member(other), UsageMember::default(), "{other}");
+        }
+        let repeated = member(
+            r#"{"prompt_tokens": 5, "prompt_tokens": 6, "prompt_tokens_details": {"cached_tokens": 2}, "prompt_tokens_details": {}}"#,
+        );
+        assert_eq!(
+            repeated.usage,
+            Some(Usage {
+                input: 6,
+                output: 0,
+                cached_input: 0
+            })
+        );
     }
 }

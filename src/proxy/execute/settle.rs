@@ -2,6 +2,7 @@
 //! answering target's price, counted, and put on the attempt span.
 
 use super::*;
+use crate::telemetry::cost::UsageMember;
 
 /// The request fields attempt spans show.
 #[derive(Default)]
@@ -57,7 +58,7 @@ pub(super) struct PlainAnswer<'a> {
 #[derive(Default, serde::Deserialize)]
 pub(super) struct PlainUsage {
     #[serde(default)]
-    pub(super) usage: Option<Value>,
+    pub(super) usage: UsageMember,
 }
 
 #[derive(serde::Deserialize)]
@@ -80,7 +81,7 @@ impl Reported {
     /// Reads a plain answer: its usage always, the rest only for a `traced` request.
     pub(super) fn from_plain(bytes: &[u8], traced: bool) -> Reported {
         let read: PlainUsage = serde_json::from_slice(bytes).unwrap_or_default();
-        let usage = read.usage.as_ref().and_then(Usage::from_json);
+        let usage = read.usage.usage;
         if !traced {
             return Reported {
                 usage,

@@ -457,7 +457,7 @@ impl Pump {
                 true
             }
             Chunk::UsageOnly { usage, model } => {
-                self.state.reported.usage = Usage::from_json(&usage);
+                self.state.reported.usage = usage;
                 if let Some(model) = model {
                     self.state.reported.model = Some(model.into_owned());
                 }
@@ -473,7 +473,7 @@ impl Pump {
                 usage,
                 model,
             } => {
-                if let Some(usage) = usage.as_ref().and_then(Usage::from_json) {
+                if let Some(usage) = usage {
                     self.state.reported.usage = Some(usage);
                 }
                 if let Some(model) = model {
