@@ -199,7 +199,10 @@ async fn read_plain(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let usage = value.get("usage").and_then(Usage::from_json);
+    let usage = value
+        .get("usage")
+        .and_then(|u| serde_json::from_value::<crate::telemetry::cost::UsageMember>(u.clone()).ok())
+        .and_then(|member| member.usage);
     Ok(Answered {
         latency,
         first_token: None,
@@ -264,7 +267,7 @@ async fn read_stream(
                         error.chars().take(300).collect::<String>(),
                     ))
                 }
-                Chunk::UsageOnly { usage: u, .. } => usage = Usage::from_json(&u).or(usage),
+                Chunk::UsageOnly { usage: u, .. } => usage = u.or(usage),
                 Chunk::Content {
                     text: piece,
                     substantive,
@@ -277,8 +280,8 @@ async fn read_stream(
                     if text.len() < MAX_ANSWER {
                         text.push_str(&piece);
                     }
-                    if let Some(u) = u {
-                        usage = Usage::from_json(&u).or(usage);
+                    if u.is_some() {
+                        usage = u;
                     }
                 }
             }
