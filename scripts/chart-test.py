@@ -4,7 +4,7 @@
 Run by scripts/chart-test.sh, which installs Helm first and passes its path in HELM. Every values
 file in tests/chart/ is linted (`helm lint --strict`) and rendered (`helm template`); every
 rendered object is validated against the Kubernetes 1.33 schemas with kubernetes-validate in
-strict mode; the `bad-*.yaml` files must be rejected; then the rendered YAML is checked against
+strict mode; the `bad-*.yaml` files must be rejected (by the schema, or by the chart's checks); then the rendered YAML is checked against
 what the chart promises (the injector's golden template, names, selectors, certificates, RBAC,
 no key in the clear). Exit 1 if any check failed.
 """
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "llm-sidecar"
 VALUES_DIR = ROOT / "tests" / "chart"
 GOLDEN = ROOT / "tests" / "golden" / "inject" / "sidecar.yaml"
+GOLDEN_REDIS = ROOT / "tests" / "golden" / "inject" / "sidecar-redis.yaml"
 RELEASE = "llm-sidecar"
 NAMESPACE = "llm-sidecar"
 KUBE_VERSION = "1.33.0"
@@ -159,10 +160,12 @@ def validate(render):
             continue
         label = f"ConfigMap/{cm['metadata']['name']} sidecar.yaml"
         tmpl = yaml.safe_load(cm["data"]["sidecar.yaml"])
-        if set(tmpl) != {"mode", "port", "container"}:
+        if not {"mode", "port", "container"} <= set(tmpl) <= {"mode", "port", "container", "volumes"}:
             errors.append(f"{label}: keys {sorted(tmpl)}")
             continue
         spec = {"containers": [{"name": "app", "image": "app"}]}
+        if "volumes" in tmpl:
+            spec["volumes"] = tmpl["volumes"]
         if tmpl["mode"] == "native":
             spec["initContainers"] = [dict(tmpl["container"], restartPolicy="Always")]
         else:
@@ -212,8 +215,8 @@ def expect_same(rendered, wanted, what):
     expect(not d, f"{what} differs: " + "; ".join(d[:4]))
 
 
-def golden():
-    with open(GOLDEN) as f:
+def golden(path=GOLDEN):
+    with open(path) as f:
         return yaml.safe_load(f)
 
 
@@ -440,6 +443,67 @@ def check_custom(r):
     return out
 
 
+REDIS_ENV = ("LLM_SIDECAR_REDIS_URL", "LLM_SIDECAR_REDIS_PASSWORD_FILE", "LLM_SIDECAR_REDIS_TIMEOUT")
+
+
+def check_budgets_redis(r):
+    out = []
+    t = r.template()
+    expect_same(t, golden(GOLDEN_REDIS), "sidecar.yaml of llm-sidecar-inject vs tests/golden/inject/sidecar-redis.yaml")
+    out.append("golden: llm-sidecar-inject sidecar.yaml == tests/golden/inject/sidecar-redis.yaml")
+    env = env_of(t["container"])
+    expect(env["LLM_SIDECAR_REDIS_URL"] == {"secretKeyRef": {"name": "llm-sidecar-redis", "key": "url"}},
+           f"the URL is not taken from the Secret: {env['LLM_SIDECAR_REDIS_URL']!r}")
+    expect(env["LLM_SIDECAR_REDIS_PASSWORD_FILE"] == "/etc/llm-sidecar/redis/password", "password file path")
+    mounts = {m["name"]: m for m in t["container"]["volumeMounts"]}
+    volumes = {v["name"]: v for v in t["volumes"]}
+    expect(set(mounts) == set(volumes) == {"llm-sidecar-redis-password"}, f"mounts {sorted(mounts)}, volumes {sorted(volumes)}")
+    mount, volume = mounts["llm-sidecar-redis-password"], volumes["llm-sidecar-redis-password"]
+    expect(mount["readOnly"] is True and env["LLM_SIDECAR_REDIS_PASSWORD_FILE"].startswith(mount["mountPath"] + "/"),
+           "the password file is not on a read-only mount")
+    expect(volume["secret"] == {"secretName": "llm-sidecar-redis-auth", "items": [{"key": "password", "path": "password"}]},
+           f"volume {volume}")
+    out.append("URL from secretKeyRef llm-sidecar-redis/url; password Secret key mounted read-only, PASSWORD_FILE names it")
+    tp = r.test_pod()
+    expect(not tp["spec"].get("initContainers") and not tp["spec"].get("volumes"),
+           "test pod carries a sidecar or volume although the webhook injects")
+    no_key_in_clear(r)
+
+    # The helm test pod carries the sidecar itself with the webhook off: the volume comes along.
+    p = template("budgets-redis.yaml", "--set", "webhook.enabled=false")
+    expect(p.returncode == 0, first_line(p.stderr))
+    off = Render("budgets-redis.yaml webhook off", p.stdout).test_pod()
+    sidecar = {k: v for k, v in off["spec"]["initContainers"][0].items() if k != "restartPolicy"}
+    expect_same(sidecar, t["container"], "webhook-off test pod sidecar vs the redis template")
+    expect_same(off["spec"]["volumes"], t["volumes"], "webhook-off test pod volumes vs the redis template")
+    out.append("webhook off: the helm test pod's sidecar and volumes == the redis template")
+
+    # A plain URL (no password in it) is a plain value; nothing else comes along.
+    url = "rediss://redis.platform.svc:6380/0"
+    p = template("defaults.yaml", "--set", f"budgets.redis.url={url}")
+    expect(p.returncode == 0, first_line(p.stderr))
+    plain = Render("plain url", p.stdout).template()
+    env = env_of(plain["container"])
+    expect(env.get("LLM_SIDECAR_REDIS_URL") == url and not set(REDIS_ENV[1:]) & set(env), f"plain url env {env}")
+    expect("volumes" not in plain and "volumeMounts" not in plain["container"], "a plain URL brought a volume")
+    out.append("budgets.redis.url: one plain LLM_SIDECAR_REDIS_URL, no volume; defaults: no LLM_SIDECAR_REDIS_* (golden)")
+
+    for args, message in (
+        (["--set", "budgets.redis.url=redis://:s3cret@redis:6379"], "budgets.redis.url carries a password"),
+        (["--set", "budgets.redis.url=redis://redis:6379", "--set", "budgets.redis.timeout=6s"],
+         "budgets.redis.timeout=6s: must be more than 0 and at most 5s"),
+        (["--set", "budgets.redis.passwordSecret.name=a", "--set", "budgets.redis.passwordSecret.key=b"],
+         "budgets.redis.passwordSecret needs budgets.redis.url or budgets.redis.urlSecret"),
+        (["--set", "budgets.redis.url=http://redis:6379"], "budgets.redis.url: Does not match pattern"),
+    ):
+        p = template("defaults.yaml", *args)
+        expect(p.returncode != 0, f"accepted {' '.join(args)}")
+        expect(message in p.stderr, f"{' '.join(args)} rejected, but not for '{message}': {first_line(p.stderr)}")
+        expect("s3cret" not in p.stderr, "the rejection shows the password")
+    out.append("rejected: a password in budgets.redis.url (not echoed), timeout over 5s, a password without URL, http://")
+    return out
+
+
 def check_workload_namespaces(r):
     subjects = r.get("RoleBinding", "llm-sidecar")["subjects"]
     groups = sorted(s["name"] for s in subjects if s["kind"] == "Group")
@@ -466,6 +530,7 @@ GOOD = {
     "custom.yaml": check_custom,
     "workload-namespaces.yaml": check_workload_namespaces,
     "annotation-opt-in.yaml": check_annotation_opt_in,
+    "budgets-redis.yaml": check_budgets_redis,
 }
 
 # Values files the schema must reject, with the message Helm must give.
@@ -474,6 +539,15 @@ BAD = {
     "bad-unknown-key.yaml": "Additional property webhoook is not allowed",
     "bad-nested-key.yaml": "Additional property resource is not allowed",
     "bad-enum.yaml": "webhook.failurePolicy",
+    "bad-redis-password-secret.yaml": "budgets.redis.passwordSecret: Has a dependency on key",
+}
+
+# Values files the chart's own checks (`fail` in templates/_helpers.tpl) must reject, for rules
+# the schema cannot state with a clear message. `helm template`, `install` and `upgrade` fail
+# with the message; `helm lint` renders in lint mode, where Helm turns every `fail` into an
+# `[INFO] Fail: <message>` line and exits 0, so lint must print that line.
+BAD_CHART = {
+    "bad-redis-both-urls.yaml": "budgets.redis: set url or urlSecret, not both",
 }
 
 
@@ -525,8 +599,8 @@ def main():
         print(f"{status:<5}{name}{': ' + detail if detail else ''}", flush=True)
 
     present = sorted(p.name for p in VALUES_DIR.glob("*.yaml"))
-    unknown = sorted(set(present) - set(GOOD) - set(BAD))
-    missing = sorted((set(GOOD) | set(BAD)) - set(present))
+    unknown = sorted(set(present) - set(GOOD) - set(BAD) - set(BAD_CHART))
+    missing = sorted((set(GOOD) | set(BAD) | set(BAD_CHART)) - set(present))
     if unknown or missing:
         report("FAIL", "tests/chart/ values files", f"unlisted {unknown}, missing {missing}")
 
@@ -534,8 +608,8 @@ def main():
           f"{kubernetes_validate.__version__} (Kubernetes {KUBE_VERSION}, strict)", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        lints = {n: pool.submit(lint, n) for n in [*GOOD, *BAD] if n in present}
-        renders = {n: pool.submit(template, n) for n in [*GOOD, *BAD] if n in present}
+        lints = {n: pool.submit(lint, n) for n in [*GOOD, *BAD, *BAD_CHART] if n in present}
+        renders = {n: pool.submit(template, n) for n in [*GOOD, *BAD, *BAD_CHART] if n in present}
 
         for name, check in GOOD.items():
             if name not in present:
@@ -578,6 +652,23 @@ def main():
                     report("FAIL", f"helm {verb} -f {name}", f"rejected, but not for '{message}': {first_line(output)}")
                 else:
                     report("ok", f"helm {verb} -f {name} rejected", message)
+
+        for name, message in BAD_CHART.items():
+            if name not in present:
+                continue
+            p = renders[name].result()
+            if p.returncode == 0:
+                report("FAIL", f"helm template -f {name}", "accepted values the chart must reject")
+            elif message not in p.stderr:
+                report("FAIL", f"helm template -f {name}", f"rejected, but not for '{message}': {first_line(p.stderr)}")
+            else:
+                report("ok", f"helm template -f {name} rejected by the chart", message)
+            p = lints[name].result()
+            output = p.stdout + p.stderr
+            if f"[INFO] Fail: {message}" in output:
+                report("ok", f"helm lint --strict -f {name} reports", f"[INFO] Fail: {message}")
+            else:
+                report("FAIL", f"helm lint --strict -f {name}", f"does not report '{message}': {first_line(output)}")
 
     try:
         report("ok", check_notes())

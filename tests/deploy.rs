@@ -1,6 +1,7 @@
-//! The manifests in `deploy/`: the Role grants exactly what the sidecar needs, and the example
+//! The manifests in `deploy/`: the Role grants exactly what the sidecar needs, the example
 //! ConfigMap is one the sidecar accepts (checked by `llm-sidecar check-config`, as an operator
-//! would before `kubectl apply`).
+//! would before `kubectl apply`), and the commented-out Redis settings of the sidecar Deployment
+//! are the chart's and ones the sidecar accepts.
 
 mod support;
 
@@ -169,4 +170,129 @@ fn jaeger_receives_what_the_env_patch_makes_the_sidecar_send() {
         Some(4317),
         "OTLP gRPC"
     );
+}
+
+/// deploy/sidecar-deployment.yaml with its commented-out blocks between `---- optional: <what>`
+/// and `---- end of` uncommented, the way the file tells a user to.
+fn uncommented(file: &str, what: &str) -> (usize, serde_yaml::Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file);
+    let text = std::fs::read_to_string(&path).expect("manifest readable");
+    let (mut inside, mut blocks, mut out) = (false, 0, String::new());
+    for line in text.lines() {
+        let body = line.trim_start();
+        if body.starts_with(&format!("# ---- optional: {what}")) {
+            (inside, blocks) = (true, blocks + 1);
+        } else if body.starts_with("# ---- end of") {
+            inside = false;
+        } else if inside {
+            let indent = &line[..line.len() - body.len()];
+            let code = body.strip_prefix("# ").expect("a commented line");
+            out.push_str(&format!("{indent}{code}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(!inside, "an unterminated block");
+    (
+        blocks,
+        serde_yaml::from_str(&out).expect("valid YAML once uncommented"),
+    )
+}
+
+/// The Redis settings in the plain Deployment, once uncommented, are the chart's (the
+/// `budgets-redis` golden template: URL from a Secret, the password Secret mounted read-only) and
+/// ones the sidecar accepts.
+#[test]
+fn the_commented_redis_settings_are_the_charts_and_the_sidecar_takes_them() {
+    use llm_sidecar::settings::Settings;
+    use std::collections::HashMap;
+
+    let (blocks, deployment) =
+        uncommented("sidecar-deployment.yaml", "budgets shared through Redis");
+    assert_eq!(blocks, 3, "env, volumeMounts and volumes");
+    // As shipped, the sidecar has no Redis setting: budgets stay in memory.
+    let shipped = &documents("sidecar-deployment.yaml")[0]["spec"]["template"]["spec"];
+    let shipped_env = shipped["initContainers"][0]["env"].as_sequence().unwrap();
+    assert!(shipped_env.iter().all(|e| !e["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("LLM_SIDECAR_REDIS_")));
+    assert!(shipped.get("volumes").is_none());
+
+    let spec = &deployment["spec"]["template"]["spec"];
+    let sidecar = &spec["initContainers"][0];
+    assert_eq!(sidecar["name"], "llm-sidecar");
+    let env: Vec<&serde_yaml::Value> = sidecar["env"].as_sequence().unwrap().iter().collect();
+    let named = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .copied()
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+
+    let golden: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject/sidecar-redis.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let chart = &golden["container"];
+    let chart_env = |name: &str| {
+        chart["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    for name in ["LLM_SIDECAR_REDIS_URL", "LLM_SIDECAR_REDIS_PASSWORD_FILE"] {
+        assert_eq!(named(name), &chart_env(name), "{name}");
+    }
+    assert_eq!(sidecar["volumeMounts"], chart["volumeMounts"]);
+    assert_eq!(spec["volumes"], golden["volumes"]);
+
+    // The password file is on the read-only mount of that volume.
+    let mount = &sidecar["volumeMounts"][0];
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(mount["name"], spec["volumes"][0]["name"]);
+    let file = named("LLM_SIDECAR_REDIS_PASSWORD_FILE")["value"]
+        .as_str()
+        .unwrap();
+    let item = spec["volumes"][0]["secret"]["items"][0]["path"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        file,
+        format!("{}/{item}", mount["mountPath"].as_str().unwrap())
+    );
+
+    // What the kubelet would hand the sidecar: the URL from its Secret, the mounted file.
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join(item);
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let mut vars: HashMap<String, String> = HashMap::new();
+    for var in &env {
+        let name = var["name"].as_str().unwrap();
+        if !name.starts_with("LLM_SIDECAR_REDIS_") {
+            continue;
+        }
+        let value = match name {
+            "LLM_SIDECAR_REDIS_URL" => "rediss://redis.platform.svc:6380/0".to_string(),
+            "LLM_SIDECAR_REDIS_PASSWORD_FILE" => password.display().to_string(),
+            _ => var["value"].as_str().expect("a plain value").to_string(),
+        };
+        vars.insert(name.to_string(), value);
+    }
+    assert_eq!(vars.len(), 3, "{vars:?}");
+    let redis = Settings::from_env(&vars)
+        .expect("the sidecar accepts the Redis settings")
+        .redis
+        .expect("budgets go to Redis");
+    assert_eq!(redis.password.as_deref(), Some("s3cret"));
+    assert_eq!(redis.timeout, std::time::Duration::from_millis(50));
 }

@@ -50,6 +50,11 @@ struct Injector {
 }
 
 async fn injector(cert_pem: &str, key_pem: &str) -> Injector {
+    injector_with(cert_pem, key_pem, "sidecar.yaml").await
+}
+
+/// An injector serving one of the chart's golden templates.
+async fn injector_with(cert_pem: &str, key_pem: &str, template: &str) -> Injector {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("tls.crt"), cert_pem).unwrap();
@@ -57,7 +62,7 @@ async fn injector(cert_pem: &str, key_pem: &str) -> Injector {
     let certs = Arc::new(
         CertStore::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key")).expect("certs"),
     );
-    let template = Arc::new(Template::parse(&golden("sidecar.yaml")).expect("template"));
+    let template = Arc::new(Template::parse(&golden(template)).expect("template"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
@@ -184,6 +189,50 @@ async fn a_pod_in_a_labelled_namespace_is_answered_with_the_golden_patch_over_tl
     let answer: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"].get("patch").is_none(), "{answer}");
+}
+
+fn patch_of(answer: &Value) -> Value {
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().expect("patch"))
+        .expect("base64");
+    serde_json::from_slice(&patch).unwrap()
+}
+
+#[tokio::test]
+async fn with_the_charts_redis_template_the_patch_adds_the_password_volume() {
+    let (ca, cert, key) = ca_and_leaf();
+    let inj = injector_with(&cert, &key, "sidecar-redis.yaml").await;
+    let (status, body) = call(
+        inj.addr,
+        &ca,
+        "POST",
+        "/inject/namespace",
+        review("r1", "apps", "Pod", golden_pod("redis")),
+    )
+    .await
+    .expect("call");
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    let want: Value = serde_json::from_str(&golden("redis.patch.json")).unwrap();
+    assert_eq!(patch_of(&answer), want);
+
+    // A pod whose own volume has the sidecar's volume name is refused, with the name.
+    let mut clash = golden_pod("redis");
+    clash["spec"]["volumes"][0]["name"] = json!("llm-sidecar-redis-password");
+    let (_, body) = call(
+        inj.addr,
+        &ca,
+        "POST",
+        "/inject/namespace",
+        review("r2", "apps", "Pod", clash),
+    )
+    .await
+    .unwrap();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("llm-sidecar-redis-password"), "{message}");
 }
 
 #[tokio::test]

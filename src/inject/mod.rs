@@ -1,14 +1,14 @@
 //! The sidecar injector's decision: given a pod the API server is about to create, whether to
 //! add the sidecar and the JSON patch that does it. A pure function of the pod, its namespace,
 //! the webhook it came through and the template the Helm chart rendered — the chart's sidecar
-//! partial is the one source of the container; the injector only copies it, applies the pod's
-//! override annotations and points the app at it.
+//! partial is the one source of the container (and of the volumes it mounts); the injector only
+//! copies them, applies the pod's override annotations and points the app at it.
 
 pub mod server;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, ResourceRequirements};
+use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, ResourceRequirements, Volume};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -50,6 +50,10 @@ pub struct Template {
     /// The sidecar's data port on 127.0.0.1: the app's `OPENAI_BASE_URL`.
     pub port: u16,
     pub container: Container,
+    /// Pod volumes the container mounts (the Redis password Secret of shared budgets), added to
+    /// the pod with it. Absent in the template when there are none.
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
 }
 
 impl Template {
@@ -63,6 +67,10 @@ impl Template {
         if let Some(field) = first_unknown(&raw["container"], &parsed, "container") {
             return Err(format!("invalid template: unknown field `{field}`"));
         }
+        let parsed = serde_json::to_value(&template.volumes).map_err(|e| e.to_string())?;
+        if let Some(field) = first_unknown(&raw["volumes"], &parsed, "volumes") {
+            return Err(format!("invalid template: unknown field `{field}`"));
+        }
         if template.container.name.is_empty() {
             return Err("invalid template: container.name is empty".into());
         }
@@ -71,6 +79,28 @@ impl Template {
         }
         if template.port == 0 {
             return Err("invalid template: port is 0".into());
+        }
+        let mounts = template
+            .container
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default();
+        for (i, volume) in template.volumes.iter().enumerate() {
+            if volume.name.is_empty() {
+                return Err(format!("invalid template: volumes[{i}].name is empty"));
+            }
+            if template.volumes[..i].iter().any(|v| v.name == volume.name) {
+                return Err(format!(
+                    "invalid template: volume {:?} is listed twice",
+                    volume.name
+                ));
+            }
+            if !mounts.iter().any(|m| m.name == volume.name) {
+                return Err(format!(
+                    "invalid template: volume {:?} is not mounted by the container",
+                    volume.name
+                ));
+            }
         }
         Ok(template)
     }
@@ -201,6 +231,17 @@ pub fn review(pod: &Pod, namespace: &str, scope: Scope, template: &Template) -> 
             ))
         }
     };
+    let pod_volumes = spec.volumes.as_deref().unwrap_or_default();
+    if let Some(clash) = template
+        .volumes
+        .iter()
+        .find(|v| pod_volumes.iter().any(|p| p.name == v.name))
+    {
+        return Decision::Deny(format!(
+            "the pod already has a volume named {:?}, which the sidecar brings itself",
+            clash.name
+        ));
+    }
     let sidecar = match sidecar_container(template, mode, annotation) {
         Ok(c) => c,
         Err(why) => return Decision::Deny(why),
@@ -224,6 +265,20 @@ pub fn review(pod: &Pod, namespace: &str, scope: Scope, template: &Template) -> 
             _ => patch.push(PatchOp::add("/spec/initContainers", json!([sidecar]))),
         },
         Mode::Container => patch.push(PatchOp::add("/spec/containers/-", sidecar)),
+    }
+    if !template.volumes.is_empty() {
+        let volumes = match serde_json::to_value(&template.volumes) {
+            Ok(Value::Array(list)) => list,
+            Ok(other) => return Decision::Deny(format!("cannot render the volumes: {other}")),
+            Err(e) => return Decision::Deny(format!("cannot render the volumes: {e}")),
+        };
+        if pod_volumes.is_empty() {
+            patch.push(PatchOp::add("/spec/volumes", Value::Array(volumes)));
+        } else {
+            for volume in volumes {
+                patch.push(PatchOp::add("/spec/volumes/-", volume));
+            }
+        }
     }
 
     let mut new_annotations = vec![(STATUS, "injected".to_string())];

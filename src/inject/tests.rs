@@ -10,7 +10,16 @@ fn golden_dir() -> PathBuf {
 }
 
 fn template() -> Template {
-    let text = std::fs::read_to_string(golden_dir().join("sidecar.yaml")).expect("template");
+    template_from("sidecar.yaml")
+}
+
+/// The chart's template with budgets shared through Redis (tests/chart/budgets-redis.yaml).
+fn redis_template() -> Template {
+    template_from("sidecar-redis.yaml")
+}
+
+fn template_from(file: &str) -> Template {
+    let text = std::fs::read_to_string(golden_dir().join(file)).expect("template");
     Template::parse(&text).expect("the chart's template parses")
 }
 
@@ -25,9 +34,13 @@ fn golden_pod(case: &str) -> (Pod, Value) {
 
 /// Runs one golden case and returns the patched pod.
 fn golden_case(case: &str, scope: Scope) -> (Mode, Value) {
+    golden_case_with(case, scope, &template())
+}
+
+fn golden_case_with(case: &str, scope: Scope, template: &Template) -> (Mode, Value) {
     let (pod, raw) = golden_pod(case);
     let namespace = pod.metadata.namespace.clone().unwrap();
-    let Decision::Inject { mode, patch } = review(&pod, &namespace, scope, &template()) else {
+    let Decision::Inject { mode, patch } = review(&pod, &namespace, scope, template) else {
         panic!("{case}: not injected");
     };
     let got = serde_json::to_string_pretty(&patch).unwrap() + "\n";
@@ -195,6 +208,99 @@ fn annotations_override_mode_image_resources_and_configmap() {
 }
 
 #[test]
+fn with_redis_the_sidecar_brings_its_password_volume_after_the_pods_own() {
+    let t = redis_template();
+    assert_eq!(t.volumes.len(), 1);
+    let (mode, pod) = golden_case_with("redis", Scope::Namespace, &t);
+    assert_eq!(mode, Mode::Native);
+    let mut want = serde_json::to_value(&t.container).unwrap();
+    want["restartPolicy"] = json!("Always");
+    assert_eq!(pod["spec"]["initContainers"], json!([want]));
+    let sidecar = &pod["spec"]["initContainers"][0];
+    let env = env_of(sidecar);
+    assert_eq!(
+        env["LLM_SIDECAR_REDIS_URL"]["valueFrom"]["secretKeyRef"],
+        json!({"name": "llm-sidecar-redis", "key": "url"})
+    );
+    assert_eq!(
+        env["LLM_SIDECAR_REDIS_PASSWORD_FILE"]["value"],
+        "/etc/llm-sidecar/redis/password"
+    );
+    assert_eq!(
+        sidecar["volumeMounts"],
+        json!([{"name": "llm-sidecar-redis-password", "mountPath": "/etc/llm-sidecar/redis", "readOnly": true}])
+    );
+    // The pod's own volume stays first, the Secret's follows.
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    let names: Vec<&str> = volumes
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cache", "llm-sidecar-redis-password"]);
+    assert_eq!(
+        volumes[1]["secret"],
+        json!({"secretName": "llm-sidecar-redis-auth", "items": [{"key": "password", "path": "password"}]})
+    );
+    // The app is untouched but for OPENAI_BASE_URL (its envFrom may hold a key).
+    let app = &pod["spec"]["containers"][0];
+    assert_eq!(
+        env_of(app).keys().collect::<Vec<_>>(),
+        [BASE_URL_ENV],
+        "{app}"
+    );
+    assert_eq!(app["volumeMounts"][0]["name"], "cache");
+
+    // A pod without volumes gets the list; the default template adds none.
+    let plain = pod_without_volumes();
+    let Decision::Inject { patch, .. } = review(&plain, "apps", Scope::Namespace, &t) else {
+        panic!("not injected");
+    };
+    let volume_ops: Vec<&PatchOp> = patch
+        .iter()
+        .filter(|op| op.path.starts_with("/spec/volumes"))
+        .collect();
+    assert_eq!(volume_ops.len(), 1, "{patch:?}");
+    assert_eq!(volume_ops[0].path, "/spec/volumes");
+    assert_eq!(
+        volume_ops[0].value,
+        serde_json::to_value(&t.volumes).unwrap()
+    );
+    let Decision::Inject { patch, .. } = review(&plain, "apps", Scope::Namespace, &template())
+    else {
+        panic!("not injected");
+    };
+    assert!(
+        patch.iter().all(|op| !op.path.starts_with("/spec/volumes")),
+        "{patch:?}"
+    );
+}
+
+fn pod_without_volumes() -> Pod {
+    pod("spec: {containers: [{name: app, image: app}]}")
+}
+
+#[test]
+fn a_pod_that_already_has_the_sidecars_volume_name_is_denied() {
+    let clash = pod(r#"
+spec:
+  containers: [{name: app, image: app}]
+  volumes: [{name: llm-sidecar-redis-password, emptyDir: {}}]
+"#);
+    match review(&clash, "apps", Scope::Namespace, &redis_template()) {
+        Decision::Deny(why) => assert!(
+            why.contains("\"llm-sidecar-redis-password\"") && why.contains("volume"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Without Redis the template brings no volume and the same pod is injected.
+    assert!(matches!(
+        review(&clash, "apps", Scope::Namespace, &template()),
+        Decision::Inject { .. }
+    ));
+}
+
+#[test]
 fn an_injected_pod_is_left_alone_on_a_second_pass() {
     let (_, patched) = golden_case("plain", Scope::Namespace);
     let again: Pod = serde_json::from_value(patched).unwrap();
@@ -290,4 +396,15 @@ fn templates_with_unknown_fields_are_refused() {
     let err = Template::parse(&good.replace("mode: native", "mode: hybrid")).unwrap_err();
     assert!(err.contains("hybrid"), "{err}");
     assert!(Template::parse("mode: native\nport: 4000\n").is_err());
+
+    // The volumes are checked the same way, and each must be one the container mounts.
+    let redis = std::fs::read_to_string(golden_dir().join("sidecar-redis.yaml")).unwrap();
+    let err = Template::parse(&redis.replace("secretName:", "secretname:")).unwrap_err();
+    assert!(err.contains("volumes[0].secret.secretname"), "{err}");
+    let err = Template::parse(&redis.replace(
+        "  volumeMounts:\n    - name: llm-sidecar-redis-password\n",
+        "  volumeMounts:\n    - name: something-else\n",
+    ))
+    .unwrap_err();
+    assert!(err.contains("not mounted by the container"), "{err}");
 }

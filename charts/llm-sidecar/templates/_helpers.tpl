@@ -94,12 +94,69 @@ seccompProfile:
 {{- end }}
 
 {{/*
+Redis for shared budgets (`budgets.redis`): whether it is on, the checks the schema cannot make
+(they fail the render with the value to fix), and the password Secret's volume. The sidecar
+partial and every pod that carries it use these; nothing set means no LLM_SIDECAR_REDIS_* at all.
+*/}}
+{{- define "llm-sidecar.redisEnabled" -}}
+{{- with .Values.budgets.redis }}{{ if or .url .urlSecret }}true{{ end }}{{ end }}
+{{- end }}
+
+{{- define "llm-sidecar.redisPasswordVolume" -}}llm-sidecar-redis-password{{- end }}
+{{- define "llm-sidecar.redisPasswordDir" -}}/etc/llm-sidecar/redis{{- end }}
+
+{{- define "llm-sidecar.validateBudgets" -}}
+{{- $r := .Values.budgets.redis }}
+{{- if and $r.url $r.urlSecret }}
+{{- fail "budgets.redis: set url or urlSecret, not both" }}
+{{- end }}
+{{- if regexMatch "^rediss?://[^/@]*:[^/@]*@" $r.url }}
+{{- fail "budgets.redis.url carries a password: put the whole URL in a Secret (budgets.redis.urlSecret) or the password alone (budgets.redis.passwordSecret)" }}
+{{- end }}
+{{- /* the schema says so too; this holds when it is skipped (--skip-schema-validation) */}}
+{{- range $field := list "urlSecret" "passwordSecret" }}
+{{- $ref := get $r $field }}
+{{- if and $ref (not (and $ref.name $ref.key)) }}
+{{- fail (printf "budgets.redis.%s needs both name and key (the Secret and its key), got %s" $field (toJson $ref)) }}
+{{- end }}
+{{- end }}
+{{- if not (include "llm-sidecar.redisEnabled" .) }}
+{{- if $r.passwordSecret }}
+{{- fail "budgets.redis.passwordSecret needs budgets.redis.url or budgets.redis.urlSecret (the sidecar refuses a password file without a URL)" }}
+{{- end }}
+{{- if $r.timeout }}
+{{- fail "budgets.redis.timeout needs budgets.redis.url or budgets.redis.urlSecret" }}
+{{- end }}
+{{- end }}
+{{- if $r.timeout }}
+{{- $n := regexFind "^[0-9]+" $r.timeout | atoi }}
+{{- $ms := ternary $n (mul $n 1000) (hasSuffix "ms" $r.timeout) }}
+{{- if or (le $ms 0) (gt $ms 5000) }}
+{{- fail (printf "budgets.redis.timeout=%s: must be more than 0 and at most 5s" $r.timeout) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The pod volumes the sidecar partial mounts, as a YAML list; empty when it mounts none. */}}
+{{- define "llm-sidecar.sidecarVolumes" -}}
+{{- with .Values.budgets.redis.passwordSecret -}}
+- name: {{ include "llm-sidecar.redisPasswordVolume" $ }}
+  secret:
+    secretName: {{ .name | quote }}
+    items:
+      - key: {{ .key | quote }}
+        path: password
+{{- end }}
+{{- end }}
+
+{{/*
 The sidecar container, as the injector adds it to a pod. Without `restartPolicy`: the injector
 adds `restartPolicy: Always` in native mode, and so does the test pod. Its probes run the binary
 (`probe ready|live`) because both ports listen on 127.0.0.1, which the kubelet's httpGet cannot
 reach.
 */}}
 {{- define "llm-sidecar.sidecarContainer" -}}
+{{- include "llm-sidecar.validateBudgets" . -}}
 name: llm-sidecar
 image: {{ include "llm-sidecar.image" . }}
 imagePullPolicy: {{ .Values.image.pullPolicy }}
@@ -143,6 +200,29 @@ env:
     value: {{ .samplerRatio | toString | quote }}
   {{- end }}
   {{- end }}
+  {{- if include "llm-sidecar.redisEnabled" . }}
+  {{- with .Values.budgets.redis }}
+  {{- if .url }}
+  - name: LLM_SIDECAR_REDIS_URL
+    value: {{ .url | quote }}
+  {{- else }}
+  {{- /* a URL with credentials: only the Secret holds it */}}
+  - name: LLM_SIDECAR_REDIS_URL
+    valueFrom:
+      secretKeyRef:
+        name: {{ .urlSecret.name | quote }}
+        key: {{ .urlSecret.key | quote }}
+  {{- end }}
+  {{- if .passwordSecret }}
+  - name: LLM_SIDECAR_REDIS_PASSWORD_FILE
+    value: {{ printf "%s/password" (include "llm-sidecar.redisPasswordDir" $) | quote }}
+  {{- end }}
+  {{- if .timeout }}
+  - name: LLM_SIDECAR_REDIS_TIMEOUT
+    value: {{ .timeout | quote }}
+  {{- end }}
+  {{- end }}
+  {{- end }}
   {{- with .Values.sidecar.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -157,6 +237,12 @@ ports:
   - name: llm-admin
     containerPort: {{ int .Values.sidecar.ports.admin }}
     protocol: TCP
+{{- if .Values.budgets.redis.passwordSecret }}
+volumeMounts:
+  - name: {{ include "llm-sidecar.redisPasswordVolume" . }}
+    mountPath: {{ include "llm-sidecar.redisPasswordDir" . }}
+    readOnly: true
+{{- end }}
 {{- with .Values.sidecar.resources }}
 resources:
   {{- toYaml . | nindent 2 }}
@@ -184,7 +270,8 @@ livenessProbe:
 {{- end }}
 
 {{/*
-The injector's template: the `sidecar.yaml` key of the `<fullname>-inject` ConfigMap. Its
+The injector's template: the `sidecar.yaml` key of the `<fullname>-inject` ConfigMap, with the
+pod volumes the container mounts (only when it mounts any: the Redis password Secret). Its
 checksum rolls the injector when it changes. tests/golden/inject/sidecar.yaml is this document
 for the default values; `make chart-test` compares them.
 */}}
@@ -193,4 +280,8 @@ mode: {{ .Values.sidecar.mode }}
 port: {{ int .Values.sidecar.ports.data }}
 container:
   {{- include "llm-sidecar.sidecarContainer" . | nindent 2 }}
+{{- with include "llm-sidecar.sidecarVolumes" . }}
+volumes:
+  {{- . | nindent 2 }}
+{{- end }}
 {{- end }}
