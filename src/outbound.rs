@@ -1,6 +1,6 @@
 //! The one way a request to a provider is made, for pass-through calls, attempts and shadows:
 //! the provider's URI for the client's path, the provider's `Host` and key, the body's length,
-//! and the trace context of the span it belongs to. What the sidecar's own config cannot build
+//! and the `traceparent` of the attempt's span. What the sidecar's own config cannot build
 //! is a [`Misconfigured`] error, and nothing is sent.
 
 use bytes::Bytes;
@@ -9,7 +9,8 @@ use http::{Method, Request};
 use http_body_util::Full;
 
 use crate::providers::Provider;
-use crate::telemetry::otel;
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// Why the sidecar could not build a request for a provider: its own config is at fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +44,7 @@ pub fn request(
     path_and_query: &str,
     mut headers: HeaderMap,
     body: Bytes,
-    span: &tracing::Span,
+    traceparent: Option<HeaderValue>,
 ) -> Result<Request<Full<Bytes>>, Misconfigured> {
     let misconfigured = |code, detail| Misconfigured {
         code,
@@ -61,8 +62,9 @@ pub fn request(
     } else {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
-    if !span.is_disabled() {
-        otel::inject(span, &mut headers);
+    if let Some(traceparent) = traceparent {
+        // The app's `tracestate` goes on unchanged: the trace is still the app's.
+        headers.insert(TRACEPARENT, traceparent);
     }
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = method;
@@ -104,7 +106,7 @@ mod tests {
             "/v1/chat/completions?x=1",
             headers,
             Bytes::from_static(b"{}"),
-            &tracing::Span::none(),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -134,7 +136,7 @@ mod tests {
             "/v1/models",
             HeaderMap::new(),
             Bytes::new(),
-            &tracing::Span::none(),
+            None,
         )
         .unwrap_err();
         assert_eq!(err.code, "provider_key_missing");

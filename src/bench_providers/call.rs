@@ -99,7 +99,7 @@ pub async fn measure(
         "/v1/chat/completions",
         headers,
         body,
-        &tracing::Span::none(),
+        None,
     ) {
         Ok(r) => r,
         Err(m) => {

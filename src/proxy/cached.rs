@@ -267,14 +267,15 @@ impl Proxy {
                     Lookup::Fresh(entry) | Lookup::Stale(entry) => Some(entry),
                     Lookup::Miss => None,
                 };
-                let served = entry.and_then(|entry| {
+                let found = entry.and_then(|entry| {
                     let age = entry.age(now);
                     let response = ctx.respond(&entry.answer, CacheStatus::Stale, Some(age))?;
-                    tracing::warn!(route = %ctx.route.name, age_s = age.as_secs(), replaced = %error, "every target failed: served a stale answer from the cache");
-                    Some((response, ctx.served(CacheStatus::Stale, report.clone(), entry.cost, "cache")))
+                    Some((entry, age, response))
                 });
-                if let Some((response, served)) = served {
+                if let Some((entry, age, response)) = found {
+                    tracing::warn!(route = %ctx.route.name, age_s = age.as_secs(), replaced = %error, "every target failed: served a stale answer from the cache");
                     metrics.looked_up(&ctx.label, CacheStatus::Stale);
+                    let served = ctx.served(CacheStatus::Stale, report, entry.cost, "cache");
                     return (Ok(response), served);
                 }
             }

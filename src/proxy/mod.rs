@@ -32,16 +32,16 @@ use crate::store::ConfigStore;
 
 use crate::body::{full, Observed, OnFinish, ProxyBody};
 use crate::telemetry::metrics::{DurationLabels, Metrics, RequestLabels, TargetMetrics};
-use crate::telemetry::{otel, ACCESS_TARGET};
+use crate::telemetry::ACCESS_TARGET;
 use crate::upstream::{Lease, UpstreamError};
 use execute::{Core, Exchange};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::telemetry::trace::TraceIds;
 use cached::Looked;
 pub use cached::HEADER_CACHE;
 pub(crate) use headers::{add_route_headers, decide_side, strip_hop_by_hop, strip_request_headers};
 pub use headers::{HEADER_ROLLOUT_BUCKET, HEADER_ROLLOUT_KEY};
-use observe::{incoming_trace_id, server_span, Record, Served};
+use observe::{incoming_trace_id, Record, Served, ServerTrace};
 
 /// A request's answer (or the error it gets) and what serving it found out.
 type Handled = (Result<Response<ProxyBody>, SidecarError>, Served);
@@ -86,26 +86,20 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         self.metrics.in_flight.inc();
-        let (span, trace_id) = if otel::sampled(req.headers()) {
-            let span = server_span(&req);
-            let id = otel::trace_id(&span);
-            (span, id)
-        } else {
-            (tracing::Span::none(), incoming_trace_id(req.headers()))
-        };
+        let ids = TraceIds::start(req.headers());
         let mut record = Record {
             metrics: self.metrics.clone(),
             start: Instant::now(),
             status: 0,
             served: Served::default(),
-            span,
-            trace_id,
+            trace: ids.clone().map(|ids| (ids, ServerTrace::of(&req))),
+            incoming_trace_id: incoming_trace_id(req.headers()),
             _permit: None,
         };
         let (response, served) = match self.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
                 record._permit = Some(permit);
-                self.dispatch(req, &record.span).await
+                self.dispatch(req, ids.as_ref()).await
             }
             Err(_) => (
                 Err(SidecarError::Overloaded(self.limits.max_concurrency)),
@@ -128,12 +122,19 @@ impl Proxy {
         // The answer speaks the protocol of the client's connection, whatever the provider's
         // was (an HTTP/1.0 upstream must not make an HTTP/1.1 client read a 1.0 status line).
         *response.version_mut() = http::Version::default();
-        if !record.span.is_disabled() {
-            if let Some(value) = record
-                .trace_id
-                .as_deref()
-                .and_then(|id| HeaderValue::from_str(id).ok())
-            {
+        // The trace id, where the trace is known to be exported already: sampled at the head,
+        // or an answer that came after a failure or is one.
+        let exported = ids.as_ref().is_some_and(|ids| {
+            ids.sampled
+                || record.status >= 400
+                || record
+                    .served
+                    .report
+                    .as_ref()
+                    .is_some_and(|r| r.attempts > 1 || r.fell_back)
+        });
+        if let (true, Some(ids)) = (exported, &ids) {
+            if let Ok(value) = HeaderValue::from_str(&ids.trace_id_hex()) {
                 response.headers_mut().insert(HEADER_TRACE_ID, value);
             }
         }
@@ -141,7 +142,7 @@ impl Proxy {
     }
 
     /// Serves one request by its path; returns the answer and what serving it found out.
-    async fn dispatch(&self, mut req: Request<Incoming>, span: &tracing::Span) -> Handled {
+    async fn dispatch(&self, mut req: Request<Incoming>, ids: Option<&TraceIds>) -> Handled {
         if let Err(err) = normalize_path(&mut req) {
             return (Err(err), Served::default());
         }
@@ -158,7 +159,7 @@ impl Proxy {
                 if req.method() != Method::POST {
                     return (Err(method_not_allowed(&req)), Served::default());
                 }
-                return self.forward(req, span, true).await;
+                return self.forward(req, ids, true).await;
             }
             _ => {
                 let passthrough = &self.store.load().passthrough;
@@ -171,7 +172,7 @@ impl Proxy {
                         Served::default(),
                     );
                 }
-                return self.forward(req, span, false).await;
+                return self.forward(req, ids, false).await;
             }
         };
         (answered, Served::default())
@@ -271,7 +272,7 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        span: &tracing::Span,
+        ids: Option<&TraceIds>,
         model_required: bool,
     ) -> Handled {
         // One snapshot for the whole request, even if a new config is swapped in meanwhile.
@@ -282,9 +283,9 @@ impl Proxy {
             Err(err) => return (Err(err), Served::counted()),
         };
         if model_required {
-            self.exchange(snapshot, parts, bytes, span).await
+            self.exchange(snapshot, parts, bytes, ids).await
         } else {
-            self.passthrough(snapshot, parts, bytes, span).await
+            self.passthrough(snapshot, parts, bytes, ids).await
         }
     }
 
@@ -294,7 +295,7 @@ impl Proxy {
         snapshot: Arc<Snapshot>,
         mut parts: http::request::Parts,
         bytes: Bytes,
-        parent: &tracing::Span,
+        ids: Option<&TraceIds>,
     ) -> Handled {
         let tripped = self
             .core
@@ -319,23 +320,17 @@ impl Proxy {
         let provider = &target.provider;
 
         strip_request_headers(&mut parts.headers);
-        let span = if parent.is_disabled() {
-            tracing::Span::none()
-        } else {
-            let span = tracing::info_span!(
-                target: otel::SPAN_TARGET,
-                parent: parent,
-                "passthrough",
-                otel.name = %parts.method,
-                otel.kind = "client",
-            );
-            span.set_attribute("server.address", provider.host().to_string());
-            span.set_attribute("server.port", i64::from(provider.port()));
-            span.set_attribute("llm_sidecar.provider", provider.name.clone());
-            span.set_attribute("llm_sidecar.path", target.path().as_str());
-            span.set_attribute("llm_sidecar.attempt", 1);
-            span
+        let step = crate::routing::plan::Step {
+            route: route.clone(),
+            side: target.path(),
+            forced_probe: false,
+            closed: false,
         };
+        let mut trace =
+            ids.map(|_| execute::AttemptTrace::passthrough(&step, parts.method.clone()));
+        let traceparent = ids
+            .zip(trace.as_ref())
+            .map(|(ids, t)| ids.traceparent(t.span_id));
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let upstream = crate::outbound::request(
             provider,
@@ -343,7 +338,7 @@ impl Proxy {
             path_and_query,
             parts.headers,
             upstream_body,
-            &span,
+            traceparent,
         )
         .map_err(|why| match why.code {
             "provider_key_missing" => SidecarError::ProviderKeyMissing {
@@ -364,19 +359,19 @@ impl Proxy {
 
         let timeout = snapshot.timeouts.response_headers;
         let sent = tokio::time::timeout(timeout, self.core.upstream.send(upstream)).await;
-        if !span.is_disabled() {
+        if let Some(mut trace) = trace.take() {
             match &sent {
                 Ok(Ok((response, _))) => {
-                    span.set_attribute(
-                        "http.response.status_code",
-                        i64::from(response.status().as_u16()),
-                    );
+                    trace.answered(response.status().as_u16());
+                    trace.finish();
                 }
-                Ok(Err(_)) => span.set_attribute("error.type", "connection_error"),
-                Err(_) => span.set_attribute("error.type", "timeout"),
+                Ok(Err(_)) => trace.fail("connection_error", None),
+                Err(_) => trace.fail("timeout", None),
+            }
+            if let Some(report) = &mut served.report {
+                report.trace = Some(execute::Traced::single(trace));
             }
         }
-        drop(span);
         let response = match sent {
             Err(_) => {
                 let err = SidecarError::UpstreamTimeout {
@@ -416,9 +411,9 @@ impl Proxy {
         snapshot: Arc<Snapshot>,
         parts: http::request::Parts,
         bytes: Bytes,
-        span: &tracing::Span,
+        ids: Option<&TraceIds>,
     ) -> Handled {
-        let (core, trace, body) = (self.core.clone(), span.clone(), bytes.clone());
+        let (core, trace, body) = (self.core.clone(), ids.cloned(), bytes.clone());
         let path = parts.uri.path().to_string();
         let max_bytes = snapshot.cache_max_bytes;
         let prepare = move || prepare(core, snapshot, parts, body, trace);
@@ -481,7 +476,7 @@ impl Proxy {
                     body: bytes,
                     stream,
                     started,
-                    trace: span.clone(),
+                    trace: ids.cloned(),
                 };
                 self.core
                     .shadows
@@ -514,7 +509,7 @@ fn prepare(
     snapshot: Arc<Snapshot>,
     parts: http::request::Parts,
     bytes: Bytes,
-    span: tracing::Span,
+    ids: Option<TraceIds>,
 ) -> Result<Prepared, SidecarError> {
     let parsed =
         RequestBody::parse(&bytes).map_err(|e| SidecarError::MalformedRequest(e.to_string()))?;
@@ -561,7 +556,7 @@ fn prepare(
         },
         &parsed,
         route,
-        span,
+        ids,
     );
     Ok(Prepared {
         exchange,

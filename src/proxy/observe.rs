@@ -4,7 +4,8 @@
 use super::*;
 use crate::telemetry::cache::CacheStatus;
 use crate::telemetry::cost::{Bill, Usage};
-use execute::{Report, StreamEnd};
+use crate::telemetry::trace::{self, Draft, TraceIds};
+use execute::{Report, StreamEnd, Traced};
 use tokio::sync::oneshot;
 
 /// What serving a request found out, returned by the path that served it with its response.
@@ -46,10 +47,30 @@ pub(super) struct Record {
     pub(super) start: Instant,
     pub(super) status: u16,
     pub(super) served: Served,
-    /// The SERVER span (disabled without tracing); it ends with the response body.
-    pub(super) span: tracing::Span,
-    pub(super) trace_id: Option<String>,
+    /// The request's trace ids and what its SERVER span shows of it, while tracing is on.
+    pub(super) trace: Option<(TraceIds, ServerTrace)>,
+    /// The app's trace id (from its `traceparent`), for the log line of a request not exported.
+    pub(super) incoming_trace_id: Option<String>,
     pub(super) _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What the SERVER span shows of the request as it arrived.
+pub(super) struct ServerTrace {
+    start: std::time::SystemTime,
+    method: Method,
+    route: &'static str,
+    path: String,
+}
+
+impl ServerTrace {
+    pub(super) fn of<B>(req: &Request<B>) -> ServerTrace {
+        ServerTrace {
+            start: std::time::SystemTime::now(),
+            method: req.method().clone(),
+            route: route_template(req.uri().path()),
+            path: req.uri().path().to_string(),
+        }
+    }
 }
 
 /// A request once its response body has ended: what it came to and what it cost.
@@ -66,6 +87,10 @@ struct Finished {
     bill: Bill,
     /// The whole answer was handed over.
     complete: bool,
+    /// The attempts, for their spans (while tracing is on).
+    traced: Option<execute::Traced>,
+    /// A stream whose pump had not ended when the client left: its attempts come later.
+    pending: Option<oneshot::Receiver<StreamEnd>>,
 }
 
 impl OnFinish for Record {
@@ -78,7 +103,7 @@ impl OnFinish for Record {
             tracing::debug!(status = self.status, "response body ended early");
         }
         let finished = self.conclude(completed, elapsed);
-        self.observe(&finished);
+        self.observe(finished);
         // The SERVER span ends before the request stops counting as in flight.
         let metrics = self.metrics.clone();
         drop(self);
@@ -92,11 +117,29 @@ impl Record {
     fn conclude(&mut self, completed: bool, elapsed: Duration) -> Finished {
         let served = &mut self.served;
         let ran = served.report.is_some();
-        let report = served.report.take().unwrap_or_default();
-        let end = served.stream_end.take().map(|mut rx| rx.try_recv().ok());
+        let mut report = served.report.take().unwrap_or_default();
+        let mut traced = report.trace.take();
+        let mut pending = None;
+        let end = served.stream_end.take().map(|mut rx| match rx.try_recv() {
+            Ok(end) => Some(end),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                pending = Some(rx);
+                None
+            }
+            Err(oneshot::error::TryRecvError::Closed) => None,
+        });
         let (usage, bill, interrupted, complete) = match end {
             // A stream: its pump's ending, if it got to one before the client left.
-            Some(Some(end)) => (end.usage, end.bill, end.interrupted, !end.interrupted),
+            Some(Some(mut end)) => {
+                if let Some(traced) = &mut traced {
+                    traced.attempts.append(&mut end.attempts);
+                }
+                if end.cancelled {
+                    (None, Bill::default(), false, false)
+                } else {
+                    (end.usage, end.bill, end.interrupted, !end.interrupted)
+                }
+            }
             Some(None) => (None, Bill::default(), false, false),
             None => (report.usage, report.bill, false, report.complete),
         };
@@ -131,15 +174,25 @@ impl Record {
             usage,
             bill,
             complete,
+            traced,
+            pending,
         }
     }
 
     /// The one place a finished request is seen: the request metrics, `/stats`, the access
-    /// log line and the SERVER span.
-    fn observe(&self, f: &Finished) {
-        self.count(f);
-        self.log(f);
-        self.end_span(f);
+    /// log line and, when it is exported, its spans.
+    fn observe(&mut self, f: Finished) {
+        let exported = self
+            .trace
+            .as_ref()
+            .is_some_and(|(ids, _)| exported(ids, &f));
+        self.count(&f);
+        self.log(&f, exported);
+        if exported {
+            if let Some((ids, server)) = self.trace.take() {
+                self.export(ids, server, f);
+            }
+        }
     }
 
     fn count(&self, f: &Finished) {
@@ -220,7 +273,11 @@ impl Record {
         }
     }
 
-    fn log(&self, f: &Finished) {
+    fn log(&self, f: &Finished, exported: bool) {
+        let trace_id = match &self.trace {
+            Some((ids, _)) if exported => Some(ids.trace_id_hex()),
+            _ => self.incoming_trace_id.clone(),
+        };
         let who = f.who.as_ref();
         let seconds = f.elapsed.as_secs_f64();
         tracing::info!(
@@ -239,25 +296,28 @@ impl Record {
             cost_usd = f.bill.cost.map(round_usd),
             savings_usd = f.bill.savings().map(round_usd),
             cache = self.served.cache.map(CacheStatus::as_str),
-            trace_id = self.trace_id.as_deref(),
+            trace_id = trace_id.as_deref(),
             "request"
         );
     }
 
-    fn end_span(&self, f: &Finished) {
-        let span = &self.span;
-        if span.is_disabled() {
-            return;
-        }
+    /// Builds the SERVER span and the attempt spans, with their real times, and exports them;
+    /// for a stream still winding down after its client left, once its pump has ended.
+    fn export(&self, ids: TraceIds, server: ServerTrace, mut f: Finished) {
         let label = f.outcome.label();
-        let mut attributes = Vec::with_capacity(8);
+        let mut attributes = Vec::with_capacity(14);
         attributes.extend([
+            KeyValue::new("http.request.method", server.method.to_string()),
+            KeyValue::new("url.path", server.path),
             KeyValue::new("http.response.status_code", i64::from(f.status)),
             KeyValue::new("llm_sidecar.outcome", label),
             KeyValue::new("llm_sidecar.attempts", i64::from(f.report.attempts)),
             KeyValue::new("llm_sidecar.fallbacks", i64::from(f.report.fallbacks)),
             KeyValue::new("llm_sidecar.fallback", f.report.fell_back),
         ]);
+        if !server.route.is_empty() {
+            attributes.push(KeyValue::new("http.route", server.route));
+        }
         if let Some(t) = &f.who {
             attributes.push(KeyValue::new("llm_sidecar.path", t.path));
         }
@@ -271,14 +331,52 @@ impl Record {
             f.outcome,
             RequestOutcome::Success | RequestOutcome::Fallback
         );
-        if failed {
-            attributes.push(KeyValue::new("error.type", label));
-        }
-        otel::set_attributes(span, attributes);
-        if failed {
-            span.set_status(opentelemetry::trace::Status::error(label));
+        let name = if server.route.is_empty() {
+            server.method.to_string()
+        } else {
+            format!("{} {}", server.method, server.route)
+        };
+        let draft = Draft {
+            name: name.into(),
+            kind: opentelemetry::trace::SpanKind::Server,
+            span_id: ids.span_id,
+            start: server.start,
+            end: std::time::SystemTime::now(),
+            attributes,
+            error: failed.then_some(label),
+            links: Vec::new(),
+        };
+        let traced = f.traced.take();
+        match f.pending.take() {
+            None => trace::export(&ids, draft, traced.into_iter().flat_map(Traced::drafts)),
+            Some(pending) => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                runtime.spawn(async move {
+                    let end = tokio::time::timeout(Duration::from_secs(10), pending).await;
+                    let mut traced = traced;
+                    if let (Some(traced), Ok(Ok(mut end))) = (&mut traced, end) {
+                        traced.attempts.append(&mut end.attempts);
+                    }
+                    trace::export(&ids, draft, traced.into_iter().flat_map(Traced::drafts));
+                });
+            }
         }
     }
+}
+
+/// Whether a finished request's trace is exported: the head sampler kept it, or it is one an
+/// operator looks for: a retry or failover, a continued stream, anything but a plain success,
+/// or a slow request.
+fn exported(ids: &TraceIds, f: &Finished) -> bool {
+    let continued = f.traced.as_ref().is_some_and(|t| t.attempts.len() > 1);
+    ids.sampled
+        || f.report.attempts > 1
+        || f.report.fallbacks > 0
+        || continued
+        || f.outcome != RequestOutcome::Success
+        || f.elapsed >= trace::slow_threshold()
 }
 
 /// What a request came to, as its metrics, log line and span label it.
@@ -331,26 +429,14 @@ pub(super) fn incoming_trace_id(headers: &HeaderMap) -> Option<String> {
 
 pub(super) const ZERO_TRACE_ID: &str = "00000000000000000000000000000000";
 
-/// The SERVER span of a request: a child of the app's span when it sent `traceparent`.
-pub(super) fn server_span(req: &Request<Incoming>) -> tracing::Span {
-    let route: &'static str = match req.uri().path() {
+/// The SERVER span's `http.route`: the endpoint's template, or nothing for other paths.
+fn route_template(path: &str) -> &'static str {
+    match path {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/completions" => "/v1/completions",
         "/v1/embeddings" => "/v1/embeddings",
         "/v1/models" => "/v1/models",
         p if p.starts_with("/v1/models/") => "/v1/models/{model}",
         _ => "",
-    };
-    let method = req.method().as_str();
-    let span = tracing::info_span!(
-        target: otel::SPAN_TARGET,
-        "request",
-        otel.name = %format_args!("{method} {route}"),
-        otel.kind = "server",
-        http.request.method = method,
-        http.route = (!route.is_empty()).then_some(route),
-        url.path = req.uri().path(),
-    );
-    otel::adopt_remote_parent(&span, req.headers());
-    span
+    }
 }

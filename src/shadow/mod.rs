@@ -76,8 +76,8 @@ pub struct ShadowRequest {
     pub body: Bytes,
     pub stream: bool,
     pub started: Instant,
-    /// The request's server span: the shadow's span links to it (disabled without tracing).
-    pub trace: tracing::Span,
+    /// The request's trace: the shadow's span links to its SERVER span (`None` without tracing).
+    pub trace: Option<crate::telemetry::trace::TraceIds>,
 }
 
 impl Shadows {
@@ -328,10 +328,10 @@ impl Shadows {
 /// The shadow call's own span: a new trace linked to the request it mirrors, so shadow traffic
 /// never inflates the request's trace.
 fn shadow_span(request: &ShadowRequest, target: &Target) -> tracing::Span {
-    // Shadows of an unsampled request are not traced either.
-    if request.trace.is_disabled() {
+    // Shadows of a request not sampled at the head are not traced either.
+    let Some(ids) = request.trace.as_ref().filter(|ids| ids.sampled) else {
         return tracing::Span::none();
-    }
+    };
     let operation = crate::telemetry::Operation::from_path(&request.path_and_query);
     let span = tracing::info_span!(
         target: otel::SPAN_TARGET,
@@ -340,7 +340,7 @@ fn shadow_span(request: &ShadowRequest, target: &Target) -> tracing::Span {
         otel.name = %format_args!("shadow {} {}", operation.name(), target.model),
         otel.kind = "client",
     );
-    otel::link(&span, &request.trace);
+    otel::link(&span, ids.context());
     let provider = &target.provider;
     span.set_attribute("gen_ai.operation.name", operation.name());
     span.set_attribute(
@@ -390,7 +390,7 @@ async fn call(
         &request.path_and_query,
         headers,
         body,
-        span,
+        otel::traceparent(span),
     ) else {
         return failed(0);
     };

@@ -5,6 +5,7 @@ pub mod cost;
 pub mod metrics;
 pub mod otel;
 pub mod stats;
+pub mod trace;
 
 use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt, Targets};
 use tracing_subscriber::layer::{Layer, SubscriberExt};

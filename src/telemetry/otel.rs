@@ -13,7 +13,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -36,7 +36,38 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 /// `true` records message content (prompts and answers) on attempt spans; off by default.
 pub const ENV_TRACE_CONTENT: &str = "LLM_SIDECAR_TRACE_CONTENT";
 
+/// Requests slower than this are exported whatever the head sampler said (default 5 s).
+pub const ENV_TRACE_SLOW: &str = "LLM_SIDECAR_TRACE_SLOW";
+const DEFAULT_TRACE_SLOW: Duration = Duration::from_secs(5);
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
+static SLOW_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(5_000);
+/// Where finished spans go: the export loop's queue.
+static QUEUE: std::sync::OnceLock<mpsc::Sender<SpanData>> = std::sync::OnceLock::new();
+
+/// Requests slower than this are exported in full.
+pub fn slow_threshold() -> Duration {
+    Duration::from_millis(SLOW_MS.load(Ordering::Relaxed))
+}
+
+/// Queues a finished span for export; counted as dropped when the queue is full.
+pub fn queue(span: SpanData) {
+    if let Some(tx) = QUEUE.get() {
+        if tx.try_send(span).is_err() {
+            EXPORT.dropped.inc();
+        }
+    }
+}
+
+/// The app's span, when the request carries valid W3C trace context.
+pub fn remote_parent(headers: &HeaderMap) -> Option<opentelemetry::trace::SpanContext> {
+    if !headers.contains_key("traceparent") {
+        return None;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
 static RECORD_CONTENT: AtomicBool = AtomicBool::new(false);
 
 /// True when `LLM_SIDECAR_TRACE_CONTENT=true` asked for message content on attempt spans.
@@ -83,6 +114,8 @@ pub struct OtelSettings {
     pub k8s_attributes: Vec<(&'static str, String)>,
     pub record_content: bool,
     pub sampler: Sampler,
+    /// `LLM_SIDECAR_TRACE_SLOW`: requests slower than this are exported whatever was sampled.
+    pub slow: Duration,
 }
 
 /// `OTEL_TRACES_SAMPLER(_ARG)`, decided by the sidecar before any span exists: a request that
@@ -261,6 +294,13 @@ pub fn from_env(env: &dyn Env, errors: &mut Vec<String>) -> Option<OtelSettings>
             false
         }
     };
+    let slow = match nonempty(env, ENV_TRACE_SLOW) {
+        None => DEFAULT_TRACE_SLOW,
+        Some(text) => crate::env::parse_duration(text.trim()).unwrap_or_else(|why| {
+            errors.push(format!("{ENV_TRACE_SLOW}={text:?}: {why}"));
+            DEFAULT_TRACE_SLOW
+        }),
+    };
     Some(OtelSettings {
         protocol,
         endpoint,
@@ -271,6 +311,7 @@ pub fn from_env(env: &dyn Env, errors: &mut Vec<String>) -> Option<OtelSettings>
         k8s_attributes,
         record_content,
         sampler,
+        slow,
     })
 }
 
@@ -369,6 +410,11 @@ pub fn start(
         settings.timeout,
     ));
     let _ = SAMPLER.set(settings.sampler);
+    let _ = QUEUE.set(tx.clone());
+    SLOW_MS.store(
+        u64::try_from(settings.slow.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     let provider = SdkTracerProvider::builder()
         // The sampling decision is taken before a span is made (`sampled`): every span the
         // SDK sees is kept.
@@ -559,44 +605,22 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// Makes `span` a child of the app's span when the request carries W3C trace context.
-pub fn adopt_remote_parent(span: &tracing::Span, headers: &HeaderMap) {
-    if !headers.contains_key("traceparent") {
-        return;
+/// The `traceparent` naming `span` (a span of the tracing bridge: the shadow call's).
+pub fn traceparent(span: &tracing::Span) -> Option<HeaderValue> {
+    if span.is_disabled() {
+        return None;
     }
-    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    if cx.span().span_context().is_valid() {
-        let _ = span.set_parent(cx);
-    }
-}
-
-/// Replaces the trace context headers with `span`'s, so the provider's spans (if any) are
-/// children of the attempt.
-pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
     let cx = span.context();
     let otel_span = cx.span();
     let sc = otel_span.span_context();
-    if !sc.is_valid() {
-        return;
-    }
-    headers.remove("tracestate");
-    if let Ok(value) = HeaderValue::from_bytes(&traceparent(sc)) {
-        headers.insert(TRACEPARENT.clone(), value);
-    }
-    let state = sc.trace_state().header();
-    if !state.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&state) {
-            headers.insert(TRACESTATE.clone(), value);
-        }
-    }
+    sc.is_valid()
+        .then(|| HeaderValue::from_bytes(&traceparent_bytes(sc)).ok())
+        .flatten()
 }
-
-static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// The W3C `traceparent` of `sc`, as the propagator writes it, without its trip through
 /// `format!` on every attempt.
-fn traceparent(sc: &opentelemetry::trace::SpanContext) -> [u8; 55] {
+fn traceparent_bytes(sc: &opentelemetry::trace::SpanContext) -> [u8; 55] {
     let mut out = [b'-'; 55];
     out[..2].copy_from_slice(b"00");
     hex_into(&mut out[3..35], &sc.trace_id().to_bytes());
@@ -615,33 +639,10 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
-/// Sets `attributes` on `span` in one go: the span is found once, where each
-/// `set_attribute` call would look it up again.
-pub fn set_attributes(span: &tracing::Span, attributes: Vec<KeyValue>) {
-    if span.is_disabled() || attributes.is_empty() {
-        return;
-    }
-    span.context().span().set_attributes(attributes);
-}
-
-/// The span's trace id as 32 hex digits, when it is exported.
-pub fn trace_id(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let otel_span = cx.span();
-    let sc = otel_span.span_context();
-    (sc.is_valid() && sc.is_sampled()).then(|| {
-        let mut hex = [0u8; 32];
-        hex_into(&mut hex, &sc.trace_id().to_bytes());
-        hex.iter().map(|&b| char::from(b)).collect()
-    })
-}
-
-/// Links `span` to the span `other` (the shadow call to the request it mirrors).
-pub fn link(span: &tracing::Span, other: &tracing::Span) {
-    let cx = other.context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        span.add_link(sc);
+/// Links `span` to `other` (the shadow call to the request it mirrors).
+pub fn link(span: &tracing::Span, other: opentelemetry::trace::SpanContext) {
+    if other.is_valid() {
+        span.add_link(other);
     }
 }
 
@@ -656,7 +657,7 @@ mod tests {
     impl opentelemetry::propagation::Injector for HeaderInjector<'_> {
         fn set(&mut self, key: &str, value: String) {
             self.0.insert(
-                HeaderName::from_bytes(key.as_bytes()).unwrap(),
+                http::HeaderName::from_bytes(key.as_bytes()).unwrap(),
                 HeaderValue::from_str(&value).unwrap(),
             );
         }
@@ -690,7 +691,7 @@ mod tests {
             let mut expected = HeaderMap::new();
             TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut expected));
             assert_eq!(
-                &super::traceparent(&sc)[..],
+                &super::traceparent_bytes(&sc)[..],
                 expected["traceparent"].as_bytes(),
                 "{sc:?}"
             );

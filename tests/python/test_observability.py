@@ -203,9 +203,14 @@ def test_only_sampled_requests_make_spans_and_an_unsampled_parent_passes_through
                 model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
             )
             # Sent first: their spans, if any were made, would be exported before the last one's.
-            unsampled = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+            unsampled_trace = secrets.token_hex(16)
+            unsampled = f"00-{unsampled_trace}-{secrets.token_hex(8)}-00"
             raw = ask({"traceparent": unsampled})
-            assert raw.headers["x-fake-traceparent"] == unsampled, "passed upstream unchanged"
+            # The app's trace and its "not sampled" flag go on; the parent is the sidecar's
+            # attempt, whose span would be exported if the request turned out to need it.
+            sent = raw.headers["x-fake-traceparent"].split("-")
+            assert (sent[1], sent[3]) == (unsampled_trace, "00"), sent
+            assert sent[2] != unsampled.split("-")[2]
             assert "x-llm-sidecar-trace-id" not in raw.headers, "no trace to look up in Jaeger"
             ask({})
             sampled_trace = secrets.token_hex(16)
@@ -217,6 +222,42 @@ def test_only_sampled_requests_make_spans_and_an_unsampled_parent_passes_through
             sidecar.stop()
     assert {s.trace_id for s in spans} == {sampled_trace}, [str(s) for s in spans]
     assert sorted(s.kind for s in spans) == ["CLIENT", "SERVER"]
+
+
+def test_at_ratio_zero_a_failover_is_exported_in_full_and_an_ordinary_request_is_not(flaky_config):
+    env = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}
+    with otlp.receiver("http/protobuf") as rx:
+        env.update(rx.env())
+        sidecar = start_sidecar(flaky_config, extra_env=env)
+        try:
+            client = client_for(sidecar)
+            ordinary_trace = secrets.token_hex(16)
+            raw = client.chat.completions.with_raw_response.create(
+                model="deepseek-chat",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"traceparent": f"00-{ordinary_trace}-{secrets.token_hex(8)}-01"},
+            )
+            assert raw.headers["x-llm-sidecar-attempts"] == "1"
+            assert "x-llm-sidecar-trace-id" not in raw.headers
+            raw = client.chat.completions.with_raw_response.create(
+                model="flaky", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert raw.headers["x-llm-sidecar-fallbacks"] == "1"
+            failover = raw.headers["x-llm-sidecar-trace-id"]
+            spans = rx.wait_for(lambda spans: sum(s.trace_id == failover for s in spans) >= 4, what="the failover's spans")
+        finally:
+            sidecar.stop()
+    assert not [s for s in spans if s.trace_id == ordinary_trace], "the ordinary request was not exported"
+    mine = [s for s in spans if s.trace_id == failover]
+    (server,) = [s for s in mine if s.kind == "SERVER"]
+    attempts = sorted((s for s in mine if s.kind == "CLIENT"), key=lambda s: s.attributes["llm_sidecar.attempt"])
+    assert [a.attributes["llm_sidecar.attempt.kind"] for a in attempts] == ["initial", "retry", "fallback"]
+    assert [a.attributes.get("error.type") for a in attempts] == ["server_error", "server_error", None]
+    assert all(a.parent_span_id == server.span_id for a in attempts)
+    assert server.attributes["llm_sidecar.outcome"] == "fallback"
+    # Times are the real ones: each attempt inside the request, in order.
+    assert server.start_time_unix_nano <= attempts[0].start_time_unix_nano <= attempts[1].start_time_unix_nano <= attempts[2].start_time_unix_nano
+    assert attempts[-1].end_time_unix_nano <= server.end_time_unix_nano
 
 
 def test_a_shadow_call_is_its_own_trace_linked_to_the_request(routing_config, tmp_path):

@@ -113,7 +113,7 @@ impl Exchange {
         target: &Target,
         prefill: Option<&str>,
         first: bool,
-        span: &tracing::Span,
+        traceparent: Option<HeaderValue>,
     ) -> Result<Answer, AttemptError> {
         let body = self.body_for(target, prefill, first);
         let request = crate::outbound::request(
@@ -122,7 +122,7 @@ impl Exchange {
             &self.call.path_and_query,
             self.call.headers.clone(),
             body,
-            span,
+            traceparent,
         )
         .map_err(|why| Failure::LocalConfig {
             code: why.code,
@@ -225,9 +225,6 @@ impl Exchange {
             }
             if first {
                 let ttft = sent.elapsed();
-                if !span.is_disabled() {
-                    span.set_attribute("llm_sidecar.time_to_first_token", ttft.as_secs_f64());
-                }
                 return Ok(Answer::Stream {
                     head,
                     body,
@@ -273,66 +270,35 @@ impl Exchange {
         }
     }
 
-    /// The CLIENT span of one attempt, child of the request's span; disabled without tracing.
-    pub(super) fn attempt_span(
+    /// The record of one attempt for its CLIENT span; `None` while tracing is off.
+    pub(super) fn attempt_trace(
         &self,
         step: &Step,
         kind: AttemptKind,
         after: Option<&'static str>,
         admission: Admission,
-    ) -> tracing::Span {
-        if self.trace.is_disabled() {
-            return tracing::Span::none();
-        }
-        let target = step.target();
-        let provider = &target.provider;
+    ) -> Option<AttemptTrace> {
+        self.ids.as_ref()?;
         let number = self
             .attempts
             .iter()
             .filter(|a| a.outcome.was_sent())
             .count()
             + 1;
-        // Attributes known now are span fields, recorded in one pass when the span is created.
-        let span = tracing::info_span!(
-            target: otel::SPAN_TARGET,
-            parent: &self.trace,
-            "attempt",
-            otel.name = %format_args!("{} {}", self.operation.name(), target.model),
-            otel.kind = "client",
-            gen_ai.operation.name = self.operation.name(),
-            gen_ai.provider.name = crate::telemetry::gen_ai_provider_name(&provider.name),
-            gen_ai.request.model = target.model.as_str(),
-            gen_ai.request.stream = self.stream,
-            gen_ai.request.max_tokens = self.meta.max_tokens,
-            gen_ai.request.temperature = self.meta.temperature,
-            gen_ai.input.messages = self.meta.content.as_deref(),
-            server.address = provider.host(),
-            server.port = i64::from(provider.port()),
-            llm_sidecar.route = step.route.name.as_str(),
-            llm_sidecar.provider = provider.name.as_str(),
-            llm_sidecar.path = target.path().as_str(),
-            llm_sidecar.attempt = number as i64,
-            llm_sidecar.attempt.kind = kind.as_str(),
-            llm_sidecar.attempt.reason = after,
-            llm_sidecar.breaker_state = match admission {
-                Admission::Probe => "half_open",
-                _ => "closed",
-            },
-        );
-        span
+        Some(AttemptTrace::new(
+            step,
+            kind,
+            after,
+            admission == Admission::Probe,
+            number as u32,
+        ))
     }
-}
 
-/// Marks an attempt span failed; `why` is a failure class, never provider text.
-pub(super) fn fail_span(span: &tracing::Span, why: &'static str, status: Option<u16>) {
-    if span.is_disabled() {
-        return;
+    /// The `traceparent` for the provider: the attempt's span in the request's trace.
+    pub(super) fn traceparent(&self, trace: &Option<AttemptTrace>) -> Option<HeaderValue> {
+        let (ids, trace) = (self.ids.as_ref()?, trace.as_ref()?);
+        Some(ids.traceparent(trace.span_id))
     }
-    span.set_attribute("error.type", why);
-    if let Some(status) = status {
-        span.set_attribute("http.response.status_code", i64::from(status));
-    }
-    span.set_status(opentelemetry::trace::Status::error(why));
 }
 
 #[cfg(test)]

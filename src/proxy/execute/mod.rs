@@ -37,20 +37,23 @@ use crate::routing::tokens;
 use crate::spend::Reservation;
 use crate::telemetry::cost::{format_usd, Bill, Usage};
 use crate::telemetry::metrics::{Metrics, TargetMetrics};
+use crate::telemetry::trace::TraceIds;
 use crate::telemetry::{otel, Operation};
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use opentelemetry::KeyValue;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 mod attempt;
 mod report;
 mod settle;
 mod stream;
+mod trace;
 
-use attempt::{fail_span, Answer, AttemptError, PlainBody, OVERSIZED_EVENT};
-use settle::{cut, Reported, RequestMeta};
+use attempt::{Answer, AttemptError, PlainBody, OVERSIZED_EVENT};
+use settle::{cut, Reported};
+use trace::RequestTrace;
 
 pub use report::{Report, StreamEnd};
+pub use trace::{AttemptTrace, Traced};
 
 pub const HEADER_ATTEMPTS: HeaderName = HeaderName::from_static("x-llm-sidecar-attempts");
 pub const HEADER_FALLBACKS: HeaderName = HeaderName::from_static("x-llm-sidecar-fallbacks");
@@ -239,10 +242,13 @@ pub struct Exchange {
     first_body: Option<Bytes>,
     /// Where a complete answer is stored, when the route caches this request.
     capture: Option<Capture>,
-    /// The request's server span, parent of the attempt spans (disabled without tracing).
-    trace: tracing::Span,
+    /// The request's trace ids, while tracing is on: attempts are recorded for their spans.
+    ids: Option<TraceIds>,
     operation: Operation,
-    meta: RequestMeta,
+    /// What every attempt span shows of the request (read only while tracing is on).
+    request_trace: Option<Arc<RequestTrace>>,
+    /// The attempts that ended before the answer was committed.
+    traces: Vec<AttemptTrace>,
 }
 
 impl Exchange {
@@ -253,7 +259,7 @@ impl Exchange {
         mut call: Call,
         parsed: &RequestBody<'_>,
         route: Arc<Route>,
-        trace: tracing::Span,
+        ids: Option<TraceIds>,
     ) -> Exchange {
         let headers = &call.headers;
         let prefer = headers
@@ -281,15 +287,14 @@ impl Exchange {
             .and_then(|v| v.get().parse::<u64>().ok());
         let deadline = Instant::now() + snapshot.resilience.deadline;
         let operation = Operation::from_path(&call.path_and_query);
-        let meta = if !trace.is_disabled() {
-            RequestMeta::read(parsed)
-        } else {
-            RequestMeta::default()
-        };
+        let request_trace = ids
+            .as_ref()
+            .map(|_| Arc::new(RequestTrace::read(parsed, operation)));
         let mut exchange = Exchange {
-            trace,
+            ids,
             operation,
-            meta,
+            request_trace,
+            traces: Vec::new(),
             core,
             snapshot,
             decision,
@@ -519,7 +524,7 @@ impl Exchange {
                         if exhausted.on_exhausted == OnExhausted::Reject {
                             return Err(GaveUp {
                                 error: exhausted.error(),
-                                report: self.report(),
+                                report: self.final_report(),
                             });
                         }
                         refused.get_or_insert(exhausted);
@@ -557,10 +562,14 @@ impl Exchange {
                         })
                         .inc();
                 }
-                let span =
-                    self.attempt_span(step, kind, last_failed.as_ref().map(|l| l.2), admission);
+                let trace =
+                    self.attempt_trace(step, kind, last_failed.as_ref().map(|l| l.2), admission);
                 let started = Instant::now();
-                match self.attempt(target, None, step_index == 0, &span).await {
+                let traceparent = self.traceparent(&trace);
+                match self
+                    .attempt(target, None, step_index == 0, traceparent)
+                    .await
+                {
                     Ok(answer) => {
                         let latency = started.elapsed();
                         if self.stream {
@@ -592,7 +601,7 @@ impl Exchange {
                             &steps[step_index],
                             answer,
                             rest,
-                            span,
+                            trace,
                             started,
                             reservation,
                         ));
@@ -609,8 +618,10 @@ impl Exchange {
                             _ => None,
                         };
                         self.record(step, AttemptOutcome::Failed(class), status, started);
-                        fail_span(&span, class.label(), status);
-                        drop(span);
+                        if let Some(mut trace) = trace {
+                            trace.fail(class.label(), status);
+                            self.traces.push(trace);
+                        }
                         last_failed = Some((
                             self.core.metrics.target(target),
                             target.health_key.clone(),
@@ -702,7 +713,7 @@ impl Exchange {
         };
         Err(GaveUp {
             error,
-            report: self.report(),
+            report: self.final_report(),
         })
     }
 }

@@ -70,7 +70,7 @@ impl Exchange {
     }
 
     pub(super) fn passthrough_error(
-        &self,
+        &mut self,
         step: &Step,
         status: StatusCode,
         upstream: HeaderMap,
@@ -89,7 +89,7 @@ impl Exchange {
             route: step.route.clone(),
             side: step.side,
             lease: None,
-            report: self.report(),
+            report: self.final_report(),
             stream_end: None,
         }
     }
@@ -193,6 +193,23 @@ impl Exchange {
         }
     }
 
+    /// [`Exchange::report`] with the attempts recorded for their spans.
+    pub(super) fn final_report(&mut self) -> Report {
+        Report {
+            trace: self.traced(),
+            ..self.report()
+        }
+    }
+
+    /// The attempts recorded so far, for their spans (`None` while tracing is off).
+    pub(super) fn traced(&mut self) -> Option<Traced> {
+        let request = self.request_trace.clone()?;
+        Some(Traced {
+            request,
+            attempts: std::mem::take(&mut self.traces),
+        })
+    }
+
     /// The answer comes after at least one failed attempt.
     pub(super) fn fell_back(&self) -> bool {
         self.attempts
@@ -203,7 +220,7 @@ impl Exchange {
 
 /// What the exchange found out about a request: returned with its answer or its error, for the
 /// request's metrics, `/stats`, log line and span.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Report {
     /// Upstream attempts, the attempt header's number.
     pub attempts: u32,
@@ -219,14 +236,20 @@ pub struct Report {
     pub ttft: Option<Duration>,
     /// A plain answer read whole: the client got all of it once it was sent.
     pub complete: bool,
+    /// The attempts, for their spans, while tracing is on.
+    pub trace: Option<Traced>,
 }
 
 /// How a committed stream ended, as its pump saw it.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Default)]
 pub struct StreamEnd {
     /// Reported usage of the part that finished the answer.
     pub usage: Option<Usage>,
     pub bill: Bill,
     /// The stream broke and ended with an error event; otherwise it ended whole.
     pub interrupted: bool,
+    /// The client left before the end.
+    pub cancelled: bool,
+    /// The attempts of the stream's parts (the committed one, continuations), for their spans.
+    pub attempts: Vec<AttemptTrace>,
 }

@@ -1,38 +1,8 @@
 //! Settlement: what an answer reported (usage, model, finish reasons), priced at the
-//! answering target's price, counted, and put on the attempt span.
+//! answering target's price, counted, and recorded for the attempt span.
 
 use super::*;
 use crate::telemetry::cost::UsageMember;
-
-/// The request fields attempt spans show.
-#[derive(Default)]
-pub(super) struct RequestMeta {
-    pub(super) max_tokens: Option<i64>,
-    pub(super) temperature: Option<f64>,
-    /// The request's messages (or prompt/input), only when content recording is on.
-    pub(super) content: Option<String>,
-}
-
-impl RequestMeta {
-    pub(super) fn read(parsed: &RequestBody<'_>) -> RequestMeta {
-        let number = |key: &str| parsed.field(key).and_then(|v| v.get().parse::<f64>().ok());
-        RequestMeta {
-            max_tokens: number("max_tokens")
-                .or_else(|| number("max_completion_tokens"))
-                .map(|v| v as i64),
-            temperature: number("temperature"),
-            content: otel::record_content()
-                .then(|| {
-                    parsed
-                        .field("messages")
-                        .or_else(|| parsed.field("prompt"))
-                        .or_else(|| parsed.field("input"))
-                        .map(|raw| cut(raw.get()))
-                })
-                .flatten(),
-        }
-    }
-}
 
 pub(super) fn cut(text: &str) -> String {
     if text.len() <= MAX_CONTENT_ATTRIBUTE {
@@ -109,9 +79,9 @@ impl Exchange {
         &self,
         target: &Target,
         route: &Route,
-        span: &tracing::Span,
+        trace: Option<&mut AttemptTrace>,
         started: Instant,
-        reported: Reported,
+        mut reported: Reported,
     ) -> Bill {
         let metrics = &self.core.metrics;
         let handles = metrics.target(target);
@@ -143,50 +113,8 @@ impl Exchange {
             }
         };
         handles.stats.tally.add_usage(reported.usage, bill);
-        if !span.is_disabled() {
-            let mut attributes = Vec::with_capacity(8);
-            if let Some(model) = reported.model {
-                attributes.push(KeyValue::new("gen_ai.response.model", model));
-            }
-            if !reported.finish_reasons.is_empty() {
-                attributes.push(KeyValue::new(
-                    "gen_ai.response.finish_reasons",
-                    opentelemetry::Value::Array(
-                        reported
-                            .finish_reasons
-                            .into_iter()
-                            .map(opentelemetry::StringValue::from)
-                            .collect::<Vec<_>>()
-                            .into(),
-                    ),
-                ));
-            }
-            if let Some(usage) = reported.usage {
-                attributes.push(KeyValue::new(
-                    "gen_ai.usage.input_tokens",
-                    usage.input as i64,
-                ));
-                attributes.push(KeyValue::new(
-                    "gen_ai.usage.output_tokens",
-                    usage.output as i64,
-                ));
-                if usage.cached_input > 0 {
-                    attributes.push(KeyValue::new(
-                        "gen_ai.usage.cache_read.input_tokens",
-                        usage.cached_input as i64,
-                    ));
-                }
-            }
-            if let Some(cost) = bill.cost {
-                attributes.push(KeyValue::new("llm_sidecar.cost_usd", cost));
-            }
-            if let Some(savings) = bill.savings() {
-                attributes.push(KeyValue::new("llm_sidecar.savings_usd", savings));
-            }
-            if let Some(content) = reported.content {
-                attributes.push(KeyValue::new("gen_ai.output.messages", content));
-            }
-            otel::set_attributes(span, attributes);
+        if let Some(trace) = trace {
+            trace.reported(&mut reported, bill);
         }
         bill
     }

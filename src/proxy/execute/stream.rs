@@ -10,7 +10,7 @@ impl Exchange {
         step: &Step,
         answer: Answer,
         rest: Vec<Step>,
-        span: tracing::Span,
+        mut trace: Option<AttemptTrace>,
         started: Instant,
         reservation: Option<Reservation>,
     ) -> Committed {
@@ -31,9 +31,10 @@ impl Exchange {
                         if let Some(lease) = lease {
                             lease.release();
                         }
-                        let reported = Reported::from_plain(&bytes, !span.is_disabled());
+                        let reported = Reported::from_plain(&bytes, trace.is_some());
                         report.usage = reported.usage;
-                        let bill = self.settle(target, &step.route, &span, started, reported);
+                        let bill =
+                            self.settle(target, &step.route, trace.as_mut(), started, reported);
                         report.bill = bill;
                         let cost = bill
                             .cost
@@ -55,7 +56,8 @@ impl Exchange {
                         (full(bytes), None)
                     }
                     PlainBody::Large { read, rest } => {
-                        self.settle(target, &step.route, &span, started, Reported::default());
+                        let unread = Reported::default();
+                        self.settle(target, &step.route, trace.as_mut(), started, unread);
                         // Passed through unread, so unpriced: the worst case stays spent.
                         if let Some(reservation) = reservation {
                             let worst = reservation.reserved_usd();
@@ -72,6 +74,12 @@ impl Exchange {
                         )
                     }
                 };
+                if let Some(mut trace) = trace {
+                    trace.answered(response.status().as_u16());
+                    trace.finish();
+                    self.traces.push(trace);
+                }
+                report.trace = self.traced();
                 Committed {
                     response: response.map(|()| body),
                     route: step.route.clone(),
@@ -90,6 +98,11 @@ impl Exchange {
                 ttft,
             } => {
                 report.ttft = Some(ttft);
+                report.trace = self.traced();
+                if let Some(trace) = &mut trace {
+                    trace.answered(head.status.as_u16());
+                    trace.first_token(ttft);
+                }
                 crate::proxy::strip_hop_by_hop(&mut head.headers);
                 head.headers.remove(header::CONTENT_LENGTH);
                 self.add_headers(&mut head.headers, step);
@@ -108,20 +121,21 @@ impl Exchange {
                         end: Some(end_tx),
                         capture,
                         reservation,
+                        traces: Vec::new(),
                         state: StreamState::default(),
                         usage_added: self.usage_added,
                         metrics: self.core.metrics.clone(),
                     };
                     let mut segment = Segment {
                         step: current,
-                        span,
+                        trace,
                         started,
                         fell_back,
                         settled: false,
                     };
                     for event in prefix {
                         if !self.relay(&mut pump, &mut segment, event).await {
-                            self.client_left(&segment, &mut pump);
+                            self.client_left(&mut segment, &mut pump);
                             return;
                         }
                     }
@@ -142,12 +156,19 @@ impl Exchange {
 
     /// The client went away mid-stream: that says nothing about the target's health (a probe
     /// it carried is given back).
-    pub(super) fn client_left(&self, segment: &Segment, pump: &mut Pump) {
+    pub(super) fn client_left(&self, segment: &mut Segment, pump: &mut Pump) {
         if !segment.settled {
-            fail_span(&segment.span, "client_cancelled", None);
+            if let Some(mut trace) = segment.trace.take() {
+                trace.fail("client_cancelled", None);
+                pump.traces.push(trace);
+            }
             self.core.health.record_inconclusive(segment.step.target());
             self.settle_cut(segment, pump);
         }
+        pump.conclude(StreamEnd {
+            cancelled: true,
+            ..StreamEnd::default()
+        });
     }
 
     /// A part that ended before its answer did is billed on what it streamed.
@@ -176,10 +197,14 @@ impl Exchange {
         let bill = self.settle(
             target,
             &segment.step.route,
-            &segment.span,
+            segment.trace.as_mut(),
             segment.started,
             reported,
         );
+        if let Some(mut trace) = segment.trace.take() {
+            trace.finish();
+            pump.traces.push(trace);
+        }
         settle_reservation(pump.reservation.take(), bill.cost.unwrap_or(estimate));
         // An answer continued on another target has a seam: it is not stored.
         if let Some((capture, assembler)) = pump.capture.take().filter(|_| !pump.state.continuing) {
@@ -190,7 +215,7 @@ impl Exchange {
         pump.conclude(StreamEnd {
             usage,
             bill,
-            interrupted: false,
+            ..StreamEnd::default()
         });
     }
 
@@ -209,10 +234,13 @@ impl Exchange {
     }
 
     /// A stream part broke: its target failed this request.
-    pub(super) fn break_segment(&self, segment: Segment, why: &'static str) {
+    pub(super) fn break_segment(&self, segment: Segment, why: &'static str, pump: &mut Pump) {
         let handles = self.core.metrics.target(segment.step.target());
         handles.stats.tally.failed();
-        fail_span(&segment.span, why, None);
+        if let Some(mut trace) = segment.trace {
+            trace.fail(why, None);
+            pump.traces.push(trace);
+        }
     }
 
     /// Streams the committed answer to its end; continues it elsewhere or ends it with an error
@@ -240,7 +268,7 @@ impl Exchange {
                         };
                         for event in parser.push(&data) {
                             if !self.relay(&mut pump, &mut segment, event).await {
-                                self.client_left(&segment, &mut pump);
+                                self.client_left(&mut segment, &mut pump);
                                 return;
                             }
                         }
@@ -280,7 +308,7 @@ impl Exchange {
                 .record_failure(t, Instant::now(), &self.snapshot.resilience.breaker);
             let original = format!("{}/{}: {broken}", t.provider.name, t.model);
             self.settle_cut(&segment, &mut pump);
-            self.break_segment(segment, "stream_interrupted");
+            self.break_segment(segment, "stream_interrupted", &mut pump);
             pump.state.reported = Reported::default();
 
             // Continue the answer on the next target that accepts an assistant prefill.
@@ -297,15 +325,16 @@ impl Exchange {
                 if admission == Admission::Rejected {
                     continue;
                 }
-                let span = self.attempt_span(
+                let mut trace = self.attempt_trace(
                     &step,
                     AttemptKind::Continuation,
                     Some("stream_interrupted"),
                     admission,
                 );
                 let started = Instant::now();
+                let traceparent = self.traceparent(&trace);
                 match self
-                    .attempt(step.target(), Some(&pump.state.text), false, &span)
+                    .attempt(step.target(), Some(&pump.state.text), false, traceparent)
                     .await
                 {
                     Ok(Answer::Stream {
@@ -321,9 +350,12 @@ impl Exchange {
                             Some(started.elapsed()),
                         );
                         self.core.metrics.target(step.target()).stats.tally.sent();
+                        if let Some(trace) = &mut trace {
+                            trace.answered(200);
+                        }
                         let next = Segment {
                             step,
-                            span,
+                            trace,
                             started,
                             fell_back: true,
                             settled: false,
@@ -332,10 +364,18 @@ impl Exchange {
                         continued = Some((next, body, parser, prefix, l));
                         break;
                     }
-                    Ok(Answer::Plain { .. }) => {}
+                    Ok(Answer::Plain { .. }) => {
+                        if let Some(mut trace) = trace {
+                            trace.fail("not_a_stream", None);
+                            pump.traces.push(trace);
+                        }
+                    }
                     Err(err) => {
                         let class = classify(&err.failure);
-                        fail_span(&span, class.label(), None);
+                        if let Some(mut trace) = trace {
+                            trace.fail(class.label(), None);
+                            pump.traces.push(trace);
+                        }
                         if class.counts_against_target() {
                             self.core.health.record_failure(
                                 step.target(),
@@ -349,8 +389,10 @@ impl Exchange {
             }
             let Some((next, next_body, next_parser, prefix, next_lease)) = continued else {
                 self.core.metrics.record_stream_interruption("error_event");
+                let attempts = std::mem::take(&mut pump.traces);
                 pump.conclude(StreamEnd {
                     interrupted: true,
+                    attempts,
                     ..StreamEnd::default()
                 });
                 let error = json!({
@@ -370,7 +412,7 @@ impl Exchange {
             segment = next;
             for event in prefix {
                 if !self.relay(&mut pump, &mut segment, event).await {
-                    self.client_left(&segment, &mut pump);
+                    self.client_left(&mut segment, &mut pump);
                     return;
                 }
             }
@@ -381,10 +423,10 @@ impl Exchange {
     }
 }
 
-/// One target's part of a committed stream: its span, and when its attempt started.
+/// One target's part of a committed stream: its attempt's record, and when it started.
 pub(super) struct Segment {
     pub(super) step: Step,
-    pub(super) span: tracing::Span,
+    pub(super) trace: Option<AttemptTrace>,
     pub(super) started: Instant,
     /// This part answers after another target failed.
     pub(super) fell_back: bool,
@@ -413,6 +455,8 @@ pub(super) struct Pump {
     /// Where the stream's ending goes, once, before the client can see it (the request's
     /// record reads it when the response body ends). Dropped unsent when the client left.
     pub(super) end: Option<oneshot::Sender<StreamEnd>>,
+    /// The attempts of the stream's parts that have ended, for their spans.
+    pub(super) traces: Vec<AttemptTrace>,
     /// What the current part holds on the daily budgets, settled when it ends.
     pub(super) reservation: Option<Reservation>,
     /// Where the answer goes once it is complete, and what has been seen of it.
@@ -423,8 +467,10 @@ pub(super) struct Pump {
 }
 
 impl Pump {
-    pub(super) fn conclude(&mut self, end: StreamEnd) {
+    /// Sends the stream's ending (with the attempts recorded so far) once.
+    pub(super) fn conclude(&mut self, mut end: StreamEnd) {
         if let Some(tx) = self.end.take() {
+            end.attempts.append(&mut self.traces);
             // The receiver is gone only when the client is, and then nobody needs it.
             let _ = tx.send(end);
         }
