@@ -72,7 +72,12 @@ impl Admin {
                 self.spend.view(&self.store.load().budgets),
             );
             self.measure_cache();
-            map.insert("cache".into(), self.core.metrics.cache.view());
+            let mut cache = self.core.metrics.cache.view();
+            if let Some(cache) = cache.as_object_mut() {
+                let state = self.core.cache.tier_state();
+                cache.insert("shared".into(), self.core.metrics.cache.shared_view(state));
+            }
+            map.insert("cache".into(), cache);
         }
         json_response(StatusCode::OK, &view)
     }
@@ -132,6 +137,15 @@ impl Admin {
                 "precedence": ["env HOLY_SHEEP_ENABLED", "configmap", "file", "embedded"],
                 "configmap": self.configmap.as_ref().map(|w| w.view()),
                 "guard": self.core.guard.view(&snapshot),
+                "cache": {
+                    "shared": match self.core.cache.tier() {
+                        Some(tier) => tier.view(snapshot.cache_shared_max_entry_bytes),
+                        None => json!({
+                            "state": "off",
+                            "note": "without LLM_SIDECAR_REDIS_URL the cache is per sidecar",
+                        }),
+                    },
+                },
                 "budgets": {
                     "store": self.spend.store_view(&snapshot.budgets),
                     "today": self.spend.view(&snapshot.budgets),

@@ -17,6 +17,7 @@ pub mod path;
 pub mod probe;
 pub mod providers;
 pub mod proxy;
+pub mod redis_link;
 pub mod roi;
 pub mod routing;
 pub mod settings;
@@ -57,7 +58,9 @@ pub enum StartError {
     },
     #[error("cannot build the upstream client: {0}")]
     Client(std::io::Error),
-    #[error("cannot set up the budget store (LLM_SIDECAR_REDIS_URL): {0}")]
+    #[error(
+        "cannot set up Redis (LLM_SIDECAR_REDIS_URL) for budgets and the cache's shared tier: {0}"
+    )]
     BudgetStore(String),
     #[error("cannot set up the Kubernetes client for the ConfigMap watch ({hint}): {error}")]
     Kube { hint: String, error: String },
@@ -172,20 +175,32 @@ impl Sidecar {
             settings.workers,
         )
         .map_err(StartError::Client)?;
-        let spend = match &settings.redis {
+        // One link to Redis for the budgets and the cache's shared tier: one connection, one
+        // up/down state. Both watch it before it first connects.
+        let link = match &settings.redis {
+            None => None,
+            Some(redis) => Some(Arc::new(
+                redis_link::RedisLink::new(redis).map_err(StartError::BudgetStore)?,
+            )),
+        };
+        let spend = match &link {
             None => {
                 if !store.load().budgets.list.is_empty() {
                     tracing::info!("budgets are per sidecar (in memory): set LLM_SIDECAR_REDIS_URL to share them across replicas");
                 }
                 spend::Spend::new(spend::Store::Memory, metrics.clone())
             }
-            Some(redis) => spend::Spend::new(
-                spend::Store::redis(redis, metrics.clone())
-                    .await
-                    .map_err(StartError::BudgetStore)?,
+            Some(link) => spend::Spend::new(
+                spend::Store::redis_on(link.clone(), metrics.clone()),
                 metrics.clone(),
             ),
         };
+        let tier = link
+            .as_ref()
+            .map(|link| cache::SharedTier::new(link.clone(), metrics.clone()));
+        if let Some(link) = &link {
+            link.start().await;
+        }
         let core = Arc::new(proxy::execute::Core {
             upstream,
             health: Default::default(),
@@ -200,6 +215,7 @@ impl Sidecar {
                     Arc::new(move || {
                         evictions.inc();
                     }),
+                    tier,
                 )
             },
             spend: spend.clone(),

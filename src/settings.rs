@@ -32,12 +32,13 @@ pub const ENV_CONFIGMAP_NAMESPACE: &str = "LLM_SIDECAR_CONFIGMAP_NAMESPACE";
 pub const ENV_KUBECONFIG: &str = "KUBECONFIG";
 /// Present in every pod: the sign that the sidecar runs in a cluster.
 pub const ENV_KUBERNETES_SERVICE_HOST: &str = "KUBERNETES_SERVICE_HOST";
-/// Redis for budgets shared by every sidecar: `redis://` or `rediss://`, a password in the URL
-/// or in the file below. Unset: budgets are per sidecar, in memory.
+/// Redis shared by every sidecar, for budgets and the cache's shared tier: `redis://` or
+/// `rediss://`, a password in the URL or in the file below. Unset: budgets and the cache are per
+/// sidecar, in memory.
 pub const ENV_REDIS_URL: &str = "LLM_SIDECAR_REDIS_URL";
 /// A file (a mounted Secret) holding the Redis password; it wins over one in the URL.
 pub const ENV_REDIS_PASSWORD_FILE: &str = "LLM_SIDECAR_REDIS_PASSWORD_FILE";
-/// How long one Redis call may take before the budget store counts as down (default 50ms).
+/// How long one Redis call may take before Redis counts as down (default 50ms).
 pub const ENV_REDIS_TIMEOUT: &str = "LLM_SIDECAR_REDIS_TIMEOUT";
 /// The ConfigMap watched in a pod when `LLM_SIDECAR_CONFIGMAP` is not set.
 pub const DEFAULT_CONFIGMAP: &str = "llm-sidecar";
@@ -66,7 +67,7 @@ pub struct Settings {
     /// PEM certificates trusted for provider TLS in addition to the bundled web roots.
     pub extra_ca_file: Option<PathBuf>,
     /// The budgets' shared store; `None`: budgets are per sidecar, in memory.
-    pub redis: Option<crate::spend::RedisSettings>,
+    pub redis: Option<crate::redis_link::RedisSettings>,
 }
 
 impl Default for Settings {
@@ -94,7 +95,10 @@ impl Default for Settings {
 }
 
 /// `LLM_SIDECAR_REDIS_*`; the password file is read now. No error shows the URL's password.
-fn redis_settings(env: &dyn Env, errors: &mut Vec<String>) -> Option<crate::spend::RedisSettings> {
+fn redis_settings(
+    env: &dyn Env,
+    errors: &mut Vec<String>,
+) -> Option<crate::redis_link::RedisSettings> {
     let mut timeout = Duration::from_millis(50);
     read(env, ENV_REDIS_TIMEOUT, errors, parse_duration, &mut timeout);
     if timeout.is_zero() || timeout > Duration::from_secs(5) {
@@ -121,7 +125,7 @@ fn redis_settings(env: &dyn Env, errors: &mut Vec<String>) -> Option<crate::spen
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         errors.push(format!(
             "{ENV_REDIS_URL}={:?}: must start with redis:// or rediss://",
-            crate::spend::redis::redacted_url(&url)
+            crate::redis_link::redacted_url(&url)
         ));
         return None;
     }
@@ -137,7 +141,7 @@ fn redis_settings(env: &dyn Env, errors: &mut Vec<String>) -> Option<crate::spen
             }
         },
     };
-    Some(crate::spend::RedisSettings {
+    Some(crate::redis_link::RedisSettings {
         url,
         password,
         timeout,

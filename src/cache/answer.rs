@@ -24,7 +24,7 @@ pub struct Stored {
 }
 
 /// What a chat stream replay is made of.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, Deserialize)]
 pub struct ChatAnswer {
     pub id: String,
     pub model: String,

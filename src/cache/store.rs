@@ -108,20 +108,22 @@ impl Cache {
         }
     }
 
-    /// Keeps a complete answer for `policy.max_stale`.
+    /// Keeps a complete answer until it is `policy.max_stale` old; `stored_at` is now for a
+    /// new answer, earlier for one another sidecar stored.
     pub fn put(
         &self,
         key: Key,
         answer: Stored,
         cost: Option<f64>,
         policy: &Policy,
-        now: Instant,
+        stored_at: Instant,
     ) -> Arc<Entry> {
+        let age = Instant::now().saturating_duration_since(stored_at);
         let entry = Arc::new(Entry {
             answer,
-            stored_at: now,
+            stored_at,
             cost,
-            keep: policy.max_stale.max(policy.ttl),
+            keep: policy.max_stale.max(policy.ttl).saturating_sub(age),
         });
         self.entries.insert(key, entry.clone());
         entry

@@ -8,6 +8,8 @@ use crate::env::parse_duration;
 
 /// The cache's size when the config sets none.
 pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// The largest entry the shared tier takes when the config sets none: most chat answers fit.
+pub const DEFAULT_SHARED_MAX_ENTRY_BYTES: u64 = 256 * 1024;
 /// A static fallback is a short message, not a document.
 const MAX_STATIC_FALLBACK: usize = 64 * 1024;
 
@@ -40,21 +42,40 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 }
 
 pub(super) fn compile_max_bytes(raw: &RawCache, errors: &mut Errors) -> u64 {
-    let parsed = match &raw.max_bytes {
-        None => return DEFAULT_MAX_BYTES,
+    compile_size(
+        "cache.max_bytes",
+        raw.max_bytes.as_ref(),
+        DEFAULT_MAX_BYTES,
+        errors,
+    )
+}
+
+pub(super) fn compile_shared_max_entry_bytes(raw: &RawCache, errors: &mut Errors) -> u64 {
+    compile_size(
+        "cache.shared_max_entry_bytes",
+        raw.shared_max_entry_bytes.as_ref(),
+        DEFAULT_SHARED_MAX_ENTRY_BYTES,
+        errors,
+    )
+}
+
+/// A size above 0 at `path`, else `default` (and the error).
+fn compile_size(path: &str, raw: Option<&FlagValue>, default: u64, errors: &mut Errors) -> u64 {
+    let parsed = match raw {
+        None => return default,
         Some(FlagValue::Int(n)) if *n > 0 => Ok(*n as u64),
         Some(FlagValue::Text(text)) => parse_bytes(text),
         Some(_) => Err("must be a size such as `64MiB`".to_string()),
     };
     match parsed {
         Ok(0) => {
-            errors.push("cache.max_bytes", "must be greater than 0");
-            DEFAULT_MAX_BYTES
+            errors.push(path, "must be greater than 0");
+            default
         }
         Ok(bytes) => bytes,
         Err(why) => {
-            errors.push("cache.max_bytes", why);
-            DEFAULT_MAX_BYTES
+            errors.push(path, why);
+            default
         }
     }
 }
@@ -150,11 +171,12 @@ routes:
     #[test]
     fn a_route_cache_compiles_with_its_defaults() {
         let text = config(
-            "cache: { max_bytes: 8MiB }",
+            "cache: { max_bytes: 8MiB, shared_max_entry_bytes: 64KiB }",
             "    cache: { ttl: 10m, max_stale: 24h, mode: always }\n    static_fallback: 'Try again later.'",
         );
         let snapshot = compile(&text, ConfigSource::Embedded, 1, &HashMap::new()).unwrap();
         assert_eq!(snapshot.cache_max_bytes, 8 << 20);
+        assert_eq!(snapshot.cache_shared_max_entry_bytes, 64 << 10);
         let route = snapshot.route("chat").unwrap();
         assert_eq!(
             route.cache,
@@ -173,6 +195,10 @@ routes:
         let text = config("", "    cache: { ttl: 30s }");
         let snapshot = compile(&text, ConfigSource::Embedded, 1, &HashMap::new()).unwrap();
         assert_eq!(snapshot.cache_max_bytes, DEFAULT_MAX_BYTES);
+        assert_eq!(
+            snapshot.cache_shared_max_entry_bytes,
+            DEFAULT_SHARED_MAX_ENTRY_BYTES
+        );
         let policy = snapshot.route("chat").unwrap().cache.unwrap();
         assert_eq!(
             policy.max_stale, policy.ttl,
@@ -192,6 +218,16 @@ routes:
             ("cache: { max_bytes: lots }", "", "cache.max_bytes"),
             ("cache: { max_bytes: 0 }", "", "cache.max_bytes"),
             ("cache: { max_bytes: -5 }", "", "cache.max_bytes"),
+            (
+                "cache: { shared_max_entry_bytes: 0 }",
+                "",
+                "cache.shared_max_entry_bytes",
+            ),
+            (
+                "cache: { shared_max_entry_bytes: big }",
+                "",
+                "cache.shared_max_entry_bytes",
+            ),
             ("", "    cache: { ttl: 0s }", "routes.chat.cache.ttl"),
             ("", "    cache: { ttl: soon }", "routes.chat.cache.ttl"),
             (

@@ -211,6 +211,8 @@ pub(crate) fn compile_raw(
     let guard = compile_guard(&raw.guard, &mut errors);
     let shadow = compile_shadow(&raw.shadow, &mut errors);
     let cache_max_bytes = super::cache::compile_max_bytes(&raw.cache, &mut errors);
+    let cache_shared_max_entry_bytes =
+        super::cache::compile_shared_max_entry_bytes(&raw.cache, &mut errors);
     let passthrough = match &raw.passthrough.paths {
         None => crate::path::Allowlist::default(),
         Some(paths) => crate::path::Allowlist::new(paths).unwrap_or_else(|problems| {
@@ -471,6 +473,7 @@ pub(crate) fn compile_raw(
         shadow,
         passthrough,
         cache_max_bytes,
+        cache_shared_max_entry_bytes,
         providers,
         routes,
         default_route,

@@ -379,6 +379,8 @@ pub struct Snapshot {
     pub passthrough: crate::path::Allowlist,
     /// The response cache's bound, in bytes of answers.
     pub cache_max_bytes: u64,
+    /// The largest entry written to the cache's shared tier (Redis), in bytes as stored.
+    pub cache_shared_max_entry_bytes: u64,
     pub providers: BTreeMap<String, Arc<Provider>>,
     pub routes: BTreeMap<String, Arc<Route>>,
     pub default_route: Option<Arc<Route>>,
@@ -483,7 +485,10 @@ impl Snapshot {
             "timeouts": { "response_headers_ms": self.timeouts.response_headers.as_millis() as u64 },
             "default_route": self.default_route.as_ref().map(|r| r.name.clone()),
             "passthrough": { "paths": self.passthrough.describe() },
-            "cache": { "max_bytes": self.cache_max_bytes },
+            "cache": {
+                "max_bytes": self.cache_max_bytes,
+                "shared_max_entry_bytes": self.cache_shared_max_entry_bytes,
+            },
             "providers": providers,
             "routes": routes,
             "budgets": self.budgets.view(),

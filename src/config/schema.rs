@@ -176,6 +176,9 @@ pub struct RawCache {
     /// `64MiB`, `512KiB`, `1GiB`, or a number of bytes.
     #[serde(default)]
     pub max_bytes: Option<FlagValue>,
+    /// The largest entry written to the shared tier in Redis, in the same units.
+    #[serde(default)]
+    pub shared_max_entry_bytes: Option<FlagValue>,
 }
 
 /// How a route caches its answers.

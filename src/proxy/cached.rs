@@ -1,9 +1,11 @@
 //! The cache's part of a model request: whether it may use the cache, an answer served from
 //! it (fresh, or an identical request's), and the last resorts when every target failed: a
-//! stale answer, then the route's static fallback. Every answer says where it came from.
+//! stale answer, then the route's static fallback. Every answer says where it came from. With
+//! Redis, what this sidecar's cache lacks is looked up in the shared tier before a provider is
+//! asked, and before the static fallback.
 
 use super::*;
-use crate::cache::{Cache, Entry, Joined, Key, Leader, Lookup, Policy, Stored};
+use crate::cache::{Cache, Entry, Joined, Key, Leader, Lookup, Policy, SharedTier, Stored};
 use crate::telemetry::cache::CacheStatus;
 
 /// How the answer was found: `hit`, `miss`, `stale` or `bypass`.
@@ -63,6 +65,11 @@ impl Use {
 pub(super) struct Context {
     using: Use,
     store: Option<Arc<Cache>>,
+    /// The shared tier and its per-entry cap, when this request is cached and there is one.
+    shared: Option<(Arc<SharedTier>, u64)>,
+    /// An answer from the shared tier went into this sidecar's cache for this request: what is
+    /// served from it counts as a shared hit.
+    from_shared: std::sync::atomic::AtomicBool,
     route: Arc<Route>,
     label: Arc<str>,
     snapshot: Arc<Snapshot>,
@@ -87,10 +94,16 @@ impl Context {
         path: String,
     ) -> Context {
         let store = matches!(using, Use::Cache { .. }).then(|| shared.cache(max_bytes));
+        let tier = store.as_ref().and(shared.tier()).map(|tier| {
+            let cap = exchange.snapshot().cache_shared_max_entry_bytes;
+            (tier.clone(), cap)
+        });
         let route = exchange.route().clone();
         Context {
             using,
             store,
+            shared: tier,
+            from_shared: Default::default(),
             label: Arc::from(route.name.as_str()),
             route,
             snapshot: exchange.snapshot().clone(),
@@ -115,9 +128,36 @@ impl Context {
                 key: *key,
                 policy: *policy,
                 leader,
+                shared: self.shared.clone(),
             }),
             _ => None,
         }
+    }
+
+    /// The shared tier's answer for this request when it is newer than what this sidecar has
+    /// (`local`) and within the route's `max_stale`, kept in this sidecar's cache too; with
+    /// whether it is fresh. `None` at once without a tier or while it is down.
+    async fn shared_answer(&self, local: &Lookup) -> Option<(Arc<Entry>, bool)> {
+        let (Use::Cache { key, policy, .. }, Some(store), Some((tier, _))) =
+            (&self.using, &self.store, &self.shared)
+        else {
+            return None;
+        };
+        let found = tier.get(key).await?;
+        let now = tokio::time::Instant::now();
+        if found.age > policy.max_stale.max(policy.ttl) {
+            return None;
+        }
+        if let Lookup::Fresh(mine) | Lookup::Stale(mine) = local {
+            if mine.age(now) <= found.age {
+                return None;
+            }
+        }
+        let stored_at = now.checked_sub(found.age)?;
+        let entry = store.put(*key, found.answer, found.cost, policy, stored_at);
+        self.from_shared
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Some((entry, found.age <= policy.ttl))
     }
 
     /// A stored answer for the client, plain or replayed as a stream; `None` when a
@@ -209,14 +249,30 @@ impl Proxy {
             // `refresh`: the new answer replaces the stored one; nobody waits for it.
             return Looked::Lead(None);
         }
-        if let Lookup::Fresh(entry) = store.get(key, policy, tokio::time::Instant::now()) {
-            return match self.hit(ctx, &entry, false) {
+        let local = store.get(key, policy, tokio::time::Instant::now());
+        if let Lookup::Fresh(entry) = &local {
+            return match self.hit(ctx, entry, false) {
                 Some(handled) => Looked::Served(Box::new(handled)),
                 None => Looked::Lead(None),
             };
         }
         match self.core.cache.flights.join(*key) {
-            Joined::Leader(leader) => Looked::Lead(Some(leader)),
+            // Only the leader asks the shared tier: identical requests wait for what it finds.
+            Joined::Leader(leader) => match ctx.shared_answer(&local).await {
+                Some((entry, true)) => {
+                    leader.landed(entry.clone());
+                    match self.hit(ctx, &entry, false) {
+                        Some(handled) => {
+                            self.metrics.cache.shared_hit(&ctx.label);
+                            Looked::Served(Box::new(handled))
+                        }
+                        None => Looked::Lead(None),
+                    }
+                }
+                // Nothing, or only a stale answer (now in this sidecar's cache, for when
+                // every target fails).
+                _ => Looked::Lead(Some(leader)),
+            },
             Joined::Waiter(waiter) => match waiter.wait().await {
                 Some(entry) => match self.hit(ctx, &entry, true) {
                     Some(handled) => Looked::Served(Box::new(handled)),
@@ -255,18 +311,22 @@ impl Proxy {
     /// Every target failed: a stored answer (marked stale), else the route's static
     /// fallback, else the error. Only for failures on the providers' side (5xx, 429), not for
     /// a request a provider refused.
-    pub(super) fn last_resort(&self, ctx: &Context, gave_up: execute::GaveUp) -> Handled {
+    /// The shared tier is asked when this sidecar's cache has nothing.
+    pub(super) async fn last_resort(&self, ctx: &Context, gave_up: execute::GaveUp) -> Handled {
         let execute::GaveUp { error, report } = gave_up;
         let status = error.status();
         let provider_side = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
         let metrics = &self.metrics.cache;
         if provider_side {
             if let (Use::Cache { key, policy, .. }, Some(store)) = (&ctx.using, &ctx.store) {
-                let now = tokio::time::Instant::now();
-                let entry = match store.get(key, policy, now) {
+                let entry = match store.get(key, policy, tokio::time::Instant::now()) {
                     Lookup::Fresh(entry) | Lookup::Stale(entry) => Some(entry),
-                    Lookup::Miss => None,
+                    Lookup::Miss => ctx
+                        .shared_answer(&Lookup::Miss)
+                        .await
+                        .map(|(entry, _)| entry),
                 };
+                let now = tokio::time::Instant::now();
                 let found = entry.and_then(|entry| {
                     let age = entry.age(now);
                     let response = ctx.respond(&entry.answer, CacheStatus::Stale, Some(age))?;
@@ -275,6 +335,9 @@ impl Proxy {
                 if let Some((entry, age, response)) = found {
                     tracing::warn!(route = %ctx.route.name, age_s = age.as_secs(), replaced = %error, "every target failed: served a stale answer from the cache");
                     metrics.looked_up(&ctx.label, CacheStatus::Stale);
+                    if ctx.from_shared.load(std::sync::atomic::Ordering::Relaxed) {
+                        metrics.shared_hit(&ctx.label);
+                    }
                     let served = ctx.served(CacheStatus::Stale, report, entry.cost, "cache");
                     return (Ok(response), served);
                 }

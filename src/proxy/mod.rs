@@ -449,7 +449,7 @@ impl Proxy {
         }
         let committed = match exchange.run().await {
             Ok(committed) => committed,
-            Err(gave_up) => return self.last_resort(&ctx, gave_up),
+            Err(gave_up) => return self.last_resort(&ctx, gave_up).await,
         };
         self.answered(&ctx);
         let mut served = Served {

@@ -110,9 +110,14 @@ pub enum Store {
 impl Store {
     /// A Redis store, with one connection attempt made (it keeps trying in the background).
     pub async fn redis(settings: &RedisSettings, metrics: Arc<Metrics>) -> Result<Store, String> {
-        let store = Arc::new(RedisStore::new(settings, metrics)?);
+        let store = RedisStore::new(settings, metrics)?;
         store.start().await;
         Ok(Store::Redis(store))
+    }
+
+    /// A Redis store on the sidecar's link (shared with the cache's tier; the caller starts it).
+    pub fn redis_on(link: Arc<crate::redis_link::RedisLink>, metrics: Arc<Metrics>) -> Store {
+        Store::Redis(RedisStore::on(link, metrics))
     }
 
     fn kind(&self) -> &'static str {

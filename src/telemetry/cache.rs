@@ -1,6 +1,7 @@
 //! What the response cache did: per route, how each answer was found (hit, miss, stale,
 //! bypass), the requests that waited for an identical one, and what hits saved; for the whole
-//! sidecar, its bytes, entries and evictions. Prometheus and `/stats` read the same counts.
+//! sidecar, its bytes, entries and evictions, and what the shared tier in Redis did (hits,
+//! stores, skips, errors, up or down). Prometheus and `/stats` read the same counts.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -59,6 +60,8 @@ struct RouteTally {
     bypass: AtomicU64,
     coalesced: AtomicU64,
     static_fallbacks: AtomicU64,
+    /// Answers served from an entry found in the shared tier.
+    shared_hits: AtomicU64,
     /// What the hits would have cost, in nano-USD.
     savings_nano: AtomicU64,
 }
@@ -72,6 +75,12 @@ pub struct CacheMetrics {
     pub evictions: Counter,
     pub bytes: Gauge,
     pub entries: Gauge,
+    /// 1 while the shared tier's Redis answers; 0 while it is down or there is none.
+    pub shared_up: Gauge,
+    pub shared_hits: Family<RouteLabels, Counter>,
+    pub shared_stores: Counter,
+    pub shared_skipped: Family<super::metrics::ReasonLabels, Counter>,
+    pub shared_errors: Family<super::metrics::ReasonLabels, Counter>,
     routes: Mutex<Vec<(Arc<str>, Arc<RouteTally>)>>,
 }
 
@@ -111,6 +120,31 @@ impl CacheMetrics {
             "cache_entries",
             "Answers the cache holds",
             self.entries.clone(),
+        );
+        registry.register(
+            "cache_shared_up",
+            "1 while the cache's shared tier (Redis) answers; 0 while it is down or not configured",
+            self.shared_up.clone(),
+        );
+        registry.register(
+            "cache_shared_hits",
+            "Answers served (fresh or stale) from an entry another sidecar, or this one, put in the shared tier",
+            self.shared_hits.clone(),
+        );
+        registry.register(
+            "cache_shared_stores",
+            "Answers written to the shared tier",
+            self.shared_stores.clone(),
+        );
+        registry.register(
+            "cache_shared_skipped",
+            "Shared-tier lookups or writes not made, by reason: down (Redis down) or too_large (over cache.shared_max_entry_bytes)",
+            self.shared_skipped.clone(),
+        );
+        registry.register(
+            "cache_shared_errors",
+            "Shared-tier calls that failed, by reason: timeout, error, or malformed (an entry this build cannot read)",
+            self.shared_errors.clone(),
         );
     }
 
@@ -163,6 +197,45 @@ impl CacheMetrics {
         self.route(route).coalesced.fetch_add(1, Relaxed);
     }
 
+    /// An answer served from an entry found in the shared tier.
+    pub fn shared_hit(&self, route: &Arc<str>) {
+        let labels = RouteLabels {
+            route: route.clone(),
+        };
+        self.shared_hits.get_or_create(&labels).inc();
+        self.route(route).shared_hits.fetch_add(1, Relaxed);
+    }
+
+    /// `/stats`' `cache.shared`: the tier's state (`up`, `down` or `off`) and its counts.
+    pub fn shared_view(&self, state: &'static str) -> Value {
+        let count = |family: &Family<super::metrics::ReasonLabels, Counter>, reason| {
+            family
+                .get_or_create(&super::metrics::ReasonLabels { reason })
+                .get()
+        };
+        let hits: u64 = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, t)| t.shared_hits.load(Relaxed))
+            .sum();
+        json!({
+            "state": state,
+            "hits": hits,
+            "stores": self.shared_stores.get(),
+            "skipped": {
+                "down": count(&self.shared_skipped, "down"),
+                "too_large": count(&self.shared_skipped, "too_large"),
+            },
+            "errors": {
+                "timeout": count(&self.shared_errors, "timeout"),
+                "error": count(&self.shared_errors, "error"),
+                "malformed": count(&self.shared_errors, "malformed"),
+            },
+        })
+    }
+
     pub fn static_fallback(&self, route: &Arc<str>) {
         let labels = RouteLabels {
             route: route.clone(),
@@ -188,6 +261,7 @@ impl CacheMetrics {
                         "bypass": t.bypass.load(Relaxed),
                         "coalesced": t.coalesced.load(Relaxed),
                         "static_fallbacks": t.static_fallbacks.load(Relaxed),
+                        "shared_hits": t.shared_hits.load(Relaxed),
                         "savings_usd": t.savings_nano.load(Relaxed) as f64 / 1e9,
                     }),
                 )

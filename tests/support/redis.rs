@@ -1,5 +1,5 @@
 //! A redis-server of the test's own on a loopback port (Debian package `redis-server`;
-//! `.ci/run` installs it), for the budget tests.
+//! `.ci/run` installs it), for the budget and shared-cache tests.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -71,6 +71,20 @@ impl RedisServer {
             .query(&mut c)
             .unwrap();
         (spent.unwrap_or(0), reserved.unwrap_or(0))
+    }
+
+    /// The keys matching `pattern` (`KEYS`: fine for a test's own small server).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut c = self.connection().unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query(&mut c).unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// Milliseconds until `key` expires (-1: never, -2: no such key).
+    pub fn pttl(&self, key: &str) -> i64 {
+        let mut c = self.connection().unwrap();
+        redis::cmd("PTTL").arg(key).query(&mut c).unwrap()
     }
 
     pub fn kill(&mut self) {

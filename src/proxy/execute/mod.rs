@@ -193,14 +193,20 @@ pub struct Capture {
     pub policy: crate::cache::Policy,
     /// Identical requests wait for this one's answer; dropped unlanded, they go on their own.
     pub leader: Option<crate::cache::Leader>,
+    /// The shared tier in Redis and its per-entry cap, when there is one.
+    pub shared: Option<(Arc<crate::cache::SharedTier>, u64)>,
 }
 
 impl Capture {
-    /// Stores a complete answer and hands it to the waiters.
+    /// Stores a complete answer, hands it to the waiters, and sends it to the shared tier in
+    /// the background (the answer never waits for Redis).
     fn store(mut self, answer: crate::cache::Stored, cost: Option<f64>) {
         let entry = self
             .cache
             .put(self.key, answer, cost, &self.policy, Instant::now());
+        if let Some((tier, max_entry_bytes)) = &self.shared {
+            tier.put(self.key, entry.clone(), &self.policy, *max_entry_bytes);
+        }
         if let Some(leader) = self.leader.take() {
             leader.landed(entry);
         }
