@@ -420,3 +420,31 @@ def test_guard_trip_is_recorded_as_an_event(kube, start, routing_config):
     assert event["involvedObject"]["name"] == NAME
     assert "error rate" in event["message"]
     assert config_view(sidecar)["guard"]["tripped"] is True
+
+
+def test_a_budget_alert_is_recorded_as_an_event(kube, start, routing_config):
+    # A budget far below one request's worst case: the first request on the relay is refused
+    # (the 1.0 level is reached) and goes to the official provider; the ConfigMap gets the alert.
+    yaml = (
+        "budgets:\n"
+        "  - name: relay-tiny\n"
+        "    match: { provider: holysheep }\n"
+        "    daily_usd: 0.000001\n"
+        "    alert_at: [0.5, 1.0]\n"
+        + routing_config.read_text()
+    )
+    kube.create({"config.yaml": yaml})
+    sidecar = start()
+    eventually(lambda: ready(sidecar), "/ready")
+    status, headers, _ = http(
+        "POST",
+        f"{sidecar.base_url}/chat/completions",
+        {"model": "deepseek-v3.2", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert status == 200 and headers["x-llm-sidecar-reason"] == "budget_exhausted"
+    event = eventually(
+        lambda: [e for e in kube.events() if e["reason"] == "BudgetAlert"], "the budget's Event"
+    )[0]
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["name"] == NAME
+    assert "relay-tiny" in event["message"]
