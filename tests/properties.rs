@@ -1021,7 +1021,12 @@ fn check_errors(text: &str, doc: Option<&Yaml>, err: &ConfigError) -> Result<(),
             || e.message.starts_with("missing field `providers`")
             || e.message.starts_with("missing field `routes`")
             // A top-level key that is the empty string: its path is its (empty) name.
-            || e.message.starts_with("unknown field ``");
+            || e.message.starts_with("unknown field ``")
+            // A top-level key that is itself a mapping or a list (`? a:`) names no field.
+            || doc.and_then(Yaml::as_mapping).is_some_and(|m| {
+                m.keys()
+                    .any(|k| k.is_mapping() || k.is_sequence())
+            });
         // The message does not repeat the path (or the path of the mapping holding the field).
         let mut prefix = Some(e.path.as_str());
         while let Some(p) = prefix.filter(|p| !p.is_empty()) {
@@ -1503,5 +1508,15 @@ proptest! {
         mode in select(vec!["native", "container"]),
     ) {
         check_injection(&pod, namespace, scope, &template(mode))?;
+    }
+}
+
+/// Inputs the properties once found wrong, kept as plain tests.
+#[test]
+fn configs_the_properties_found() {
+    // A top-level key that is a mapping: rejected at the document's root.
+    for text in ["? a:", "? [1, 2]\n: x"] {
+        let doc = serde_yaml::from_str::<Yaml>(text).ok();
+        check_config_text(text, doc.as_ref()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
     }
 }
