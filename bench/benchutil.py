@@ -123,6 +123,7 @@ def summary(results_path, rss_mb, span_counts):
             "p50": statistics.median(float(r["p50_ms"]) for r in runs[t]),
             "p99": statistics.median(float(r["p99_ms"]) for r in runs[t]),
             "n": len(runs[t]),
+            "cpu": statistics.median(float(r["cpu_us"]) for r in runs[t]) if all("cpu_us" in r for r in runs[t]) else None,
         }
     print()
     print(f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  rounds")
@@ -150,13 +151,16 @@ def summary(results_path, rss_mb, span_counts):
         f"tracing on, 10 % sampled plus every retry, failover, error and slow request "
         f"(parentbased_traceidratio 0.1): {sampled_cost * 100:.1f} % fewer req/s (target < 10 %)"
     )
+    cpu = {t: agg[t]["cpu"] for t in ("sidecar", "stack", "nginx", "sampled")}
+    cpu_text = " ".join(f"{t}_cpu_us={c:.1f}" for t, c in cpu.items() if c is not None)
+    print(f"CPU per request (user + sys from /proc, median of rounds, µs): {cpu_text}")
     print(
         f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
         f"sidecar_vs_nginx={ratio:.2f} stack_rps={stack['rps']:.1f} stack_vs_nginx={stack_ratio:.2f} "
         f"added_p50_ms={s['p50'] - d['p50']:.2f} "
         f"added_p99_ms={s['p99'] - d['p99']:.2f} sidecar_rss_mb={rss:.1f} "
         f"traced_rps={traced['rps']:.1f} tracing_cost={cost:.3f} sampled_rps={sampled['rps']:.1f} "
-        f"sampled_tracing_cost={sampled_cost:.3f} {span_counts}"
+        f"sampled_tracing_cost={sampled_cost:.3f} {span_counts} {cpu_text}"
     )
 
 

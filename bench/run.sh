@@ -9,7 +9,7 @@
 #   traced  - the same with trace export on: OTLP/HTTP to a sink in nginx (every span exported)
 #   sampled - the same with 10 % of requests sampled (parentbased_traceidratio 0.1)
 # Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
-#   bench: direct_rps=… nginx_rps=… sidecar_rps=… sidecar_vs_nginx=… stack_rps=… stack_vs_nginx=… added_p50_ms=… added_p99_ms=… sidecar_rss_mb=… traced_rps=… tracing_cost=… sampled_rps=… sampled_tracing_cost=…
+#   bench: direct_rps=… nginx_rps=… sidecar_rps=… … sampled_tracing_cost=… sidecar_cpu_us=… stack_cpu_us=… nginx_cpu_us=… sampled_cpu_us=…
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
 # with nginx (the practical floor for a proxy here), not with direct.
 #
@@ -186,13 +186,42 @@ done
 RESULTS="$TMP/results.txt"
 : >"$RESULTS"
 
-# run_wrk TARGET SECONDS -> sets RESULT to "rps=… p50_ms=… …"; fails on any error.
+# CPU time (utime + stime, all threads) of the processes serving TARGET, in clock ticks: the
+# proxy itself (for nginx its master and workers), not the fake provider behind it.
+CLK_TCK="$(getconf CLK_TCK)"
+target_pids() {
+    case "$1" in
+        nginx) echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" 2>/dev/null) ;;
+        sidecar) echo "$SIDECAR_PID" ;;
+        stack) echo "$STACK_PID" ;;
+        traced) echo "$TRACED_PID" ;;
+        sampled) echo "$SAMPLED_PID" ;;
+        *) ;;
+    esac
+}
+cpu_ticks() {
+    local total=0 pid
+    for pid in $(target_pids "$1"); do
+        [ -r "/proc/$pid/stat" ] || continue
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+
+# run_wrk TARGET SECONDS -> sets RESULT to "rps=… p50_ms=… … cpu_us=…" (cpu_us: the target's
+# CPU time per request, none for direct); fails on any error.
 run_wrk() {
-    local target="$1" seconds="$2" out errors
+    local target="$1" seconds="$2" out errors before after requests
+    before="$(cpu_ticks "$target")"
     out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s -s "$LUA" "${URL[$target]}" 2>&1)" ||
         { echo "$out" >&2; die "wrk failed against $target"; }
     RESULT="$(grep -m1 '^RESULT ' <<<"$out" | sed 's/^RESULT //')" ||
         { echo "$out" >&2; die "no RESULT line from wrk against $target"; }
+    after="$(cpu_ticks "$target")"
+    requests="$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$RESULT")"
+    if [ -n "$(target_pids "$target")" ] && [ "${requests:-0}" -gt 0 ]; then
+        RESULT="$RESULT cpu_us=$(awk -v t="$((after - before))" -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')"
+    fi
     errors="$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' <<<"$RESULT")"
     if [ "${errors:-1}" != 0 ]; then
         echo "$out" >&2
