@@ -10,92 +10,24 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
+use support::cache::{ask, config, content, request, stats, CACHED};
 use support::*;
-
-/// A route `chat` whose relay and official models are `relay` and `official` (fake provider
-/// fault strings), cached as `cache` says.
-fn config(fake: &FakeProvider, relay: &str, official: &str, cache: &str, extra: &str) -> String {
-    format!(
-        "holy_sheep_routing_enabled: true
-timeouts:
-  response_headers: 30s
-resilience:
-  attempts_per_target: 1
-{extra}
-providers:
-  sheep:
-    kind: relay
-    base_url: {relay_url}
-    api_key: {{ env: TEST_RELAY_KEY }}
-  deep:
-    kind: official
-    base_url: {official_url}
-    api_key: {{ env: TEST_OFFICIAL_KEY }}
-routes:
-  chat:
-    relay: {{ provider: sheep, model: '{relay}', price: {{ input: 1, output: 2 }} }}
-    official: {{ provider: deep, model: '{official}' }}
-    {cache}
-",
-        relay_url = fake.base_url("sheep"),
-        official_url = fake.base_url("deep"),
-    )
-}
-
-const CACHED: &str = "cache: { ttl: 10m, max_stale: 24h }";
-
-fn request(stream: bool, extra: Value) -> String {
-    let mut body = json!({
-        "model": "chat",
-        "stream": stream,
-        "temperature": 0,
-        "messages": [{"role": "user", "content": "Say hello."}],
-    });
-    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
-        body.extend(extra.clone());
-    }
-    body.to_string()
-}
-
-async fn ask(
-    sidecar: &llm_sidecar::Sidecar,
-    body: String,
-    headers: &[(&str, &str)],
-) -> (u16, http::HeaderMap, bytes::Bytes) {
-    let mut req = post(sidecar.data_addr, "/v1/chat/completions", body);
-    for (name, value) in headers {
-        req.headers_mut().insert(
-            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            http::HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    let (status, headers, body) = call(&client(), req).await;
-    (status.as_u16(), headers, body)
-}
-
-fn content(body: &[u8]) -> String {
-    let answer: Value = serde_json::from_slice(body).expect("a JSON answer");
-    answer["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_string()
-}
-
-async fn stats(sidecar: &llm_sidecar::Sidecar) -> Value {
-    let (_, _, stats) = call_json(&client(), get(sidecar.admin_addr, "/stats")).await;
-    stats
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hit_after_a_miss_plain_streamed_and_replayed() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, "relay-model", "official-model", CACHED, "")).await;
 
-    let (status, miss, first) = ask(&sidecar, request(false, json!({})), &[]).await;
+    let (status, miss, first) = ask(&sidecar, request(false, "Say hello.", json!({})), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(header(&miss, "x-llm-sidecar-cache"), "miss");
     assert_eq!(header(&miss, "x-llm-sidecar-provider"), "sheep");
-    let (status, hit, second) = ask(&sidecar, request(false, json!({"user": "bob"})), &[]).await;
+    let (status, hit, second) = ask(
+        &sidecar,
+        request(false, "Say hello.", json!({"user": "bob"})),
+        &[],
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(header(&hit, "x-llm-sidecar-cache"), "hit");
     assert_eq!(header(&hit, "x-llm-sidecar-path"), "cache");
@@ -107,7 +39,11 @@ async fn a_hit_after_a_miss_plain_streamed_and_replayed() {
     // A streaming client gets the stored plain answer as a valid stream.
     let (status, replayed, body) = ask(
         &sidecar,
-        request(true, json!({"stream_options": {"include_usage": true}})),
+        request(
+            true,
+            "Say hello.",
+            json!({"stream_options": {"include_usage": true}}),
+        ),
         &[],
     )
     .await;
@@ -122,10 +58,7 @@ async fn a_hit_after_a_miss_plain_streamed_and_replayed() {
     assert_eq!(fake.requests_for("sheep").len(), 1);
 
     // A streamed answer is stored once it completed, and replayed to the next stream.
-    let streamed = request(
-        true,
-        json!({"messages": [{"role": "user", "content": "Stream it."}]}),
-    );
+    let streamed = request(true, "Stream it.", json!({}));
     let (_, miss, live) = ask(&sidecar, streamed.clone(), &[]).await;
     assert_eq!(header(&miss, "x-llm-sidecar-cache"), "miss");
     let (_, hit, again) = ask(&sidecar, streamed, &[]).await;
@@ -163,7 +96,7 @@ async fn fifty_identical_concurrent_requests_make_one_upstream_call() {
         .map(|i| {
             let addr = sidecar.data_addr;
             // Half of them stream: they wait for the same answer and get it replayed.
-            let body = request(i % 2 == 0, json!({}));
+            let body = request(i % 2 == 0, "Say hello.", json!({}));
             tokio::spawn(async move {
                 let (status, headers, body) =
                     call(&client(), post(addr, "/v1/chat/completions", body)).await;
@@ -227,8 +160,8 @@ async fn errors_cut_streams_content_filters_and_random_requests_are_never_stored
     ] {
         let sidecar = sidecar(&config(&fake, relay, official, CACHED, "")).await;
         let before = fake.requests().len();
-        let (_, first, _) = ask(&sidecar, request(stream, json!({})), &[]).await;
-        let (_, second, _) = ask(&sidecar, request(stream, json!({})), &[]).await;
+        let (_, first, _) = ask(&sidecar, request(stream, "Say hello.", json!({})), &[]).await;
+        let (_, second, _) = ask(&sidecar, request(stream, "Say hello.", json!({})), &[]).await;
         assert_eq!(header(&first, "x-llm-sidecar-cache"), "miss", "{relay}");
         assert_eq!(
             header(&second, "x-llm-sidecar-cache"),
@@ -243,14 +176,18 @@ async fn errors_cut_streams_content_filters_and_random_requests_are_never_stored
     // Not deterministic: bypass, both times.
     let sidecar = sidecar(&config(&fake, "relay-model", "official-model", CACHED, "")).await;
     for _ in 0..2 {
-        let (status, headers, _) =
-            ask(&sidecar, request(false, json!({"temperature": 0.7})), &[]).await;
+        let (status, headers, _) = ask(
+            &sidecar,
+            request(false, "Say hello.", json!({"temperature": 0.7})),
+            &[],
+        )
+        .await;
         assert_eq!(status, 200);
         assert_eq!(header(&headers, "x-llm-sidecar-cache"), "bypass");
     }
     let (_, headers, _) = ask(
         &sidecar,
-        request(false, json!({"temperature": 0.7, "seed": 7})),
+        request(false, "Say hello.", json!({"temperature": 0.7, "seed": 7})),
         &[],
     )
     .await;
@@ -261,7 +198,7 @@ async fn errors_cut_streams_content_filters_and_random_requests_are_never_stored
     );
     // A route without a cache says bypass too.
     let uncached = sidecar_for_uncached(&fake).await;
-    let (_, headers, _) = ask(&uncached, request(false, json!({})), &[]).await;
+    let (_, headers, _) = ask(&uncached, request(false, "Say hello.", json!({})), &[]).await;
     assert_eq!(header(&headers, "x-llm-sidecar-cache"), "bypass");
 }
 
@@ -273,7 +210,7 @@ async fn sidecar_for_uncached(fake: &FakeProvider) -> llm_sidecar::Sidecar {
 async fn the_client_can_skip_refresh_or_refuse_storage() {
     let fake = fake().await;
     let sidecar = sidecar(&config(&fake, "relay-model", "official-model", CACHED, "")).await;
-    let body = || request(false, json!({}));
+    let body = || request(false, "Say hello.", json!({}));
     let (_, h, _) = ask(&sidecar, body(), &[("cache-control", "no-store")]).await;
     assert_eq!(header(&h, "x-llm-sidecar-cache"), "bypass");
     let (_, h, _) = ask(&sidecar, body(), &[]).await;
@@ -302,7 +239,7 @@ async fn every_target_down_serves_a_stale_answer_inside_max_stale_then_the_stati
     let cache = "cache: { ttl: 1ms, max_stale: 24h }\n    static_fallback: 'The assistant is unavailable; try again shortly.'";
     let running = file_sidecar(&config(&fake, "relay-model", "official-model", cache, "")).await;
     let sidecar = &running.sidecar;
-    let (_, _, stored) = ask(sidecar, request(false, json!({})), &[]).await;
+    let (_, _, stored) = ask(sidecar, request(false, "Say hello.", json!({})), &[]).await;
 
     running
         .reload(&config(
@@ -313,20 +250,17 @@ async fn every_target_down_serves_a_stale_answer_inside_max_stale_then_the_stati
             "",
         ))
         .await;
-    let (status, headers, body) = ask(sidecar, request(false, json!({})), &[]).await;
+    let (status, headers, body) = ask(sidecar, request(false, "Say hello.", json!({})), &[]).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(header(&headers, "x-llm-sidecar-cache"), "stale");
     assert_eq!(body, stored, "the stored answer, not a new one");
-    let (status, headers, body) = ask(sidecar, request(true, json!({})), &[]).await;
+    let (status, headers, body) = ask(sidecar, request(true, "Say hello.", json!({})), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-llm-sidecar-cache"), "stale");
     assert_eq!(stream_text(&sse_data(&body)), content(&stored));
 
     // Nothing stored for this one: the static fallback, marked as such.
-    let other = request(
-        false,
-        json!({"messages": [{"role": "user", "content": "Other."}]}),
-    );
+    let other = request(false, "Other.", json!({}));
     let (status, headers, body) = ask(sidecar, other, &[]).await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "x-llm-sidecar-path"), "static");
@@ -362,7 +296,7 @@ async fn beyond_max_stale_and_without_a_static_fallback_the_error_is_the_answer(
     let cache = "cache: { ttl: 1ms, max_stale: 200ms }";
     let running = file_sidecar(&config(&fake, "relay-model", "official-model", cache, "")).await;
     let sidecar = &running.sidecar;
-    let (status, _, _) = ask(sidecar, request(false, json!({})), &[]).await;
+    let (status, _, _) = ask(sidecar, request(false, "Say hello.", json!({})), &[]).await;
     assert_eq!(status, 200);
     running
         .reload(&config(
@@ -375,7 +309,7 @@ async fn beyond_max_stale_and_without_a_static_fallback_the_error_is_the_answer(
         .await;
     // Waiting for the stored answer to pass max_stale (a lower bound on time, not a race).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, headers, body) = ask(sidecar, request(false, json!({})), &[]).await;
+    let (status, headers, body) = ask(sidecar, request(false, "Say hello.", json!({})), &[]).await;
     assert!(
         status >= 500,
         "{status}: {}",
@@ -400,10 +334,7 @@ async fn the_size_bound_evicts_by_bytes() {
     );
     let sidecar = sidecar(&text).await;
     for i in 0..40 {
-        let body = request(
-            false,
-            json!({"messages": [{"role": "user", "content": format!("question {i}")}]}),
-        );
+        let body = request(false, &format!("question {i}"), json!({}));
         let (status, _, _) = ask(&sidecar, body, &[]).await;
         assert_eq!(status, 200);
     }

@@ -9,40 +9,11 @@ mod support;
 use std::time::Duration;
 
 use llm_sidecar::settings::Settings;
-use serde_json::{json, Value};
+use serde_json::json;
+use support::cache::{ask, config, content, request, stats, CACHED};
 use support::redis::RedisServer;
 use support::*;
 
-/// A route `chat` on the fake provider, with `relay` and `official` as its fault strings.
-fn config(fake: &FakeProvider, relay: &str, official: &str, cache: &str, extra: &str) -> String {
-    format!(
-        "holy_sheep_routing_enabled: true
-timeouts:
-  response_headers: 30s
-resilience:
-  attempts_per_target: 1
-{extra}
-providers:
-  sheep:
-    kind: relay
-    base_url: {relay_url}
-    api_key: {{ env: TEST_RELAY_KEY }}
-  deep:
-    kind: official
-    base_url: {official_url}
-    api_key: {{ env: TEST_OFFICIAL_KEY }}
-routes:
-  chat:
-    relay: {{ provider: sheep, model: '{relay}', price: {{ input: 1, output: 2 }} }}
-    official: {{ provider: deep, model: '{official}' }}
-    {cache}
-",
-        relay_url = fake.base_url("sheep"),
-        official_url = fake.base_url("deep"),
-    )
-}
-
-const CACHED: &str = "cache: { ttl: 10m, max_stale: 24h }";
 const PREFIX: &str = "llm-sidecar:cache:*";
 
 fn settings(redis: &RedisServer) -> Settings {
@@ -56,41 +27,6 @@ fn settings(redis: &RedisServer) -> Settings {
     }
 }
 
-fn request(stream: bool, question: &str, extra: Value) -> String {
-    let mut body = json!({
-        "model": "chat",
-        "stream": stream,
-        "temperature": 0,
-        "messages": [{"role": "user", "content": question}],
-    });
-    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
-        body.extend(extra.clone());
-    }
-    body.to_string()
-}
-
-async fn ask(
-    sidecar: &llm_sidecar::Sidecar,
-    body: String,
-    headers: &[(&str, &str)],
-) -> (u16, http::HeaderMap, bytes::Bytes) {
-    let mut req = post(sidecar.data_addr, "/v1/chat/completions", body);
-    for (name, value) in headers {
-        req.headers_mut().insert(
-            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            http::HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    let (status, headers, body) = call(&client(), req).await;
-    (status.as_u16(), headers, body)
-}
-
-async fn stats(sidecar: &llm_sidecar::Sidecar) -> Value {
-    call_json(&client(), get(sidecar.admin_addr, "/stats"))
-        .await
-        .2
-}
-
 async fn metric(sidecar: &llm_sidecar::Sidecar, sample: &str) -> f64 {
     let text = metrics_text(&client(), sidecar.admin_addr).await;
     metric_value(&text, sample).unwrap_or(0.0)
@@ -102,14 +38,6 @@ async fn entries_in_redis(redis: &RedisServer, n: usize) {
         redis.keys(PREFIX).len() == n
     })
     .await;
-}
-
-fn content(body: &[u8]) -> String {
-    let answer: Value = serde_json::from_slice(body).expect("a JSON answer");
-    answer["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content")
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

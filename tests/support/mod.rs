@@ -2,6 +2,7 @@
 //! real HTTP client, all on loopback, plus `eventually` for eventually-consistent checks.
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod redis;
 
 use std::collections::HashMap;
