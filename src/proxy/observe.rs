@@ -376,7 +376,7 @@ fn exported(ids: &TraceIds, f: &Finished) -> bool {
         || f.report.fallbacks > 0
         || continued
         || f.outcome != RequestOutcome::Success
-        || f.elapsed >= trace::slow_threshold()
+        || f.elapsed >= crate::telemetry::otel::slow_threshold()
 }
 
 /// What a request came to, as its metrics, log line and span label it.

@@ -6,7 +6,7 @@
 //! answer, a slow request).
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::header::{HeaderMap, HeaderValue};
 use opentelemetry::trace::{
@@ -164,12 +164,6 @@ fn span_data(
         status,
         instrumentation_scope: scope.clone(),
     }
-}
-
-/// Requests slower than this are exported whatever the head sampler said
-/// (`LLM_SIDECAR_TRACE_SLOW`, default 5 s).
-pub fn slow_threshold() -> Duration {
-    otel::slow_threshold()
 }
 
 #[cfg(test)]
