@@ -108,14 +108,16 @@ def spans(url):
 
 
 def summary(results_path, rss_mb, span_counts):
-    runs = {t: [] for t in TARGETS}
+    runs = {t: [] for t in TARGETS + ("baseline",)}
     with open(results_path, encoding="utf-8") as f:
         for line in f:
             target, *fields = line.split()
             kv = dict(x.split("=", 1) for x in fields)
             runs[target].append(kv)
+    # The baseline (another build, BASELINE_BIN) is optional.
+    targets = TARGETS + (("baseline",) if runs["baseline"] else ())
     agg = {}
-    for t in TARGETS:
+    for t in targets:
         if not runs[t]:
             die(f"no results for {t}")
         agg[t] = {
@@ -127,7 +129,7 @@ def summary(results_path, rss_mb, span_counts):
         }
     print()
     print(f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  rounds")
-    for t in TARGETS:
+    for t in targets:
         a = agg[t]
         print(f"{t:<8} {a['rps']:>10.1f} {a['p50']:>8.2f} {a['p99']:>8.2f}  {a['n']}")
     d, n, s = agg["direct"], agg["nginx"], agg["sidecar"]
@@ -151,9 +153,13 @@ def summary(results_path, rss_mb, span_counts):
         f"tracing on, 10 % sampled plus every retry, failover, error and slow request "
         f"(parentbased_traceidratio 0.1): {sampled_cost * 100:.1f} % fewer req/s (target < 10 %)"
     )
-    cpu = {t: agg[t]["cpu"] for t in ("sidecar", "stack", "nginx", "sampled")}
+    cpu = {t: agg[t]["cpu"] for t in ("sidecar", "stack", "nginx", "sampled", "baseline") if t in agg}
     cpu_text = " ".join(f"{t}_cpu_us={c:.1f}" for t, c in cpu.items() if c is not None)
     print(f"CPU per request (user + sys from /proc, median of rounds, µs): {cpu_text}")
+    if cpu.get("baseline") and cpu.get("sidecar"):
+        rise = cpu["sidecar"] / cpu["baseline"] - 1
+        cpu_text += f" sidecar_vs_baseline_cpu={rise:+.3f}"
+        print(f"sidecar CPU per request against the baseline build: {rise * 100:+.1f} % (target: at most +10 %)")
     print(
         f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
         f"sidecar_vs_nginx={ratio:.2f} stack_rps={stack['rps']:.1f} stack_vs_nginx={stack_ratio:.2f} "

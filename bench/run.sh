@@ -8,6 +8,8 @@
 #             upstream pool doing only the data flow, none of its work; the stack's floor
 #   traced  - the same with trace export on: OTLP/HTTP to a sink in nginx (every span exported)
 #   sampled - the same with 10 % of requests sampled (parentbased_traceidratio 0.1)
+#   baseline - only with BASELINE_BIN: another build of the sidecar (e.g. an older commit, built by
+#             bench/baseline.sh) on its own default config, for CPU per request against this one
 # Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
 #   bench: direct_rps=… nginx_rps=… sidecar_rps=… … sampled_tracing_cost=… sidecar_cpu_us=… stack_cpu_us=… nginx_cpu_us=… sampled_cpu_us=…
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
@@ -18,7 +20,7 @@
 # STACK_FLOOR_BIN (skip the build; the fake provider defaults to llm-sidecar-fake-provider and the
 # floor to examples/stack_floor next to LLM_SIDECAR_BIN),
 # STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
-# only, e.g. "LLM_SIDECAR_WORKERS=1").
+# only, e.g. "LLM_SIDECAR_WORKERS=1"), BASELINE_BIN (a second sidecar build to compare with).
 set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -79,14 +81,14 @@ fi
 
 # --- processes and cleanup ---------------------------------------------------------------
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/llm-sidecar-bench.XXXXXX")"
-FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID="" SAMPLED_PID="" STACK_PID=""
+FAKE_PID="" NGINX_PID="" SIDECAR_PID="" TRACED_PID="" SAMPLED_PID="" STACK_PID="" BASELINE_PID=""
 
 cleanup() {
     local pid
-    for pid in "$STACK_PID" "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$BASELINE_PID" "$STACK_PID" "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
     done
-    for pid in "$STACK_PID" "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
+    for pid in "$BASELINE_PID" "$STACK_PID" "$SAMPLED_PID" "$TRACED_PID" "$SIDECAR_PID" "$NGINX_PID" "$FAKE_PID"; do
         [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
     done
     rm -rf "$TMP"
@@ -103,7 +105,7 @@ fail_with_log() { # NAME LOGFILE MESSAGE
 }
 alive() { kill -0 "$1" 2>/dev/null; }
 
-read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT SAMPLED_PORT SAMPLED_ADMIN_PORT STACK_PORT < <(python3 "$UTIL" ports 9)
+read -r FAKE_PORT NGINX_PORT SIDECAR_PORT ADMIN_PORT TRACED_PORT TRACED_ADMIN_PORT SAMPLED_PORT SAMPLED_ADMIN_PORT STACK_PORT BASELINE_PORT BASELINE_ADMIN_PORT < <(python3 "$UTIL" ports 11)
 
 # Fake provider.
 "$FAKE_BIN" --listen "127.0.0.1:$FAKE_PORT" >"$TMP/fake.log" 2>&1 &
@@ -132,14 +134,17 @@ STREAM_MODEL='tokens=20+chunk-delay=10'
 printf '  bench-stream:\n    relay: { provider: holysheep, model: "%s" }\n' "$STREAM_MODEL" >>"$TMP/sidecar.yaml"
 # RUST_LOG=warn: no access log line per request, like nginx's `access_log off`.
 start_sidecar() { # PORT ADMIN_PORT LOG [VAR=value...]
-    local port="$1" admin="$2" logfile="$3"
-    shift 3
+    start_build "$BIN" "$TMP/sidecar.yaml" "$@"
+}
+start_build() { # BINARY CONFIG PORT ADMIN_PORT LOG [VAR=value...]
+    local bin="$1" config="$2" port="$3" admin="$4" logfile="$5"
+    shift 5
     env ${SIDECAR_ENV:-} "$@" LLM_SIDECAR_CONFIGMAP=off LLM_SIDECAR_LISTEN="127.0.0.1:$port" \
         LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$admin" \
         RUST_LOG=warn \
         HOLYSHEEP_API_KEY=bench-key DEEPSEEK_API_KEY=bench-key MOONSHOT_API_KEY=bench-key \
         MINIMAX_API_KEY=bench-key GEMINI_API_KEY=bench-key OPENAI_API_KEY=bench-key \
-        "$BIN" run --config "$TMP/sidecar.yaml" >"$logfile" 2>&1 &
+        "$bin" run --config "$config" >"$logfile" 2>&1 &
 }
 start_sidecar "$SIDECAR_PORT" "$ADMIN_PORT" "$TMP/sidecar.log"
 SIDECAR_PID=$!
@@ -167,6 +172,18 @@ STACK_PID=$!
 python3 "$UTIL" wait-tcp "$STACK_PORT" "$READY_TIMEOUT" ||
     fail_with_log stack "$TMP/stack.log" "the stack floor did not start"
 
+# The baseline build, on the config its own binary writes (an older build may not know newer
+# fields), with the same streaming route.
+if [ -n "${BASELINE_BIN:-}" ]; then
+    [ -x "$BASELINE_BIN" ] || die "no executable at BASELINE_BIN=$BASELINE_BIN"
+    "$BASELINE_BIN" default-config --upstream "http://127.0.0.1:$FAKE_PORT" >"$TMP/baseline.yaml"
+    printf '  bench-stream:\n    relay: { provider: holysheep, model: "%s" }\n' "$STREAM_MODEL" >>"$TMP/baseline.yaml"
+    start_build "$BASELINE_BIN" "$TMP/baseline.yaml" "$BASELINE_PORT" "$BASELINE_ADMIN_PORT" "$TMP/baseline.log"
+    BASELINE_PID=$!
+    python3 "$UTIL" wait-http "http://127.0.0.1:$BASELINE_ADMIN_PORT/ready" "$READY_TIMEOUT" ||
+        fail_with_log baseline "$TMP/baseline.log" "the baseline sidecar did not become ready"
+fi
+
 declare -A URL=(
     [direct]="http://127.0.0.1:$FAKE_PORT/holysheep/v1/chat/completions"
     [nginx]="http://127.0.0.1:$NGINX_PORT/holysheep/v1/chat/completions"
@@ -174,8 +191,10 @@ declare -A URL=(
     [stack]="http://127.0.0.1:$STACK_PORT/v1/chat/completions"
     [traced]="http://127.0.0.1:$TRACED_PORT/v1/chat/completions"
     [sampled]="http://127.0.0.1:$SAMPLED_PORT/v1/chat/completions"
+    [baseline]="http://127.0.0.1:$BASELINE_PORT/v1/chat/completions"
 )
 TARGETS=(direct nginx sidecar stack traced sampled)
+[ -n "$BASELINE_PID" ] && TARGETS+=(baseline)
 
 # One request through each target must succeed before any load.
 for t in "${TARGETS[@]}"; do
@@ -196,6 +215,7 @@ target_pids() {
         stack) echo "$STACK_PID" ;;
         traced) echo "$TRACED_PID" ;;
         sampled) echo "$SAMPLED_PID" ;;
+        baseline) echo "$BASELINE_PID" ;;
         *) ;;
     esac
 }
@@ -227,7 +247,7 @@ run_wrk() {
         echo "$out" >&2
         die "$target: $RESULT (request errors or non-2xx responses)"
     fi
-    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$STACK_PID" "$TRACED_PID" "$SAMPLED_PID"; do
+    for pid in "$FAKE_PID" "$NGINX_PID" "$SIDECAR_PID" "$STACK_PID" "$TRACED_PID" "$SAMPLED_PID" $BASELINE_PID; do
         alive "$pid" || die "a benchmark process (pid $pid) died during the $target run"
     done
 }
