@@ -7,7 +7,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/llm-sidecar/llm-sidecar:$(VERSION)
 IMAGE_FAKE ?= ghcr.io/llm-sidecar/llm-sidecar-fake-provider:$(VERSION)
 
-.PHONY: build test lint fmt-check clippy fake-free cargo-test py-test rules-test demo run bench bench-throughput bench-rollback bench-budget bench-cache bench-memory soak image image-fake clean e2e-kind chart-test
+.PHONY: build test lint fmt-check clippy fake-free cargo-test py-test rules-test demo run bench bench-throughput bench-rollback bench-budget bench-cache bench-memory bench-cold soak image image-fake clean e2e-kind chart-test
 
 ## build: both release binaries, the sidecar and the fake provider the demo, run, bench and soak use.
 build:
@@ -65,8 +65,8 @@ run: build
 	bash scripts/run-local.sh
 
 ## bench: throughput against nginx (wrk), rollback propagation across 20 sidecars, the cost of budget checks, a cache hit against a miss,
-## the sidecar's memory (idle, saturated, 1 000 open streams, after them).
-bench: bench-throughput bench-rollback bench-budget bench-cache bench-memory
+## the sidecar's memory (idle, saturated, 1 000 open streams, after them), cold start and a cold burst of streams.
+bench: bench-throughput bench-rollback bench-budget bench-cache bench-memory bench-cold
 
 bench-throughput:
 	bash bench/run.sh
@@ -85,6 +85,11 @@ bench-cache:
 ## bench-memory: the sidecar's RSS idle, under wrk saturation, with 1 000 concurrent slow streams open and 10 s after them.
 bench-memory:
 	bash bench/memory.sh
+
+## bench-cold: per fresh sidecar, start to /ready, then TTFT p50/p99 of 200 new streams cold, warm and direct, with the
+## kernel's listen-queue overflows and SYN retransmissions around them.
+bench-cold:
+	bash bench/cold.sh
 
 ## soak: SOAK_SECONDS (600) of open-loop plain and streamed chat traffic at SOAK_RPS (1000) through the release
 ## sidecar, a routing-config change every second, a provider fault every 10 s; fails on a lost or skipped request,

@@ -54,8 +54,8 @@ def pct(values, p):
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-async def main():
-    url, model, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
+async def burst(url, model, concurrency):
+    """`concurrency` streams at once; their time to first token and to the end, in ms."""
     parts = urlsplit(url)
     body = json.dumps(
         {"model": model, "stream": True, "messages": [{"role": "user", "content": "Say hello."}]}
@@ -67,14 +67,26 @@ async def main():
     good = [r for r in results if not isinstance(r, BaseException) and r[0]]
     failed = len(results) - len(good)
     if not good:
-        print(f"ttfb_p50_ms=nan ttfb_p99_ms=nan total_p50_ms=nan failed={failed}")
-        return
+        nan = float("nan")
+        return {"ttfb_p50_ms": nan, "ttfb_p99_ms": nan, "total_p50_ms": nan, "failed": failed}
     ttfb = [r[1] * 1000 for r in good]
     total = [r[2] * 1000 for r in good]
+    return {
+        "ttfb_p50_ms": pct(ttfb, 50),
+        "ttfb_p99_ms": pct(ttfb, 99),
+        "total_p50_ms": statistics.median(total),
+        "failed": failed,
+    }
+
+
+async def main():
+    url, model, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    r = await burst(url, model, concurrency)
     print(
-        f"ttfb_p50_ms={pct(ttfb, 50):.2f} ttfb_p99_ms={pct(ttfb, 99):.2f} "
-        f"total_p50_ms={statistics.median(total):.2f} failed={failed}"
+        f"ttfb_p50_ms={r['ttfb_p50_ms']:.2f} ttfb_p99_ms={r['ttfb_p99_ms']:.2f} "
+        f"total_p50_ms={r['total_p50_ms']:.2f} failed={r['failed']}"
     )
 
 
-asyncio.run(main())
+if __name__ == "__main__":
+    asyncio.run(main())

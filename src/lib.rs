@@ -32,7 +32,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -149,13 +148,11 @@ impl Sidecar {
             source_name: source.to_string(),
             error,
         })?;
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|error| StartError::Bind { addr, error })
+        let bind = |addr: SocketAddr| {
+            proxy::server::listen(addr).map_err(|error| StartError::Bind { addr, error })
         };
-        let data_listener = bind(settings.listen).await?;
-        let admin_listener = bind(settings.admin_listen).await?;
+        let data_listener = bind(settings.listen)?;
+        let admin_listener = bind(settings.admin_listen)?;
         let data_addr = data_listener
             .local_addr()
             .map_err(|error| StartError::Bind {
@@ -286,7 +283,11 @@ impl Sidecar {
         let data = tokio::spawn(proxy::server::serve_on_workers(
             data_listener,
             builder.clone(),
-            move |req, _peer| proxy.clone().handle(req),
+            // Boxed: hyper keeps room for a connection's request future from its first
+            // request to its close, so an unboxed one would cost every open stream and idle
+            // keep-alive connection its full size; boxed, it is freed once the answer's head
+            // is out.
+            move |req, _peer| Box::pin(proxy.clone().handle(req)),
             shutdown_rx.clone(),
             grace,
             settings.workers,

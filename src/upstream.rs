@@ -56,10 +56,42 @@ impl Origin {
     }
 }
 
+/// Idle HTTP/1.1 connections kept per origin and worker while traffic flows: enough for the
+/// requests a busy pod has in flight at once to find a connection again, not the thousand a
+/// burst of streams opened.
+const MAX_IDLE_PER_ORIGIN: usize = 64;
+/// Once traffic quietens, idle connections beyond this many per origin and worker are closed
+/// after [`SURPLUS_IDLE`]: a quiet pod keeps a few warm (no new TLS handshake for its next
+/// request), and what a burst opened (each connection's buffers, task and request channel,
+/// some 30 KB, and the allocator pages they pin) goes back.
+const WARM_PER_ORIGIN: usize = 4;
+const SURPLUS_IDLE: Duration = Duration::from_secs(5);
+/// An idle connection older than this is not used again but closed (providers close theirs
+/// after a minute or two of quiet; a request on a connection they are closing would fail).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections are looked at without traffic (see [`Upstream::sweep`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
 #[derive(Default)]
 struct OriginPool {
+    /// Oldest first: checkout takes the newest, so the front is what has waited longest.
     idle: Vec<(http1::SendRequest<RequestBody>, Instant)>,
     h2: Option<http2::SendRequest<RequestBody>>,
+}
+
+impl OriginPool {
+    /// Closes the idle connections past `timeout`, then, beyond `keep`, those idle for
+    /// `surplus` or longer.
+    fn trim(&mut self, now: Instant, timeout: Duration, keep: usize, surplus: Duration) {
+        let idle_for = |since: &Instant| now.saturating_duration_since(*since);
+        let expired = self
+            .idle
+            .partition_point(|(_, since)| idle_for(since) >= timeout);
+        let over = self.idle.len().saturating_sub(expired).saturating_sub(keep);
+        let stale = self.idle[expired..expired + over]
+            .partition_point(|(_, since)| idle_for(since) >= surplus);
+        self.idle.drain(..expired + stale);
+    }
 }
 
 type Pools = HashMap<Origin, OriginPool, foldhash::fast::RandomState>;
@@ -103,14 +135,19 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Returns the connection to its pool. Connections idle past the timeout are closed here,
+    /// and one over the cap is closed instead of kept: after a burst (a thousand streams, a
+    /// connection each) the pool shrinks back, and with it the buffers and task each holds.
     pub fn release(self) {
         if self.sender.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut pools = self.upstream.lock(self.shard);
         let pool = pools.entry(self.origin).or_default();
+        pool.trim(now, self.upstream.idle_timeout, usize::MAX, Duration::MAX);
         if pool.idle.len() < self.upstream.max_idle_per_origin {
-            pool.idle.push((self.sender, Instant::now()));
+            pool.idle.push((self.sender, now));
         }
     }
 }
@@ -175,14 +212,43 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        Ok(Arc::new(Upstream {
+        let upstream = Arc::new(Upstream {
             connector,
             pools: (0..=workers)
                 .map(|_| Mutex::new(Pools::default()))
                 .collect(),
-            max_idle_per_origin: 512,
-            idle_timeout: Duration::from_secs(90),
-        }))
+            max_idle_per_origin: MAX_IDLE_PER_ORIGIN,
+            idle_timeout: IDLE_TIMEOUT,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&upstream);
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(SWEEP_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let Some(upstream) = weak.upgrade() else {
+                        return;
+                    };
+                    upstream.sweep(Instant::now());
+                }
+            });
+        }
+        Ok(upstream)
+    }
+
+    /// Trims every pool as traffic would not: connections past the idle timeout are closed,
+    /// and beyond [`WARM_PER_ORIGIN`] those idle for [`SURPLUS_IDLE`]. Run every
+    /// [`SWEEP_EVERY`] on the runtime that made this `Upstream`; dropping a connection's
+    /// sender ends its task on its own worker.
+    fn sweep(&self, now: Instant) {
+        for shard in 0..self.pools.len() {
+            let mut pools = self.lock(shard);
+            pools.retain(|_, pool| {
+                pool.trim(now, self.idle_timeout, WARM_PER_ORIGIN, SURPLUS_IDLE);
+                !pool.idle.is_empty() || pool.h2.is_some()
+            });
+        }
     }
 
     /// This thread's shard.
@@ -337,13 +403,27 @@ mod tests {
     /// A minimal HTTP/1.1 server that counts connections and, when `close_after_one` is set,
     /// closes each connection right after its first response.
     async fn server(close_after_one: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let (addr, accepted, _closed) = server_seeing_closes(close_after_one).await;
+        (addr, accepted)
+    }
+
+    /// [`server`], also telling each connection the client closed.
+    async fn server_seeing_closes(
+        close_after_one: bool,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
+                let closed_tx = closed_tx.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut seen = Vec::new();
@@ -352,6 +432,7 @@ mod tests {
                             return;
                         };
                         if n == 0 {
+                            let _ = closed_tx.send(());
                             return;
                         }
                         seen.extend_from_slice(&buf[..n]);
@@ -367,7 +448,7 @@ mod tests {
                 });
             }
         });
-        (addr, accepted)
+        (addr, accepted, closed)
     }
 
     fn get(addr: std::net::SocketAddr) -> Request<RequestBody> {
@@ -417,6 +498,109 @@ mod tests {
         exchange(&upstream, addr, true).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "each got its own back");
         use_shard(0);
+    }
+
+    fn idle(upstream: &Upstream, addr: std::net::SocketAddr) -> usize {
+        let origin = Origin::of(&format!("http://{addr}/").parse().unwrap()).unwrap();
+        let shard = upstream.shard();
+        upstream
+            .lock(shard)
+            .get(&origin)
+            .map_or(0, |p| p.idle.len())
+    }
+
+    /// Sends `n` requests at once and keeps their connections leased, bodies read.
+    async fn leased(upstream: &Arc<Upstream>, addr: std::net::SocketAddr, n: usize) -> Vec<Lease> {
+        let sends = (0..n).map(|_| async {
+            let (response, lease) = upstream.send(get(addr)).await.unwrap();
+            response.into_body().collect().await.unwrap();
+            lease.unwrap()
+        });
+        futures_util::future::join_all(sends).await
+    }
+
+    #[tokio::test]
+    async fn after_a_burst_only_the_capped_number_of_connections_stays_open() {
+        let (addr, accepted, mut closed) = server_seeing_closes(false).await;
+        let upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
+        let burst = MAX_IDLE_PER_ORIGIN + 6;
+        let leases = leased(&upstream, addr, burst).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), burst);
+        for lease in leases {
+            lease.release();
+        }
+        assert_eq!(idle(&upstream, addr), MAX_IDLE_PER_ORIGIN);
+        for _ in 0..6 {
+            closed
+                .recv()
+                .await
+                .expect("a connection over the cap is closed");
+        }
+        // The ones kept serve the next requests without new connections.
+        for _ in 0..3 {
+            exchange(&upstream, addr, true).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), burst);
+    }
+
+    #[test]
+    fn connections_idle_past_the_timeout_are_closed_when_another_comes_back() {
+        // Made outside a runtime, so no sweeper holds it and its timeout can be set.
+        let mut upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
+        Arc::get_mut(&mut upstream).unwrap().idle_timeout = Duration::ZERO;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (addr, accepted, mut closed) = server_seeing_closes(false).await;
+            let mut leases = leased(&upstream, addr, 3).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), 3);
+            leases.pop().unwrap().release();
+            assert_eq!(idle(&upstream, addr), 1);
+            // Each release finds the one before it expired and closes it.
+            leases.pop().unwrap().release();
+            assert_eq!(idle(&upstream, addr), 1);
+            closed
+                .recv()
+                .await
+                .expect("the expired connection is closed");
+            leases.pop().unwrap().release();
+            assert_eq!(idle(&upstream, addr), 1);
+            closed
+                .recv()
+                .await
+                .expect("the expired connection is closed");
+        });
+    }
+
+    #[tokio::test]
+    async fn once_quiet_the_pool_keeps_a_few_warm_and_closes_the_rest() {
+        let (addr, accepted, mut closed) = server_seeing_closes(false).await;
+        let upstream = Upstream::new(Duration::from_secs(1), None).unwrap();
+        let burst = WARM_PER_ORIGIN + 5;
+        for lease in leased(&upstream, addr, burst).await {
+            lease.release();
+        }
+        let released = Instant::now();
+        upstream.sweep(released + SURPLUS_IDLE / 2);
+        assert_eq!(idle(&upstream, addr), burst, "not idle long enough yet");
+        upstream.sweep(released + SURPLUS_IDLE);
+        assert_eq!(idle(&upstream, addr), WARM_PER_ORIGIN);
+        for _ in 0..5 {
+            closed.recv().await.expect("a surplus connection is closed");
+        }
+        // The warm ones serve the next request; past the idle timeout they go too.
+        exchange(&upstream, addr, true).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), burst);
+        upstream.sweep(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(idle(&upstream, addr), 0);
+        for _ in 0..WARM_PER_ORIGIN {
+            closed
+                .recv()
+                .await
+                .expect("an expired connection is closed");
+        }
     }
 
     #[tokio::test]

@@ -82,7 +82,16 @@ pub struct SeenRequest {
 impl FakeProvider {
     /// Binds `addr` (use 127.0.0.1:0 in tests) and serves in a spawned task (HTTP/1.1 and h2c).
     pub async fn start(addr: SocketAddr) -> std::io::Result<FakeProvider> {
-        let listener = TcpListener::bind(addr).await?;
+        // A backlog like the sidecar's: a burst of new connections from a cold sidecar must
+        // not lose handshakes here (a dropped SYN costs the client a second).
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let (stop, stop_rx) = watch::channel(false);

@@ -139,7 +139,10 @@ impl Exchange {
                             return;
                         }
                     }
-                    self.pump(pump, segment, body, parser, lease, rest).await;
+                    // The exchange, pump and segment live here, once; the pump borrows them
+                    // (an async fn would hold its by-value arguments twice).
+                    self.pump(&mut pump, &mut segment, body, parser, lease, rest)
+                        .await;
                 });
                 let body = ChannelBody::new(rx).boxed_unsync();
                 Committed {
@@ -234,10 +237,10 @@ impl Exchange {
     }
 
     /// A stream part broke: its target failed this request.
-    pub(super) fn break_segment(&self, segment: Segment, why: &'static str, pump: &mut Pump) {
+    pub(super) fn break_segment(&self, segment: &mut Segment, why: &'static str, pump: &mut Pump) {
         let handles = self.core.metrics.target(segment.step.target());
         handles.stats.tally.failed();
-        if let Some(mut trace) = segment.trace {
+        if let Some(mut trace) = segment.trace.take() {
             trace.fail(why, None);
             pump.traces.push(trace);
         }
@@ -246,9 +249,9 @@ impl Exchange {
     /// Streams the committed answer to its end; continues it elsewhere or ends it with an error
     /// event when the upstream stream breaks.
     pub(super) async fn pump(
-        self,
-        mut pump: Pump,
-        mut segment: Segment,
+        &self,
+        pump: &mut Pump,
+        segment: &mut Segment,
         mut body: Incoming,
         mut parser: SseParser,
         mut lease: Option<Lease>,
@@ -267,8 +270,8 @@ impl Exchange {
                             continue;
                         };
                         for event in parser.push(&data) {
-                            if !self.relay(&mut pump, &mut segment, event).await {
-                                self.client_left(&mut segment, &mut pump);
+                            if !self.relay(pump, segment, event).await {
+                                self.client_left(segment, pump);
                                 return;
                             }
                         }
@@ -281,7 +284,7 @@ impl Exchange {
                     }
                     Ok(None) => {
                         if let Some(event) = parser.finish() {
-                            let _ = self.relay(&mut pump, &mut segment, event).await;
+                            let _ = self.relay(pump, segment, event).await;
                         }
                         if pump.state.done || pump.state.finished {
                             if let Some(lease) = lease.take() {
@@ -289,7 +292,7 @@ impl Exchange {
                             }
                             // Billed before the last bytes go out: the request's log line and
                             // metrics are written when the client has read them.
-                            self.finish_segment(&mut segment, &mut pump);
+                            self.finish_segment(segment, pump);
                             if !pump.state.done {
                                 // Complete but for the terminator: finalise it.
                                 pump.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
@@ -307,8 +310,8 @@ impl Exchange {
                 .health
                 .record_failure(t, Instant::now(), &self.snapshot.resilience.breaker);
             let original = format!("{}/{}: {broken}", t.provider.name, t.model);
-            self.settle_cut(&segment, &mut pump);
-            self.break_segment(segment, "stream_interrupted", &mut pump);
+            self.settle_cut(segment, pump);
+            self.break_segment(segment, "stream_interrupted", pump);
             pump.state.reported = Reported::default();
 
             // Continue the answer on the next target that accepts an assistant prefill.
@@ -318,7 +321,8 @@ impl Exchange {
                 if !step.target().supports_prefill || Instant::now() >= self.deadline {
                     continue;
                 }
-                let Ok(reservation) = self.reserve(&step).await else {
+                // Rare: boxed, so every open stream's task does not carry room for it.
+                let Ok(reservation) = Box::pin(self.reserve(&step)).await else {
                     continue;
                 };
                 let admission = self.core.health.admit(step.target(), Instant::now(), false);
@@ -333,10 +337,13 @@ impl Exchange {
                 );
                 let started = Instant::now();
                 let traceparent = self.traceparent(&trace);
-                match self
-                    .attempt(step.target(), Some(&pump.state.text), false, traceparent)
-                    .await
-                {
+                let attempt = Box::pin(self.attempt(
+                    step.target(),
+                    Some(&pump.state.text),
+                    false,
+                    traceparent,
+                ));
+                match attempt.await {
                     Ok(Answer::Stream {
                         body,
                         parser,
@@ -409,10 +416,10 @@ impl Exchange {
             self.core.metrics.record_stream_interruption("continued");
             pump.state.continuing = true;
             pump.state.segment_start = pump.state.text.len();
-            segment = next;
+            *segment = next;
             for event in prefix {
-                if !self.relay(&mut pump, &mut segment, event).await {
-                    self.client_left(&mut segment, &mut pump);
+                if !self.relay(pump, segment, event).await {
+                    self.client_left(segment, pump);
                     return;
                 }
             }
