@@ -6,7 +6,8 @@
 # then dumps them after each round); the median round's instructions over N is a request's cost.
 # CALLGRIND_N (2000), CALLGRIND_ROUNDS (3), CALLGRIND_WARMUP (200), CALLGRIND_OUT
 # (bench/out/callgrind: the dumps, for callgrind_annotate --inclusive=yes), LLM_SIDECAR_BIN
-# (default: the release build).
+# (default: the release build), CALLGRIND_ENV (extra VAR=value settings for the sidecar, e.g.
+# the OTEL_* variables of a tracing setting).
 set -euo pipefail
 . "$(dirname "$0")/../scripts/lib.sh"
 N=${CALLGRIND_N:-2000}
@@ -21,7 +22,7 @@ mkdir -p "$OUT"
 rm -f "$OUT"/callgrind.out*
 # The config file is polled once an hour instead of four times a second: polls would be counted
 # with the requests.
-LLM_SIDECAR_WORKERS=1 LLM_SIDECAR_CONFIG_POLL=60m RUST_LOG=warn LLM_SIDECAR_CONFIGMAP=off \
+env ${CALLGRIND_ENV:-} LLM_SIDECAR_WORKERS=1 LLM_SIDECAR_CONFIG_POLL=60m RUST_LOG=warn LLM_SIDECAR_CONFIGMAP=off \
   LLM_SIDECAR_LISTEN="127.0.0.1:$PORT" LLM_SIDECAR_ADMIN_LISTEN="127.0.0.1:$ADMIN_PORT" \
   valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
   "$BIN" run --config "$WORK/routing.yaml" 2>"$WORK/sidecar.log" &

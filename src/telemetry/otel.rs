@@ -620,7 +620,7 @@ pub fn traceparent(span: &tracing::Span) -> Option<HeaderValue> {
 
 /// The W3C `traceparent` of `sc`, as the propagator writes it, without its trip through
 /// `format!` on every attempt.
-fn traceparent_bytes(sc: &opentelemetry::trace::SpanContext) -> [u8; 55] {
+pub(crate) fn traceparent_bytes(sc: &opentelemetry::trace::SpanContext) -> [u8; 55] {
     let mut out = [b'-'; 55];
     out[..2].copy_from_slice(b"00");
     hex_into(&mut out[3..35], &sc.trace_id().to_bytes());

@@ -50,9 +50,14 @@ impl TraceIds {
     /// The W3C `traceparent` naming `span` (an attempt) as the parent of what the provider
     /// does; flagged sampled as the head decided.
     pub fn traceparent(&self, span: SpanId) -> HeaderValue {
-        let flags = if self.sampled { "01" } else { "00" };
-        let text = format!("00-{}-{}-{flags}", self.trace_id, span);
-        HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""))
+        let flags = if self.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let context = SpanContext::new(self.trace_id, span, flags, false, TraceState::NONE);
+        HeaderValue::from_bytes(&otel::traceparent_bytes(&context))
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 
     /// The SERVER span as a parent or a link target.

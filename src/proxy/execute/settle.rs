@@ -45,30 +45,35 @@ pub(super) struct Reported {
     pub(super) finish_reasons: Vec<String>,
     /// The answer text, only when content recording is on.
     pub(super) content: Option<String>,
+    /// A traced plain answer, whose model and finish reasons its span reads only if the request
+    /// is exported ([`PlainAnswer::details`]): most are not, and reading them costs more than
+    /// the rest of the request's trace record.
+    pub(super) plain: Option<Bytes>,
 }
 
 impl Reported {
-    /// Reads a plain answer: its usage always, the rest only for a `traced` request.
-    pub(super) fn from_plain(bytes: &[u8], traced: bool) -> Reported {
+    /// Reads a plain answer's usage; a `traced` one is kept for its span.
+    pub(super) fn from_plain(bytes: &Bytes, traced: bool) -> Reported {
         let read: PlainUsage = serde_json::from_slice(bytes).unwrap_or_default();
-        let usage = read.usage.usage;
-        if !traced {
-            return Reported {
-                usage,
-                ..Reported::default()
-            };
-        }
-        let answer: PlainAnswer = serde_json::from_slice(bytes).unwrap_or_default();
         Reported {
-            usage,
-            model: answer.model.map(Cow::into_owned),
-            finish_reasons: answer
-                .choices
-                .into_iter()
-                .filter_map(|c| c.finish_reason.map(Cow::into_owned))
-                .collect(),
-            content: otel::record_content().then(|| cut(&String::from_utf8_lossy(bytes))),
+            usage: read.usage.usage,
+            plain: traced.then(|| bytes.clone()),
+            ..Reported::default()
         }
+    }
+}
+
+impl PlainAnswer<'_> {
+    /// A plain answer's model, finish reasons and (when content recording is on) text.
+    pub(super) fn details(bytes: &[u8]) -> (Option<String>, Vec<String>, Option<String>) {
+        let answer: PlainAnswer = serde_json::from_slice(bytes).unwrap_or_default();
+        let reasons = answer
+            .choices
+            .into_iter()
+            .filter_map(|c| c.finish_reason.map(Cow::into_owned))
+            .collect();
+        let content = otel::record_content().then(|| cut(&String::from_utf8_lossy(bytes)));
+        (answer.model.map(Cow::into_owned), reasons, content)
     }
 }
 

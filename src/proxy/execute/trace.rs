@@ -86,6 +86,8 @@ pub struct AttemptTrace {
     usage: Option<Usage>,
     bill: Bill,
     output: Option<String>,
+    /// A plain answer, read for the model and finish reasons only when the span is built.
+    plain: Option<Bytes>,
 }
 
 impl AttemptTrace {
@@ -114,6 +116,7 @@ impl AttemptTrace {
             usage: None,
             bill: Bill::default(),
             output: None,
+            plain: None,
         }
     }
 
@@ -151,6 +154,7 @@ impl AttemptTrace {
         self.response_model = reported.model.take();
         self.finish_reasons = std::mem::take(&mut reported.finish_reasons);
         self.output = reported.content.take();
+        self.plain = reported.plain.take();
     }
 
     /// The attempt is over (its end is the first time this is called).
@@ -158,7 +162,11 @@ impl AttemptTrace {
         self.end.get_or_insert_with(SystemTime::now);
     }
 
-    fn draft(self, request: &RequestTrace) -> Draft {
+    fn draft(mut self, request: &RequestTrace) -> Draft {
+        if let Some(plain) = self.plain.take() {
+            (self.response_model, self.finish_reasons, self.output) =
+                super::settle::PlainAnswer::details(&plain);
+        }
         let target = self.step.target();
         let provider = &target.provider;
         let mut attributes = Vec::with_capacity(28);
