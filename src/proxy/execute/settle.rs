@@ -31,6 +31,40 @@ pub(super) struct PlainUsage {
     pub(super) usage: UsageMember,
 }
 
+impl PlainUsage {
+    /// The usage of a plain answer. OpenAI-compatible answers end their object with `usage`,
+    /// and reading just that member is a tenth of what reading the whole answer to reach it
+    /// costs (every string of the message checked on the way: 5–7 k instructions, about a
+    /// tenth of a plain request; docs/performance.md). Any other shape is read whole.
+    pub(super) fn read(answer: &[u8]) -> Option<Usage> {
+        match Self::last_member(answer) {
+            Some(usage) => usage,
+            None => {
+                let whole: PlainUsage = serde_json::from_slice(answer).unwrap_or_default();
+                whole.usage.usage
+            }
+        }
+    }
+
+    /// `usage` when it is the answer's last member: its key is the last `"usage"` in the
+    /// answer, after a `{` or `,` (inside a string a quote is escaped, so it is a key), and
+    /// its value, read as a whole by serde, runs up to the answer's closing brace. `None` when
+    /// the answer ends otherwise (a `usage` nested deeper, or followed by other members).
+    fn last_member(answer: &[u8]) -> Option<Option<Usage>> {
+        const KEY: &[u8] = b"\"usage\"";
+        let members = answer.trim_ascii().strip_suffix(b"}")?;
+        let key = memchr::memmem::rfind(members, KEY)?;
+        if !matches!(members[..key].trim_ascii_end().last(), Some(b'{' | b',')) {
+            return None;
+        }
+        let value = members[key + KEY.len()..]
+            .trim_ascii_start()
+            .strip_prefix(b":")?;
+        let member: UsageMember = serde_json::from_slice(value).ok()?;
+        Some(member.usage)
+    }
+}
+
 #[derive(serde::Deserialize)]
 pub(super) struct PlainChoice<'a> {
     #[serde(borrow, default)]
@@ -54,9 +88,8 @@ pub(super) struct Reported {
 impl Reported {
     /// Reads a plain answer's usage; a `traced` one is kept for its span.
     pub(super) fn from_plain(bytes: &Bytes, traced: bool) -> Reported {
-        let read: PlainUsage = serde_json::from_slice(bytes).unwrap_or_default();
         Reported {
-            usage: read.usage.usage,
+            usage: PlainUsage::read(bytes),
             plain: traced.then(|| bytes.clone()),
             ..Reported::default()
         }
@@ -122,5 +155,67 @@ impl Exchange {
             trace.reported(&mut reported, bill);
         }
         bill
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What reading the whole answer finds: the reference the tail read must agree with.
+    fn whole(answer: &str) -> Option<Usage> {
+        serde_json::from_str::<PlainUsage>(answer)
+            .unwrap_or_default()
+            .usage
+            .usage
+    }
+
+    #[test]
+    fn a_plain_answers_usage_reads_the_same_from_its_tail_as_whole() {
+        let usage = r#"{"prompt_tokens":12,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}"#;
+        let answers = [
+            // The usual shape, compact and pretty-printed.
+            format!(
+                r#"{{"id":"c1","choices":[{{"message":{{"content":"hi"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+            ),
+            format!("{{\n  \"id\": \"c1\",\n  \"usage\" : {usage}\n}}\n"),
+            // `usage` not last, nested, repeated, in the text, absent, null, odd.
+            format!(r#"{{"usage":{usage},"id":"c1"}}"#),
+            format!(r#"{{"choices":[{{"usage":{usage}}}]}}"#),
+            format!(r#"{{"usage":{usage},"x":{{"usage":{{"prompt_tokens":9}}}}}}"#),
+            r#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 99}"}}]}"#
+                .to_string(),
+            r#"{"choices":[{"message":{"content":"\\"}}],"usage":{"prompt_tokens":3}}"#.to_string(),
+            r#"{"id":"c1"}"#.to_string(),
+            r#"{"id":"c1","usage":null}"#.to_string(),
+            r#"{"id":"c1","usage":"many"}"#.to_string(),
+            format!(r#"{{"usage":{{"prompt_tokens":1,"usage":{usage}}}}}"#),
+            "not json".to_string(),
+        ];
+        for answer in &answers {
+            assert_eq!(
+                PlainUsage::read(answer.as_bytes()),
+                whole(answer),
+                "{answer}"
+            );
+        }
+        assert_eq!(
+            PlainUsage::read(answers[0].as_bytes()),
+            Some(Usage {
+                input: 12,
+                output: 5,
+                cached_input: 4
+            })
+        );
+        // A repeated `usage` counts with its last value, as in a JSON tree (a whole read by
+        // the typed struct refuses the duplicate and finds none).
+        let repeated = format!(r#"{{"usage":{{"prompt_tokens":1}},"usage":{usage}}}"#);
+        assert_eq!(
+            PlainUsage::read(repeated.as_bytes()),
+            PlainUsage::read(answers[0].as_bytes())
+        );
+        // The usual shape is read from its tail, the others whole.
+        assert!(PlainUsage::last_member(answers[0].as_bytes()).is_some());
+        assert!(PlainUsage::last_member(answers[2].as_bytes()).is_none());
     }
 }

@@ -40,13 +40,16 @@ impl Exchange {
                             .cost
                             .unwrap_or_else(|| streamed_cost(target, self.prompt_tokens, ""));
                         settle_reservation(reservation, cost);
-                        let storable = response
-                            .status()
-                            .is_success()
-                            .then(|| crate::cache::Stored::from_plain(bytes.clone()))
-                            .flatten();
-                        if let (Some(capture), Some(answer)) = (self.capture.take(), storable) {
-                            capture.store(answer, bill.cost);
+                        // Read for the cache only where the request is to be stored.
+                        if let Some(capture) = self.capture.take() {
+                            let storable = response
+                                .status()
+                                .is_success()
+                                .then(|| crate::cache::Stored::from_plain(bytes.clone()))
+                                .flatten();
+                            if let Some(answer) = storable {
+                                capture.store(answer, bill.cost);
+                            }
                         }
                         if let Some(cost) = bill.cost {
                             if let Ok(value) = HeaderValue::from_str(&format_usd(cost)) {
