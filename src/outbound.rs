@@ -10,8 +10,6 @@ use http_body_util::Full;
 
 use crate::providers::Provider;
 
-const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
-
 /// Why the sidecar could not build a request for a provider: its own config is at fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Misconfigured {
@@ -64,7 +62,7 @@ pub fn request(
     }
     if let Some(traceparent) = traceparent {
         // The app's `tracestate` goes on unchanged: the trace is still the app's.
-        headers.insert(TRACEPARENT, traceparent);
+        headers.insert(crate::telemetry::otel::TRACEPARENT, traceparent);
     }
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = method;

@@ -421,7 +421,10 @@ pub(super) fn round_usd(usd: f64) -> f64 {
 
 /// The trace id of an incoming W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
 pub(super) fn incoming_trace_id(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
+    let value = headers
+        .get(crate::telemetry::otel::TRACEPARENT)?
+        .to_str()
+        .ok()?;
     let id = value.get(3..35)?;
     (value.len() >= 55 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != ZERO_TRACE_ID)
         .then(|| id.to_ascii_lowercase())

@@ -59,9 +59,13 @@ pub fn queue(span: SpanData) {
     }
 }
 
+/// The W3C trace context header. Looked up by this name rather than by a `&str`, which would
+/// be parsed into a header name on every request.
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// The app's span, when the request carries valid W3C trace context.
 pub fn remote_parent(headers: &HeaderMap) -> Option<opentelemetry::trace::SpanContext> {
-    if !headers.contains_key("traceparent") {
+    if !headers.contains_key(TRACEPARENT) {
         return None;
     }
     let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
@@ -143,7 +147,7 @@ impl Sampler {
     /// Whether a request with these headers is traced.
     pub fn sample(&self, headers: &HeaderMap) -> bool {
         let parent = headers
-            .get("traceparent")
+            .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
         if let (true, Some((_, sampled))) = (self.parent_based, parent) {
