@@ -33,19 +33,8 @@ command -v wrk >/dev/null || die "wrk is required (apt-get install wrk)"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ "$(ulimit -n)" -ge $((STREAMS * 2 + 256)) ] || die "open-files limit $(ulimit -n) is too low for $STREAMS streams"
 
-if [ -n "${LLM_SIDECAR_BIN:-}" ]; then
-    BIN="$LLM_SIDECAR_BIN"
-    FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$(dirname "$BIN")/llm-sidecar-fake-provider}"
-else
-    log "cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider"
-    (cd "$ROOT" && cargo build --release --bin llm-sidecar --bin llm-sidecar-fake-provider) >&2
-    target_dir="${CARGO_TARGET_DIR:-target}"
-    case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
-    BIN="$target_dir/release/llm-sidecar"
-    FAKE_BIN="${LLM_SIDECAR_FAKE_BIN:-$target_dir/release/llm-sidecar-fake-provider}"
-fi
-[ -x "$BIN" ] || die "no executable at $BIN"
-[ -x "$FAKE_BIN" ] || die "no executable at $FAKE_BIN"
+. "$BENCH_DIR/release.sh"
+release_bins
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/llm-sidecar-memory.XXXXXX")"
 FAKE_PID="" SIDECAR_PID=""
