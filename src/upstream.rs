@@ -80,17 +80,25 @@ struct OriginPool {
 }
 
 impl OriginPool {
-    /// Closes the idle connections past `timeout`, then, beyond `keep`, those idle for
-    /// `surplus` or longer.
+    /// Closes the oldest idle connections, at most `at_most` of them, that have been idle for
+    /// `idle` or longer.
+    fn close_idle_for(&mut self, now: Instant, idle: Duration, at_most: usize) {
+        let candidates = &self.idle[..at_most.min(self.idle.len())];
+        let close =
+            candidates.partition_point(|(_, since)| now.saturating_duration_since(*since) >= idle);
+        self.idle.drain(..close);
+    }
+
+    /// Closes the idle connections past `timeout`.
+    fn close_expired(&mut self, now: Instant, timeout: Duration) {
+        self.close_idle_for(now, timeout, usize::MAX);
+    }
+
+    /// Closes the expired connections, then, beyond `keep`, those idle for `surplus`.
     fn trim(&mut self, now: Instant, timeout: Duration, keep: usize, surplus: Duration) {
-        let idle_for = |since: &Instant| now.saturating_duration_since(*since);
-        let expired = self
-            .idle
-            .partition_point(|(_, since)| idle_for(since) >= timeout);
-        let over = self.idle.len().saturating_sub(expired).saturating_sub(keep);
-        let stale = self.idle[expired..expired + over]
-            .partition_point(|(_, since)| idle_for(since) >= surplus);
-        self.idle.drain(..expired + stale);
+        self.close_expired(now, timeout);
+        let over = self.idle.len().saturating_sub(keep);
+        self.close_idle_for(now, surplus, over);
     }
 }
 
@@ -145,7 +153,7 @@ impl Lease {
         let now = Instant::now();
         let mut pools = self.upstream.lock(self.shard);
         let pool = pools.entry(self.origin).or_default();
-        pool.trim(now, self.upstream.idle_timeout, usize::MAX, Duration::MAX);
+        pool.close_expired(now, self.upstream.idle_timeout);
         if pool.idle.len() < self.upstream.max_idle_per_origin {
             pool.idle.push((self.sender, now));
         }
