@@ -106,7 +106,7 @@ mod tests {
     use super::*;
     use crate::config::{compile, ConfigSource};
     use crate::routing::breaker::{Admission, Phase};
-    use crate::routing::plan::HealthLookup;
+    use crate::routing::plan::{HealthLookup, Standing};
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
@@ -187,7 +187,7 @@ mod tests {
             _ = users => {}
         }
         assert!(
-            health.lookup(Instant::now()).closed(target),
+            health.lookup(Instant::now()).standing(target) == Standing::Closed,
             "a confirmed target is closed"
         );
         let recovered_after = recovered.borrow().expect("recovered");

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::breaker::{Admission, Breaker, BreakerConfig, Phase};
-use super::plan::HealthLookup;
+use super::plan::{HealthLookup, Standing};
 use crate::config::Target;
 
 /// Weight of the newest sample in the moving averages.
@@ -268,11 +268,20 @@ impl HealthNow<'_> {
 }
 
 impl HealthLookup for HealthNow<'_> {
-    fn blocking(&self, target: &Target) -> bool {
-        self.troubled(target)
-            && self
-                .breaker(target, |b| b.is_blocking(self.now))
-                .unwrap_or(false)
+    fn standing(&self, target: &Target) -> Standing {
+        if !self.troubled(target) {
+            return Standing::Closed;
+        }
+        self.breaker(target, |b| {
+            if b.is_blocking(self.now) {
+                Standing::Blocking
+            } else if b.phase(self.now) == Phase::Closed {
+                Standing::Closed
+            } else {
+                Standing::Admitting
+            }
+        })
+        .unwrap_or(Standing::Closed)
     }
 
     fn last_failure(&self, target: &Target) -> Option<Instant> {
@@ -281,13 +290,6 @@ impl HealthLookup for HealthNow<'_> {
 
     fn latency(&self, target: &Target) -> Option<Duration> {
         self.with_cell(target, |cell| cell.latency.get())
-    }
-
-    fn closed(&self, target: &Target) -> bool {
-        !self.troubled(target)
-            || self
-                .breaker(target, |b| b.phase(self.now) == Phase::Closed)
-                .unwrap_or(true)
     }
 }
 
@@ -333,19 +335,22 @@ mod tests {
         };
         let snap = snapshot();
         let t = target(&snap);
-        assert!(health.lookup(Instant::now()).closed(t));
+        assert_eq!(health.lookup(Instant::now()).standing(t), Standing::Closed);
         for _ in 0..3 {
             health.record_failure(t, Instant::now(), &cfg);
         }
         // A new snapshot's target finds the same health through the registry.
         let reloaded = snapshot();
         let t2 = target(&reloaded);
-        assert!(health.lookup(Instant::now()).blocking(t2));
+        assert_eq!(
+            health.lookup(Instant::now()).standing(t2),
+            Standing::Blocking
+        );
         assert_eq!(health.admit(t2, Instant::now(), false), Admission::Rejected);
         tokio::time::advance(cfg.cooldown).await;
         assert_eq!(health.admit(t2, Instant::now(), false), Admission::Probe);
         health.record_success(t2, Duration::from_millis(10), None);
-        assert!(health.lookup(Instant::now()).closed(t));
+        assert_eq!(health.lookup(Instant::now()).standing(t), Standing::Closed);
         assert_eq!(health.admit(t, Instant::now(), false), Admission::Allowed);
         assert_eq!(
             health.phases(Instant::now()),

@@ -12,13 +12,22 @@ use crate::routing::rollout::SideOrder;
 
 /// What planning needs to know about target health.
 pub trait HealthLookup {
-    /// The target's breaker turns requests away now.
-    fn blocking(&self, target: &Target) -> bool;
+    /// What the target's breaker says about a request now: one question per target.
+    fn standing(&self, target: &Target) -> Standing;
     fn last_failure(&self, target: &Target) -> Option<Instant>;
     /// Moving average of the target's latency, when known.
     fn latency(&self, target: &Target) -> Option<Duration>;
-    /// The breaker is closed: a first attempt needs no admission.
-    fn closed(&self, target: &Target) -> bool;
+}
+
+/// A target's breaker, as planning sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Closed: a first attempt needs no admission.
+    Closed,
+    /// Not closed, but a request now would be let through (half-open, or open and cooled down).
+    Admitting,
+    /// Turns requests away now.
+    Blocking,
 }
 
 /// The request's wishes.
@@ -206,15 +215,15 @@ pub fn plan<'a>(
     let mut open = Vec::new();
     plan.steps.reserve(usable.len());
     for (r, side) in usable {
-        if r.target(side).is_some_and(|t| health.blocking(t)) {
+        let standing = r.target(side).map(|t| health.standing(t));
+        if standing == Some(Standing::Blocking) {
             open.push((r, side));
         } else {
-            let closed = r.target(side).is_some_and(|t| health.closed(t));
             plan.steps.push(Step {
                 route: r.clone(),
                 side,
                 forced_probe: false,
-                closed,
+                closed: standing == Some(Standing::Closed),
             });
         }
     }
@@ -278,17 +287,18 @@ routes:
     }
 
     impl HealthLookup for FakeHealth {
-        fn blocking(&self, target: &Target) -> bool {
-            self.open.contains(target.health_key.as_ref())
+        fn standing(&self, target: &Target) -> Standing {
+            if self.open.contains(target.health_key.as_ref()) {
+                Standing::Blocking
+            } else {
+                Standing::Closed
+            }
         }
         fn last_failure(&self, target: &Target) -> Option<Instant> {
             self.failed_at.get(target.health_key.as_ref()).copied()
         }
         fn latency(&self, target: &Target) -> Option<Duration> {
             self.latency.get(target.health_key.as_ref()).copied()
-        }
-        fn closed(&self, target: &Target) -> bool {
-            !self.open.contains(target.health_key.as_ref())
         }
     }
 
