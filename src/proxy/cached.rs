@@ -71,7 +71,6 @@ pub(super) struct Context {
     /// served from it counts as a shared hit.
     from_shared: std::sync::atomic::AtomicBool,
     route: Arc<Route>,
-    label: Arc<str>,
     snapshot: Arc<Snapshot>,
     path: String,
     stream: bool,
@@ -104,7 +103,6 @@ impl Context {
             store,
             shared: tier,
             from_shared: Default::default(),
-            label: Arc::from(route.name.as_str()),
             route,
             snapshot: exchange.snapshot().clone(),
             path,
@@ -218,7 +216,7 @@ impl Context {
         from: &'static str,
     ) -> Served {
         Served {
-            route: Some(self.label.clone()),
+            route: Some(Arc::from(self.route.name.as_str())),
             provider: Some(Arc::from(from)),
             path: Some(from),
             report: Some(execute::Report {
@@ -263,7 +261,7 @@ impl Proxy {
                     leader.landed(entry.clone());
                     match self.hit(ctx, &entry, false) {
                         Some(handled) => {
-                            self.metrics.cache.shared_hit(&ctx.label);
+                            self.metrics.cache.shared_hit(&ctx.route.name);
                             Looked::Served(Box::new(handled))
                         }
                         None => Looked::Lead(None),
@@ -288,12 +286,12 @@ impl Proxy {
         let age = entry.age(tokio::time::Instant::now());
         let response = ctx.respond(&entry.answer, CacheStatus::Hit, Some(age))?;
         let metrics = &self.metrics.cache;
-        metrics.looked_up(&ctx.label, CacheStatus::Hit);
+        metrics.looked_up(&ctx.route.name, CacheStatus::Hit);
         if waited {
-            metrics.waited(&ctx.label);
+            metrics.waited(&ctx.route.name);
         }
         if let Some(cost) = entry.cost {
-            metrics.saved(&ctx.label, cost);
+            metrics.saved(&ctx.route.name, cost);
         }
         let report = execute::Report {
             attempts: 0,
@@ -305,7 +303,7 @@ impl Proxy {
 
     /// A provider answered: counts the lookup.
     pub(super) fn answered(&self, ctx: &Context) {
-        self.metrics.cache.looked_up(&ctx.label, ctx.status());
+        self.metrics.cache.looked_up(&ctx.route.name, ctx.status());
     }
 
     /// Every target failed: a stored answer (marked stale), else the route's static
@@ -334,9 +332,9 @@ impl Proxy {
                 });
                 if let Some((entry, age, response)) = found {
                     tracing::warn!(route = %ctx.route.name, age_s = age.as_secs(), replaced = %error, "every target failed: served a stale answer from the cache");
-                    metrics.looked_up(&ctx.label, CacheStatus::Stale);
+                    metrics.looked_up(&ctx.route.name, CacheStatus::Stale);
                     if ctx.from_shared.load(std::sync::atomic::Ordering::Relaxed) {
-                        metrics.shared_hit(&ctx.label);
+                        metrics.shared_hit(&ctx.route.name);
                     }
                     let served = ctx.served(CacheStatus::Stale, report, entry.cost, "cache");
                     return (Ok(response), served);
@@ -349,15 +347,15 @@ impl Proxy {
                 .and_then(|text| static_answer(&ctx.route, &ctx.path, text));
             if let Some(response) = answer.and_then(|a| ctx.respond(&a, ctx.status(), None)) {
                 tracing::warn!(route = %ctx.route.name, replaced = %error, "every target failed: served the route's static fallback");
-                metrics.looked_up(&ctx.label, ctx.status());
-                metrics.static_fallback(&ctx.label);
+                metrics.looked_up(&ctx.route.name, ctx.status());
+                metrics.static_fallback(&ctx.route.name);
                 return (
                     Ok(response),
                     ctx.served(ctx.status(), report, None, "static"),
                 );
             }
         }
-        metrics.looked_up(&ctx.label, ctx.status());
+        metrics.looked_up(&ctx.route.name, ctx.status());
         let served = Served {
             report: Some(report),
             cache: Some(ctx.status()),

@@ -28,6 +28,13 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    pub const ALL: [CacheStatus; 4] = [
+        CacheStatus::Hit,
+        CacheStatus::Miss,
+        CacheStatus::Stale,
+        CacheStatus::Bypass,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "hit",
@@ -51,13 +58,12 @@ pub struct RouteLabels {
 
 type F64Counter = Counter<f64, AtomicU64>;
 
-/// One route's cache counts for `/stats`.
-#[derive(Default)]
+/// One route's cache counts for `/stats`, and its `cache_lookups` series, fetched from the
+/// family once (a family lookup takes a lock and hashes the labels: every model request counts
+/// one).
 struct RouteTally {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    stale: AtomicU64,
-    bypass: AtomicU64,
+    /// By [`CacheStatus`], in [`CacheStatus::ALL`]'s order.
+    lookups: [Counter; 4],
     coalesced: AtomicU64,
     static_fallbacks: AtomicU64,
     /// Answers served from an entry found in the shared tier.
@@ -148,39 +154,39 @@ impl CacheMetrics {
         );
     }
 
-    fn route(&self, route: &Arc<str>) -> Arc<RouteTally> {
+    fn route(&self, route: &str) -> Arc<RouteTally> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, tally)) = routes.iter().find(|(name, _)| name == route) {
+        if let Some((_, tally)) = routes.iter().find(|(name, _)| name.as_ref() == route) {
             return tally.clone();
         }
-        let tally = Arc::new(RouteTally::default());
-        routes.push((route.clone(), tally.clone()));
+        let tally = Arc::new(RouteTally {
+            lookups: CacheStatus::ALL.map(|status| {
+                self.lookups
+                    .get_or_create(&CacheLabels {
+                        route: Arc::from(route),
+                        result: status.as_str(),
+                    })
+                    .clone()
+            }),
+            coalesced: AtomicU64::default(),
+            static_fallbacks: AtomicU64::default(),
+            shared_hits: AtomicU64::default(),
+            savings_nano: AtomicU64::default(),
+        });
+        routes.push((Arc::from(route), tally.clone()));
         tally
     }
 
     /// Counts how a model request's answer was found.
-    pub fn looked_up(&self, route: &Arc<str>, status: CacheStatus) {
-        self.lookups
-            .get_or_create(&CacheLabels {
-                route: route.clone(),
-                result: status.as_str(),
-            })
-            .inc();
-        let tally = self.route(route);
-        match status {
-            CacheStatus::Hit => &tally.hits,
-            CacheStatus::Miss => &tally.misses,
-            CacheStatus::Stale => &tally.stale,
-            CacheStatus::Bypass => &tally.bypass,
-        }
-        .fetch_add(1, Relaxed);
+    pub fn looked_up(&self, route: &str, status: CacheStatus) {
+        self.route(route).lookups[status as usize].inc();
     }
 
     /// A hit saved what its answer cost when it was bought.
-    pub fn saved(&self, route: &Arc<str>, usd: f64) {
+    pub fn saved(&self, route: &str, usd: f64) {
         if usd.is_finite() && usd > 0.0 {
             let labels = RouteLabels {
-                route: route.clone(),
+                route: Arc::from(route),
             };
             self.savings.get_or_create(&labels).inc_by(usd);
             self.route(route)
@@ -189,18 +195,18 @@ impl CacheMetrics {
         }
     }
 
-    pub fn waited(&self, route: &Arc<str>) {
+    pub fn waited(&self, route: &str) {
         let labels = RouteLabels {
-            route: route.clone(),
+            route: Arc::from(route),
         };
         self.coalesced.get_or_create(&labels).inc();
         self.route(route).coalesced.fetch_add(1, Relaxed);
     }
 
     /// An answer served from an entry found in the shared tier.
-    pub fn shared_hit(&self, route: &Arc<str>) {
+    pub fn shared_hit(&self, route: &str) {
         let labels = RouteLabels {
-            route: route.clone(),
+            route: Arc::from(route),
         };
         self.shared_hits.get_or_create(&labels).inc();
         self.route(route).shared_hits.fetch_add(1, Relaxed);
@@ -236,9 +242,9 @@ impl CacheMetrics {
         })
     }
 
-    pub fn static_fallback(&self, route: &Arc<str>) {
+    pub fn static_fallback(&self, route: &str) {
         let labels = RouteLabels {
-            route: route.clone(),
+            route: Arc::from(route),
         };
         self.static_fallbacks.get_or_create(&labels).inc();
         self.route(route).static_fallbacks.fetch_add(1, Relaxed);
@@ -255,10 +261,10 @@ impl CacheMetrics {
                 (
                     name.to_string(),
                     json!({
-                        "hits": t.hits.load(Relaxed),
-                        "misses": t.misses.load(Relaxed),
-                        "stale": t.stale.load(Relaxed),
-                        "bypass": t.bypass.load(Relaxed),
+                        "hits": t.lookups[CacheStatus::Hit as usize].get(),
+                        "misses": t.lookups[CacheStatus::Miss as usize].get(),
+                        "stale": t.lookups[CacheStatus::Stale as usize].get(),
+                        "bypass": t.lookups[CacheStatus::Bypass as usize].get(),
                         "coalesced": t.coalesced.load(Relaxed),
                         "static_fallbacks": t.static_fallbacks.load(Relaxed),
                         "shared_hits": t.shared_hits.load(Relaxed),
