@@ -34,13 +34,17 @@ impl std::fmt::Display for Misconfigured {
     }
 }
 
-/// Builds the request for `provider`: `headers` are the app's, already stripped of what must
-/// not be forwarded; `path_and_query` is the client's (normalised) path and query.
+/// The headers [`request`] adds to the app's: `Host`, the key, `Content-Length` and
+/// `traceparent`.
+const ADDED_HEADERS: usize = 4;
+
+/// Builds the request for `provider`: `forwarded` are the app's headers, already stripped of
+/// what must not be forwarded; `path_and_query` is the client's (normalised) path and query.
 pub fn request(
     provider: &Provider,
     method: Method,
     path_and_query: &str,
-    mut headers: HeaderMap,
+    forwarded: &HeaderMap,
     body: Bytes,
     traceparent: Option<HeaderValue>,
 ) -> Result<Request<Full<Bytes>>, Misconfigured> {
@@ -52,6 +56,12 @@ pub fn request(
     let uri = provider
         .upstream_uri_from(path_and_query)
         .map_err(|why| misconfigured("bad_upstream_uri", format!("{path_and_query}: {why}")))?;
+    // A map built with room for what is added (a clone of the app's would have none: every
+    // insert past its length regrows it, here and again as hyper reuses it for the answer).
+    let mut headers = HeaderMap::with_capacity(forwarded.len() + ADDED_HEADERS);
+    for (name, value) in forwarded {
+        headers.append(name.clone(), value.clone());
+    }
     provider
         .authorize(&mut headers)
         .map_err(|hint| misconfigured("provider_key_missing", hint))?;
@@ -102,7 +112,7 @@ mod tests {
             &provider(key),
             Method::POST,
             "/v1/chat/completions?x=1",
-            headers,
+            &headers,
             Bytes::from_static(b"{}"),
             None,
         )
@@ -132,7 +142,7 @@ mod tests {
             &provider(key),
             Method::GET,
             "/v1/models",
-            HeaderMap::new(),
+            &HeaderMap::new(),
             Bytes::new(),
             None,
         )

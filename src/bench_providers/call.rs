@@ -97,7 +97,7 @@ pub async fn measure(
         provider,
         Method::POST,
         "/v1/chat/completions",
-        headers,
+        &headers,
         body,
         None,
     ) {

@@ -336,7 +336,7 @@ impl Proxy {
             provider,
             parts.method,
             path_and_query,
-            parts.headers,
+            &parts.headers,
             upstream_body,
             traceparent,
         )

@@ -388,7 +388,7 @@ async fn call(
         &target.provider,
         request.method.clone(),
         &request.path_and_query,
-        headers,
+        &headers,
         body,
         otel::traceparent(span),
     ) else {

@@ -120,7 +120,7 @@ impl Exchange {
             &target.provider,
             self.call.method.clone(),
             &self.call.path_and_query,
-            self.call.headers.clone(),
+            &self.call.headers,
             body,
             traceparent,
         )
