@@ -456,10 +456,11 @@ impl Proxy {
             cache: Some(ctx.status()),
             ..Served::counted()
         };
-        if let Some(target) = committed.route.target(committed.side) {
-            served.target = Some(self.metrics.target(target));
-            served.path = Some(target.path().as_str());
-        }
+        served.path = committed
+            .route
+            .target(committed.side)
+            .map(|target| target.path().as_str());
+        served.target = Some(committed.handles);
         served.lease = committed.lease;
         served.report = Some(committed.report);
         served.stream_end = committed.stream_end;

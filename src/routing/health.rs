@@ -63,6 +63,15 @@ pub struct HealthCell {
     troubled: AtomicBool,
 }
 
+impl HealthCell {
+    fn observe(&self, latency: Duration, ttft: Option<Duration>) {
+        self.latency.observe(latency);
+        if let Some(ttft) = ttft {
+            self.ttft.observe(ttft);
+        }
+    }
+}
+
 #[derive(Default)]
 struct TargetHealth {
     breaker: Breaker,
@@ -186,20 +195,20 @@ impl Health {
 
     /// A whole answer from the target: its latency counts, and its breaker closes.
     pub fn record_success(&self, target: &Target, latency: Duration, ttft: Option<Duration>) {
-        self.record_latency(target, latency, ttft);
-        self.record_answered(target);
+        let troubled = self.with_cell(target, |cell| {
+            cell.observe(latency, ttft);
+            cell.troubled.load(Ordering::Acquire)
+        });
+        if troubled {
+            self.with_breaker(target, Breaker::on_success);
+        }
     }
 
     /// How fast the target started answering. A stream's success is only known at its end
     /// ([`Health::record_answered`]): one cut after its first chunk must not clear the failures
     /// that came before.
     pub fn record_latency(&self, target: &Target, latency: Duration, ttft: Option<Duration>) {
-        self.with_cell(target, |cell| {
-            cell.latency.observe(latency);
-            if let Some(ttft) = ttft {
-                cell.ttft.observe(ttft);
-            }
-        });
+        self.with_cell(target, |cell| cell.observe(latency, ttft));
     }
 
     /// The target's answer ended well: its breaker closes.

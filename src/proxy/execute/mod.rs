@@ -173,6 +173,8 @@ pub struct Committed {
     pub route: Arc<Route>,
     pub side: ProviderKind,
     pub lease: Option<Lease>,
+    /// The committed target's metric handles.
+    pub handles: Arc<crate::telemetry::metrics::TargetMetrics>,
     /// What the exchange found out up to the commit.
     pub report: Report,
     /// A stream's usage, cost and ending, sent by its pump before the client gets the last
@@ -591,10 +593,8 @@ impl Exchange {
                                 .guard
                                 .record(&self.snapshot, false, latency, Instant::now());
                         }
-                        if self.attempts.is_empty() {
-                            // A clean first-try answer needs no attempt log: count it only.
-                            self.core.metrics.target(target).ok_attempts.inc();
-                        } else {
+                        if !self.attempts.is_empty() {
+                            // A clean first-try answer needs no attempt log: `commit` counts it.
                             self.record(step, AttemptOutcome::Answered, Some(200), started);
                         }
                         let rest = if self.stream {

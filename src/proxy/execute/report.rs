@@ -89,6 +89,7 @@ impl Exchange {
             route: step.route.clone(),
             side: step.side,
             lease: None,
+            handles: self.core.metrics.target(step.target()),
             report: self.final_report(),
             stream_end: None,
         }

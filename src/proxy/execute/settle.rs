@@ -115,17 +115,17 @@ impl Exchange {
     /// puts it on the attempt span.
     pub(super) fn settle(
         &self,
-        target: &Target,
-        route: &Route,
+        step: &Step,
+        handles: &TargetMetrics,
         trace: Option<&mut AttemptTrace>,
         started: Instant,
         mut reported: Reported,
     ) -> Bill {
         let metrics = &self.core.metrics;
-        let handles = metrics.target(target);
-        let gen_ai = metrics.gen_ai(&handles, self.operation);
+        let gen_ai = metrics.gen_ai(handles, self.operation);
         gen_ai.duration.observe(started.elapsed().as_secs_f64());
-        let official = route.official.as_ref().and_then(|t| t.price.as_ref());
+        let target = step.target();
+        let official = step.route.official.as_ref().and_then(|t| t.price.as_ref());
         let bill = match reported.usage {
             Some(usage) => {
                 let bill = Bill::new(usage, target.price.as_ref(), official);

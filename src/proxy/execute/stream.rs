@@ -17,7 +17,11 @@ impl Exchange {
         let mut report = self.report();
         let fell_back = report.fell_back;
         let target = step.target();
-        let tally = &self.core.metrics.target(target).stats.tally;
+        let handles = self.core.metrics.target(target);
+        if self.attempts.is_empty() {
+            handles.ok_attempts.inc();
+        }
+        let tally = &handles.stats.tally;
         tally.sent();
         match answer {
             Answer::Plain { head, body, lease } => {
@@ -33,8 +37,7 @@ impl Exchange {
                         }
                         let reported = Reported::from_plain(&bytes, trace.is_some());
                         report.usage = reported.usage;
-                        let bill =
-                            self.settle(target, &step.route, trace.as_mut(), started, reported);
+                        let bill = self.settle(step, &handles, trace.as_mut(), started, reported);
                         report.bill = bill;
                         let cost = bill
                             .cost
@@ -60,7 +63,7 @@ impl Exchange {
                     }
                     PlainBody::Large { read, rest } => {
                         let unread = Reported::default();
-                        self.settle(target, &step.route, trace.as_mut(), started, unread);
+                        self.settle(step, &handles, trace.as_mut(), started, unread);
                         // Passed through unread, so unpriced: the worst case stays spent.
                         if let Some(reservation) = reservation {
                             let worst = reservation.reserved_usd();
@@ -88,6 +91,7 @@ impl Exchange {
                     route: step.route.clone(),
                     side: step.side,
                     lease,
+                    handles,
                     report,
                     stream_end: None,
                 }
@@ -153,6 +157,7 @@ impl Exchange {
                     route,
                     side,
                     lease: None,
+                    handles,
                     report,
                     stream_end: Some(end_rx),
                 }
@@ -191,8 +196,8 @@ impl Exchange {
         }
         let target = segment.step.target();
         self.core.health.record_answered(target);
-        let tally = &self.core.metrics.target(target).stats.tally;
-        tally.answered(segment.fell_back);
+        let handles = self.core.metrics.target(target);
+        handles.stats.tally.answered(segment.fell_back);
         let mut reported = std::mem::take(&mut pump.state.reported);
         if otel::record_content() {
             reported.content = Some(cut(&pump.state.text[pump.state.segment_start..]));
@@ -201,8 +206,8 @@ impl Exchange {
         let streamed = &pump.state.text[pump.state.segment_start..];
         let estimate = streamed_cost(target, self.prompt_tokens, streamed);
         let bill = self.settle(
-            target,
-            &segment.step.route,
+            &segment.step,
+            &handles,
             segment.trace.as_mut(),
             segment.started,
             reported,
