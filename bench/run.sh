@@ -15,7 +15,8 @@
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
 # with nginx (the practical floor for a proxy here), not with direct.
 #
-# Environment: ROUNDS (3), DURATION seconds per run (5), WARMUP seconds per target (1),
+# Environment: ROUNDS (4; odd rounds run the targets in order, even rounds in reverse, so a
+# neighbour's load that comes and goes falls on both sides of each comparison), DURATION seconds per run (5), WARMUP seconds per target (1),
 # THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
 # STACK_FLOOR_BIN (skip the build; the fake provider defaults to llm-sidecar-fake-provider and the
 # floor to examples/stack_floor next to LLM_SIDECAR_BIN),
@@ -28,7 +29,7 @@ ROOT="$(cd "$BENCH_DIR/.." && pwd)"
 UTIL="$BENCH_DIR/benchutil.py"
 LUA="$BENCH_DIR/post.lua"
 
-ROUNDS="${ROUNDS:-3}"
+ROUNDS="${ROUNDS:-4}"
 DURATION="${DURATION:-5}"
 WARMUP="${WARMUP:-1}"
 THREADS="${THREADS:-2}"
@@ -193,7 +194,9 @@ declare -A URL=(
     [sampled]="http://127.0.0.1:$SAMPLED_PORT/v1/chat/completions"
     [baseline]="http://127.0.0.1:$BASELINE_PORT/v1/chat/completions"
 )
-TARGETS=(direct nginx sidecar stack traced sampled)
+# The compared pairs sit next to each other: sidecar and sampled (tracing's cost), sidecar and
+# baseline (CPU against another build).
+TARGETS=(direct nginx stack traced sampled sidecar)
 [ -n "$BASELINE_PID" ] && TARGETS+=(baseline)
 
 # One request through each target must succeed before any load.
@@ -257,9 +260,14 @@ for t in "${TARGETS[@]}"; do
     run_wrk "$t" "$WARMUP"
 done
 for ((round = 1; round <= ROUNDS; round++)); do
-    for t in "${TARGETS[@]}"; do
+    order=("${TARGETS[@]}")
+    if ((round % 2 == 0)); then
+        order=()
+        for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
+    fi
+    for t in "${order[@]}"; do
         run_wrk "$t" "$DURATION"
-        echo "$t $RESULT" >>"$RESULTS"
+        echo "$t round=$round $RESULT" >>"$RESULTS"
         printf 'round %d %-8s %s\n' "$round" "$t" "$RESULT"
     done
 done
