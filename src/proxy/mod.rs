@@ -495,7 +495,9 @@ const OFFLOAD_BODY_BYTES: usize = 256 * 1024;
 /// A model request ready to run: its exchange, and what was decided for its shadow and its
 /// cache use while its body was read.
 struct Prepared {
-    exchange: Exchange,
+    /// Boxed: the exchange moves from here into `run` and, for a stream, into its pump task;
+    /// by value it would be copied at each move and held in every future on the way.
+    exchange: Box<Exchange>,
     shadow: Option<ShadowPlan>,
     cache: cached::Use,
 }
@@ -545,7 +547,7 @@ fn prepare(
         )
     });
     let cache = cached::Use::decide(&route, parts.uri.path(), &parts.headers, &parsed);
-    let exchange = Exchange::new(
+    let exchange = Box::new(Exchange::new(
         core,
         snapshot,
         decision,
@@ -558,7 +560,7 @@ fn prepare(
         &parsed,
         route,
         ids,
-    );
+    ));
     Ok(Prepared {
         exchange,
         shadow,

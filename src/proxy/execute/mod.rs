@@ -471,7 +471,7 @@ impl Exchange {
 
     /// Runs the request to a committed answer, or to one error that keeps the most meaningful
     /// upstream failure and lists every attempt.
-    pub async fn run(mut self) -> Result<Committed, GaveUp> {
+    pub async fn run(mut self: Box<Self>) -> Result<Committed, GaveUp> {
         self.core.budget.record_request(Instant::now());
         let mut steps = std::mem::take(&mut self.steps);
         let skipped = std::mem::take(&mut self.skipped);

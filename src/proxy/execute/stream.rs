@@ -6,7 +6,7 @@ use super::*;
 
 impl Exchange {
     pub(super) fn commit(
-        mut self,
+        mut self: Box<Self>,
         step: &Step,
         answer: Answer,
         rest: Vec<Step>,
