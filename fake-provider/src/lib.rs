@@ -411,10 +411,18 @@ fn route(method: &Method, labelled: Option<(&str, &str)>) -> Route {
     }
 }
 
-/// Answers one request; the W3C `traceparent` it carried comes back as `x-fake-traceparent`, so
-/// tests see what a provider received.
+/// Asks the fake provider to send back the request's W3C `traceparent` as `x-fake-traceparent`,
+/// so a test sees what a provider received. Only when asked: a provider does not echo it, and
+/// an extra answer header on every traced request would count as tracing's cost in the bench.
+pub const ECHO_TRACEPARENT: &str = "x-fake-echo-traceparent";
+
+/// Answers one request (see [`ECHO_TRACEPARENT`]).
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> HandlerResult {
-    let traceparent = req.headers().get("traceparent").cloned();
+    let traceparent = req
+        .headers()
+        .contains_key(ECHO_TRACEPARENT)
+        .then(|| req.headers().get("traceparent").cloned())
+        .flatten();
     let mut response = answer(shared, req).await?;
     if let Some(value) = traceparent {
         response

@@ -23,6 +23,8 @@ FLAKY_ROUTE = """
 """
 # What the app says: it must never show up in a span.
 SECRET_WORDS = "the passphrase is zebra-4217"
+# Asks the fake provider to send back the traceparent it received as x-fake-traceparent.
+ECHO_TRACEPARENT = "x-fake-echo-traceparent"
 RELAY = (0.21, 0.42)
 OFFICIAL = (0.50, 1.50)
 DOWNWARD_API = {"POD_NAME": "shop-7d9f", "POD_NAMESPACE": "shop", "NODE_NAME": "node-3"}
@@ -88,7 +90,7 @@ def test_a_retried_then_failed_over_request_is_one_trace_under_the_apps_span(pro
                 messages=[{"role": "user", "content": SECRET_WORDS}],
                 max_tokens=50,
                 temperature=0.3,
-                extra_headers={"traceparent": f"00-{app_trace}-{app_span}-01"},
+                extra_headers={"traceparent": f"00-{app_trace}-{app_span}-01", ECHO_TRACEPARENT: "1"},
             )
             answer = raw.parse()
             assert raw.headers["x-llm-sidecar-attempts"] == "3"
@@ -200,7 +202,9 @@ def test_only_sampled_requests_make_spans_and_an_unsampled_parent_passes_through
         try:
             client = client_for(sidecar)
             ask = lambda headers: client.chat.completions.with_raw_response.create(
-                model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], extra_headers=headers
+                model="deepseek-chat",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={**headers, ECHO_TRACEPARENT: "1"},
             )
             # Sent first: their spans, if any were made, would be exported before the last one's.
             unsampled_trace = secrets.token_hex(16)
