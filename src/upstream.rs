@@ -586,18 +586,14 @@ mod tests {
             leases.pop().unwrap().release();
             assert_eq!(idle(&upstream, addr), 1);
             // Each release finds the one before it expired and closes it.
-            leases.pop().unwrap().release();
-            assert_eq!(idle(&upstream, addr), 1);
-            closed
-                .recv()
-                .await
-                .expect("the expired connection is closed");
-            leases.pop().unwrap().release();
-            assert_eq!(idle(&upstream, addr), 1);
-            closed
-                .recv()
-                .await
-                .expect("the expired connection is closed");
+            for lease in leases.into_iter().rev() {
+                lease.release();
+                assert_eq!(idle(&upstream, addr), 1);
+                closed
+                    .recv()
+                    .await
+                    .expect("the expired connection is closed");
+            }
         });
     }
 
