@@ -3,11 +3,12 @@
 //! time to first token.
 //!
 //! The common case, a healthy target, touches no lock: each target has a cell of atomics (the
-//! averages and a `troubled` flag), found in a lock-free copy of the registry. The breaker's state machine sits behind a mutex that is
-//! taken only for failures, probes and targets already in trouble.
+//! averages and a `troubled` flag), found in a lock-free copy of the registry, and while no
+//! target is troubled at all a breaker's question needs no cell. The breaker's state machine
+//! sits behind a mutex that is taken only for failures, probes and targets already in trouble.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -84,6 +85,9 @@ type Cells = HashMap<Arc<str>, Arc<HealthCell>, foldhash::fast::RandomState>;
 #[derive(Default)]
 pub struct Health {
     targets: Mutex<HashMap<Arc<str>, TargetHealth>>,
+    /// How many targets are troubled. Usually none: then no target's cell is looked up to
+    /// learn that its breaker is closed.
+    troubled_targets: AtomicUsize,
     /// Every target's cell, read without a lock; replaced whole when a target is added.
     cells: arc_swap::ArcSwap<Cells>,
     /// Woken when a breaker starts wanting background probes, so the prober can plan for it.
@@ -117,7 +121,11 @@ impl Health {
     }
 
     fn troubled(&self, target: &Target) -> bool {
-        self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
+        self.any_troubled() && self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
+    }
+
+    fn any_troubled(&self) -> bool {
+        self.troubled_targets.load(Ordering::Acquire) > 0
     }
 
     fn with_breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {
@@ -129,10 +137,15 @@ impl Health {
         let entry = targets.entry(key.clone()).or_default();
         let probing_before = entry.breaker.background_probe_due().is_some();
         let out = f(&mut entry.breaker);
-        entry
-            .cell
-            .troubled
-            .store(!entry.breaker.is_clean(), Ordering::Release);
+        let troubled = !entry.breaker.is_clean();
+        // Changed only under the lock, so the count follows the flags.
+        if entry.cell.troubled.swap(troubled, Ordering::AcqRel) != troubled {
+            if troubled {
+                self.troubled_targets.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.troubled_targets.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         if !probing_before && entry.breaker.background_probe_due().is_some() {
             self.probe_wanted.notify_one();
         }
@@ -245,6 +258,7 @@ impl Health {
             health: self,
             now,
             cells: self.cells.load(),
+            any_troubled: self.any_troubled(),
         }
     }
 }
@@ -254,6 +268,8 @@ pub struct HealthNow<'a> {
     health: &'a Health,
     now: Instant,
     cells: arc_swap::Guard<Arc<Cells>>,
+    /// Some target was troubled when planning began; if none was, every breaker is closed.
+    any_troubled: bool,
 }
 
 impl HealthNow<'_> {
@@ -265,7 +281,7 @@ impl HealthNow<'_> {
     }
 
     fn troubled(&self, target: &Target) -> bool {
-        self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
+        self.any_troubled && self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
     }
 
     fn breaker<T>(&self, target: &Target, f: impl FnOnce(&Breaker) -> T) -> Option<T> {
@@ -365,5 +381,38 @@ mod tests {
             health.phases(Instant::now()),
             vec![(Arc::from("p/m"), Phase::Closed)]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_targets_recovery_leaves_another_troubled_target_blocking() {
+        let snap = compile(
+            "providers: { p: { kind: relay, base_url: 'http://127.0.0.1:1/v1' } }\nroutes: { a: { relay: { provider: p, model: a } }, b: { relay: { provider: p, model: b } } }",
+            ConfigSource::Embedded,
+            1,
+            &HashMap::<String, String>::new(),
+        )
+        .expect("config");
+        let of = |route: &str| snap.route(route).and_then(|r| r.relay.as_ref()).unwrap();
+        let (a, b) = (of("a"), of("b"));
+        let health = Health::default();
+        let cfg = BreakerConfig {
+            probe: crate::routing::breaker::ProbeMode::Request,
+            ..BreakerConfig::default()
+        };
+        for _ in 0..3 {
+            health.record_failure(a, Instant::now(), &cfg);
+            health.record_failure(b, Instant::now(), &cfg);
+        }
+        tokio::time::advance(cfg.cooldown).await;
+        assert_eq!(health.admit(a, Instant::now(), false), Admission::Probe);
+        health.record_success(a, Duration::from_millis(10), None);
+        // `b` has not recovered: planning still sees it troubled, and its breaker is asked.
+        let now = health.lookup(Instant::now());
+        assert_eq!(now.standing(a), Standing::Closed);
+        assert_eq!(now.standing(b), Standing::Admitting);
+        assert_eq!(health.admit(b, Instant::now(), false), Admission::Probe);
+        health.record_success(b, Duration::from_millis(10), None);
+        assert_eq!(health.lookup(Instant::now()).standing(b), Standing::Closed);
+        assert_eq!(health.troubled_targets.load(Ordering::Acquire), 0);
     }
 }
