@@ -1,6 +1,10 @@
 //! Settlement: what an answer reported (usage, model, finish reasons), priced at the
 //! answering target's price, counted, and recorded for the attempt span.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::FinderRev;
+
 use super::*;
 use crate::telemetry::cost::UsageMember;
 
@@ -52,8 +56,10 @@ impl PlainUsage {
     /// the answer ends otherwise (a `usage` nested deeper, or followed by other members).
     fn last_member(answer: &[u8]) -> Option<Option<Usage>> {
         const KEY: &[u8] = b"\"usage\"";
+        // Built once: building the searcher costs more than the search itself.
+        static FINDER: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(KEY));
         let members = answer.trim_ascii().strip_suffix(b"}")?;
-        let key = memchr::memmem::rfind(members, KEY)?;
+        let key = FINDER.rfind(members)?;
         if !matches!(members[..key].trim_ascii_end().last(), Some(b'{' | b',')) {
             return None;
         }
