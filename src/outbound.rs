@@ -1,10 +1,11 @@
 //! The one way a request to a provider is made, for pass-through calls, attempts and shadows:
-//! the provider's URI for the client's path, the provider's `Host` and key, the body's length,
-//! and the `traceparent` of the attempt's span. What the sidecar's own config cannot build
-//! is a [`Misconfigured`] error, and nothing is sent.
+//! the app's headers less what must not reach a provider, the provider's URI for the client's
+//! path, the provider's `Host` and key, the body's length, and the `traceparent` of the
+//! attempt's span. What the sidecar's own config cannot build is a [`Misconfigured`] error,
+//! and nothing is sent.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request};
 use http_body_util::Full;
 
@@ -38,13 +39,17 @@ impl std::fmt::Display for Misconfigured {
 /// `traceparent`.
 const ADDED_HEADERS: usize = 4;
 
-/// Builds the request for `provider`: `forwarded` are the app's headers, already stripped of
-/// what must not be forwarded; `path_and_query` is the client's (normalised) path and query.
+/// The prefix of the sidecar's own headers: the app's controls on a request, never forwarded.
+const OWN_HEADER_PREFIX: &str = "x-llm-sidecar-";
+
+/// Builds the request for `provider`: `app` are the headers the app sent (what must not reach
+/// a provider is left out, [`forwardable`]); `path_and_query` is the client's (normalised) path
+/// and query.
 pub fn request(
     provider: &Provider,
     method: Method,
     path_and_query: &str,
-    forwarded: &HeaderMap,
+    app: &HeaderMap,
     body: Bytes,
     traceparent: Option<HeaderValue>,
 ) -> Result<Request<Full<Bytes>>, Misconfigured> {
@@ -58,17 +63,19 @@ pub fn request(
         .map_err(|why| misconfigured("bad_upstream_uri", format!("{path_and_query}: {why}")))?;
     // A map built with room for what is added (a clone of the app's would have none: every
     // insert past its length regrows it, here and again as hyper reuses it for the answer).
-    let mut headers = HeaderMap::with_capacity(forwarded.len() + ADDED_HEADERS);
-    for (name, value) in forwarded {
-        headers.append(name.clone(), value.clone());
+    let mut headers = HeaderMap::with_capacity(app.len() + ADDED_HEADERS);
+    // Every `Connection` header's list counts (none, and nothing allocated, without one).
+    let listed: Vec<&HeaderValue> = app.get_all(header::CONNECTION).iter().collect();
+    for (name, value) in app {
+        if forwardable(name, &listed) {
+            headers.append(name.clone(), value.clone());
+        }
     }
     provider
         .authorize(&mut headers)
         .map_err(|hint| misconfigured("provider_key_missing", hint))?;
-    if body.is_empty() {
-        headers.remove(header::CONTENT_LENGTH);
-    } else {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if !body.is_empty() {
+        headers.insert(header::CONTENT_LENGTH, number_header(body.len() as u64));
     }
     if let Some(traceparent) = traceparent {
         // The app's `tracestate` goes on unchanged: the trace is still the app's.
@@ -79,6 +86,58 @@ pub fn request(
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+/// `n` as a header value, in one allocation. `HeaderValue::from` an integer takes two: it
+/// writes the digits into a buffer with room to spare, and `Bytes` puts a shared header on
+/// a buffer whose length is not its capacity.
+pub fn number_header(n: u64) -> HeaderValue {
+    HeaderValue::from_str(itoa::Buffer::new().format(n)).expect("digits are a header value")
+}
+
+/// Whether an app's header goes on to the provider: not the app's credentials, not what is
+/// recomputed for the provider (`Host`, `Content-Length`), not hop-by-hop headers (including
+/// those a `Connection` header in `listed` names), not the sidecar's own controls.
+fn forwardable(name: &HeaderName, listed: &[&HeaderValue]) -> bool {
+    let name = name.as_str();
+    let dropped = is_hop_by_hop(name)
+        || matches!(
+            name,
+            "authorization"
+                | "api-key"
+                | "x-api-key"
+                | "openai-organization"
+                | "openai-project"
+                | "proxy-authorization"
+                | "host"
+                | "content-length"
+        )
+        || name.starts_with(OWN_HEADER_PREFIX)
+        || listed.iter().any(|value| connection_lists(value, name));
+    !dropped
+}
+
+/// Headers that belong to one hop only.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Whether a `Connection` header value names the header `name` (lower case).
+fn connection_lists(value: &HeaderValue, name: &str) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .any(|listed| listed.trim().eq_ignore_ascii_case(name))
+    })
 }
 
 #[cfg(test)]
@@ -153,5 +212,87 @@ mod tests {
             message.contains("`deep`") && message.contains("DEEP_KEY"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_apps_credentials_hop_headers_and_controls_are_not_forwarded() {
+        let key = KeySource::Env {
+            var: "K".into(),
+            value: Secret::bearer("sk-provider").map(Arc::new),
+        };
+        let mut app = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer sk-app"),
+            ("x-api-key", "sk-app"),
+            ("openai-organization", "org-app"),
+            ("openai-project", "proj-app"),
+            ("api-key", "sk-app"),
+            ("proxy-authorization", "Basic app"),
+            ("host", "127.0.0.1:4000"),
+            ("content-length", "12"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("connection", "keep-alive, X-Hop"),
+            ("connection", "x-hop-two"),
+            ("x-hop", "1"),
+            ("x-hop-two", "1"),
+            ("x-llm-sidecar-prefer", "a"),
+            ("content-type", "application/json"),
+            ("traceparent", "00-abc-def-01"),
+        ] {
+            app.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let request = request(
+            &provider(key),
+            Method::POST,
+            "/v1/chat/completions",
+            &app,
+            Bytes::from_static(b"{}"),
+            None,
+        )
+        .unwrap();
+        let h = request.headers();
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "authorization",
+                "content-length",
+                "content-type",
+                "host",
+                "traceparent"
+            ]
+        );
+        // Only the provider's values, each once.
+        assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert_eq!(h[header::AUTHORIZATION], "Bearer sk-provider");
+        assert_eq!(h[header::HOST], "api.example.com");
+        assert_eq!(h[header::CONTENT_LENGTH], "2");
+    }
+
+    #[test]
+    fn a_bodiless_request_has_no_length() {
+        let mut app = HeaderMap::new();
+        app.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let request = request(
+            &provider(KeySource::None),
+            Method::GET,
+            "/v1/models",
+            &app,
+            Bytes::new(),
+            None,
+        )
+        .unwrap();
+        assert!(request.headers().get(header::CONTENT_LENGTH).is_none());
+        assert!(request.headers().get(header::AUTHORIZATION).is_none());
+    }
+
+    #[test]
+    fn numbers_are_header_values() {
+        for n in [0, 7, 1234, u64::MAX] {
+            assert_eq!(number_header(n), n.to_string().as_str());
+        }
     }
 }

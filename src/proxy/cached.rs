@@ -6,6 +6,7 @@
 
 use super::*;
 use crate::cache::{Cache, Entry, Joined, Key, Leader, Lookup, Policy, SharedTier, Stored};
+use crate::outbound::number_header;
 use crate::telemetry::cache::CacheStatus;
 
 /// How the answer was found: `hit`, `miss`, `stale` or `bypass`.
@@ -192,7 +193,7 @@ impl Context {
         headers.insert(HEADER_CACHE, HeaderValue::from_static(status.as_str()));
         match age {
             Some(age) => {
-                headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+                headers.insert(header::AGE, number_header(age.as_secs()));
                 headers.insert(HEADER_PATH, HeaderValue::from_static("cache"));
             }
             None => {

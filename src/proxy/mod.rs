@@ -39,7 +39,7 @@ use execute::{Core, Exchange};
 use crate::telemetry::trace::TraceIds;
 use cached::Looked;
 pub use cached::HEADER_CACHE;
-pub(crate) use headers::{add_route_headers, decide_side, strip_hop_by_hop, strip_request_headers};
+pub(crate) use headers::{add_route_headers, decide_side, strip_hop_by_hop};
 pub use headers::{HEADER_ROLLOUT_BUCKET, HEADER_ROLLOUT_KEY};
 use observe::{incoming_trace_id, Record, Served, ServerTrace};
 
@@ -52,7 +52,6 @@ pub const HEADER_GENERATION: HeaderName =
     HeaderName::from_static("x-llm-sidecar-config-generation");
 /// The id of the request's trace, when it is exported: paste it into Jaeger's search.
 pub const HEADER_TRACE_ID: HeaderName = HeaderName::from_static("x-llm-sidecar-trace-id");
-const OWN_HEADER_PREFIX: &str = "x-llm-sidecar-";
 
 /// Limits the proxy enforces on every request.
 #[derive(Clone, Copy, Debug)]
@@ -293,7 +292,7 @@ impl Proxy {
     async fn passthrough(
         &self,
         snapshot: Arc<Snapshot>,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         bytes: Bytes,
         ids: Option<&TraceIds>,
     ) -> Handled {
@@ -319,7 +318,6 @@ impl Proxy {
         };
         let provider = &target.provider;
 
-        strip_request_headers(&mut parts.headers);
         let step = crate::routing::plan::Step {
             route: route.clone(),
             side: target.path(),

@@ -1,7 +1,7 @@
 //! What a call cost: the usage a provider reported, priced at the answering target's price, and
 //! what the same usage would have cost at the route's official price.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::marker::PhantomData;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -233,7 +233,10 @@ impl Bill {
 pub fn format_usd(usd: f64) -> String {
     let nanos = (usd.abs() * 1e9).round() as u64;
     let sign = if usd < 0.0 && nanos > 0 { "-" } else { "" };
-    let mut text = format!(
+    // Room for the longest amount: `format!` would start smaller and grow.
+    let mut text = String::with_capacity(24);
+    let _ = write!(
+        text,
         "{sign}{}.{:09}",
         nanos / 1_000_000_000,
         nanos % 1_000_000_000

@@ -228,7 +228,7 @@ pub struct Exchange {
     snapshot: Arc<Snapshot>,
     /// The side order and its reason (flags, guard, rollout bucket).
     decision: Decision,
-    /// The client's request, as it is sent on (headers stripped of the sidecar's own).
+    /// The client's request as it came (`outbound::request` leaves out what is not forwarded).
     call: Call,
     route: Arc<Route>,
     stream: bool,
@@ -264,7 +264,7 @@ impl Exchange {
         core: Arc<Core>,
         snapshot: Arc<Snapshot>,
         decision: Decision,
-        mut call: Call,
+        call: Call,
         parsed: &RequestBody<'_>,
         route: Arc<Route>,
         ids: Option<TraceIds>,
@@ -280,8 +280,7 @@ impl Exchange {
             .is_some_and(|v| {
                 matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
             });
-        // The sidecar's own request headers are read here and never forwarded.
-        super::strip_request_headers(&mut call.headers);
+        // The sidecar's own request headers are read here; `outbound::request` leaves them out.
         let stream = parsed.stream;
         let usage_added = stream
             && !parsed

@@ -3,6 +3,7 @@
 //! every target failed, and the report the exchange returns.
 
 use super::*;
+use crate::outbound::number_header;
 
 impl Exchange {
     /// Fallbacks: how many times the request moved on to another target.
@@ -49,11 +50,9 @@ impl Exchange {
             self.decision.bucket,
             &self.snapshot,
         );
-        headers.insert(
-            HEADER_ATTEMPTS,
-            HeaderValue::from(self.attempts.len().max(1)),
-        );
-        headers.insert(HEADER_FALLBACKS, HeaderValue::from(self.moves()));
+        let attempts = self.attempts.len().max(1) as u64;
+        headers.insert(HEADER_ATTEMPTS, number_header(attempts));
+        headers.insert(HEADER_FALLBACKS, number_header(self.moves() as u64));
         if self.attempts.len() > 1 {
             let log: Vec<String> = self
                 .attempts
@@ -65,7 +64,7 @@ impl Exchange {
             }
         }
         if self.truncated > 0 {
-            headers.insert(HEADER_TRUNCATED, HeaderValue::from(self.truncated));
+            headers.insert(HEADER_TRUNCATED, number_header(self.truncated as u64));
         }
     }
 
