@@ -105,13 +105,17 @@ pub struct Plan {
 
 /// The chain for a route: itself, then its fallbacks, rotated to start at `prefer` when the
 /// preferred route is in the chain.
-pub fn chain(snapshot: &Snapshot, route: &Arc<Route>, prefer: Option<&str>) -> Vec<Arc<Route>> {
-    let mut chain: Vec<Arc<Route>> = std::iter::once(route.clone())
+pub fn chain<'a>(
+    snapshot: &'a Snapshot,
+    route: &'a Arc<Route>,
+    prefer: Option<&str>,
+) -> Vec<&'a Arc<Route>> {
+    let mut chain: Vec<&Arc<Route>> = std::iter::once(route)
         .chain(
             route
                 .fallbacks
                 .iter()
-                .filter_map(|name| snapshot.route(name).cloned()),
+                .filter_map(|name| snapshot.route(name)),
         )
         .collect();
     if let Some(preferred) = prefer.and_then(|p| snapshot.route(p)) {
@@ -125,7 +129,7 @@ pub fn chain(snapshot: &Snapshot, route: &Arc<Route>, prefer: Option<&str>) -> V
 /// Every target of the chain in the order the request's side order gives, before any filtering.
 fn candidates<'a>(
     order: SideOrder,
-    chain: &'a [Arc<Route>],
+    chain: &[&'a Arc<Route>],
 ) -> Vec<(&'a Arc<Route>, ProviderKind)> {
     let mut candidates = Vec::with_capacity(chain.len() * 2);
     let push_side = |c: &mut Vec<(&'a Arc<Route>, ProviderKind)>, side: ProviderKind| {
@@ -177,29 +181,30 @@ pub fn plan<'a>(
     health: &dyn HealthLookup,
 ) -> Plan {
     let chain = chain(snapshot, route, request.prefer);
-    let candidates = candidates(request.order, &chain);
     let mut plan = Plan::default();
     let threshold = snapshot.resilience.low_latency_threshold;
     // Pass 1: drop what cannot serve this prompt; set aside what is too slow.
-    let mut usable = Vec::with_capacity(candidates.len());
+    let mut usable = candidates(request.order, &chain);
     let mut slow = Vec::new();
-    for (r, side) in candidates {
+    usable.retain(|&(r, side)| {
         if r.context_window.is_some_and(|w| request.prompt_tokens > w) {
             plan.skipped.push(Skipped {
                 route: r.clone(),
                 side,
                 reason: SkipReason::ContextTooSmall,
             });
+            false
         } else if request.low_latency
             && r.target(side)
                 .and_then(|t| health.latency(t))
                 .is_some_and(|l| l > threshold)
         {
             slow.push((r, side));
+            false
         } else {
-            usable.push((r, side));
+            true
         }
-    }
+    });
     // Better a slow answer than none: slow targets stay when nothing else is left.
     if usable.is_empty() {
         usable = slow;
