@@ -257,8 +257,7 @@ impl Health {
         HealthNow {
             health: self,
             now,
-            cells: self.cells.load(),
-            any_troubled: self.any_troubled(),
+            cells: self.any_troubled().then(|| self.cells.load()),
         }
     }
 }
@@ -267,21 +266,21 @@ impl Health {
 pub struct HealthNow<'a> {
     health: &'a Health,
     now: Instant,
-    cells: arc_swap::Guard<Arc<Cells>>,
-    /// Some target was troubled when planning began; if none was, every breaker is closed.
-    any_troubled: bool,
+    /// Loaded only when some target was troubled as planning began: if none was, every
+    /// breaker is closed.
+    cells: Option<arc_swap::Guard<Arc<Cells>>>,
 }
 
 impl HealthNow<'_> {
     fn with_cell<T>(&self, target: &Target, read: impl FnOnce(&HealthCell) -> T) -> T {
-        match self.cells.get(&target.health_key) {
+        match self.cells.as_ref().and_then(|c| c.get(&target.health_key)) {
             Some(cell) => read(cell),
             None => self.health.with_cell(target, read),
         }
     }
 
     fn troubled(&self, target: &Target) -> bool {
-        self.any_troubled && self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
+        self.cells.is_some() && self.with_cell(target, |cell| cell.troubled.load(Ordering::Acquire))
     }
 
     fn breaker<T>(&self, target: &Target, f: impl FnOnce(&Breaker) -> T) -> Option<T> {
