@@ -61,15 +61,15 @@ pub fn request(
     let uri = provider
         .upstream_uri_from(path_and_query)
         .map_err(|why| misconfigured("bad_upstream_uri", format!("{path_and_query}: {why}")))?;
-    // A map built with room for what is added (a clone of the app's would have none: every
-    // insert past its length regrows it, here and again as hyper reuses it for the answer).
-    let mut headers = HeaderMap::with_capacity(app.len() + ADDED_HEADERS);
     // Every `Connection` header's list counts (none, and nothing allocated, without one).
     let listed: Vec<&HeaderValue> = app.get_all(header::CONNECTION).iter().collect();
-    for (name, value) in app {
-        if forwardable(name, &listed) {
-            headers.append(name.clone(), value.clone());
-        }
+    let forwarded = || app.iter().filter(|(name, _)| forwardable(name, &listed));
+    // A map built with room for exactly what goes in: a clone of the app's would have no room
+    // for what is added, and room for the app's credentials would be wasted (a map's entries
+    // past 1 KiB take the allocator's slow path).
+    let mut headers = HeaderMap::with_capacity(forwarded().count() + ADDED_HEADERS);
+    for (name, value) in forwarded() {
+        headers.append(name.clone(), value.clone());
     }
     provider
         .authorize(&mut headers)
