@@ -146,6 +146,14 @@ mod tests {
     use crate::providers::{KeySource, ProviderKind, Secret};
     use std::sync::Arc;
 
+    /// A provider with a key.
+    fn keyed() -> Provider {
+        provider(KeySource::Env {
+            var: "K".into(),
+            value: Secret::bearer("sk-provider").map(Arc::new),
+        })
+    }
+
     fn provider(key: KeySource) -> Provider {
         Provider::new(
             "deep".into(),
@@ -158,17 +166,13 @@ mod tests {
 
     #[test]
     fn a_request_carries_the_providers_uri_host_key_and_length() {
-        let key = KeySource::Env {
-            var: "K".into(),
-            value: Secret::bearer("sk-provider").map(Arc::new),
-        };
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         let request = request(
-            &provider(key),
+            &keyed(),
             Method::POST,
             "/v1/chat/completions?x=1",
             &headers,
@@ -216,10 +220,6 @@ mod tests {
 
     #[test]
     fn the_apps_credentials_hop_headers_and_controls_are_not_forwarded() {
-        let key = KeySource::Env {
-            var: "K".into(),
-            value: Secret::bearer("sk-provider").map(Arc::new),
-        };
         let mut app = HeaderMap::new();
         for (k, v) in [
             ("authorization", "Bearer sk-app"),
@@ -244,7 +244,7 @@ mod tests {
             app.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
         let request = request(
-            &provider(key),
+            &keyed(),
             Method::POST,
             "/v1/chat/completions",
             &app,
