@@ -3,7 +3,7 @@
 //! provider is left out where the provider's request is built ([`crate::outbound`]).
 
 use super::*;
-use crate::outbound::number_header;
+use crate::outbound::{is_hop_by_hop, number_header};
 
 /// The headers every answer from a provider gets: the route, provider, upstream model and path
 /// of the target that answered, why its side was chosen, the rollout bucket when the rollout
@@ -25,17 +25,14 @@ pub(crate) fn add_route_headers(
     headers.insert(HEADER_GENERATION, snapshot.generation_header.clone());
 }
 
-/// Removes the headers that belong to one hop only.
+/// Removes the headers that belong to one hop only. An answer has a few headers: finding each
+/// one to drop by a scan is cheaper than a lookup for every hop-by-hop name.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    remove_where(headers, |name| {
-        crate::outbound::is_hop_by_hop(name.as_str())
-    });
-}
-
-/// Removes every header whose name `doomed` picks. A message has a few headers: finding each
-/// one to drop by a scan is cheaper than a lookup for every name that might be there.
-fn remove_where(headers: &mut HeaderMap, mut doomed: impl FnMut(&HeaderName) -> bool) {
-    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
+    while let Some(name) = headers
+        .keys()
+        .find(|name| is_hop_by_hop(name.as_str()))
+        .cloned()
+    {
         headers.remove(&name);
     }
 }
