@@ -7,7 +7,9 @@
   wait-line FILE TEXT SECONDS  wait until FILE contains TEXT
   post URL SECONDS             POST the benchmark body once; expect 200 and a chat.completion
   spans METRICS_URL           print the traced sidecar's exported/dropped/failed span counts
-  summary RESULTS RSS_MB SPANS print the table and the final `bench:` line
+  summary RESULTS PACED RSS_MB SPANS
+                               print the table and the final `bench:` line (PACED: the
+                               fixed-load runs, for CPU per request)
 """
 import json
 import socket
@@ -107,13 +109,45 @@ def spans(url):
     print(f"spans_exported={counts['exported']} spans_dropped={counts['dropped']} spans_failed={counts['failed']}")
 
 
-def summary(results_path, rss_mb, span_counts):
+def load_runs(path):
+    """Rows of `TARGET round=… rps=… …` by target."""
     runs = {t: [] for t in TARGETS + ("baseline",)}
-    with open(results_path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             target, *fields = line.split()
-            kv = dict(x.split("=", 1) for x in fields)
-            runs[target].append(kv)
+            runs[target].append(dict(x.split("=", 1) for x in fields))
+    return runs
+
+
+def paired(runs, key, a, b):
+    """The median over rounds of a's KEY over b's in the same round.
+
+    A comparison is made round by round, between runs next to each other in time: a
+    neighbour's load that comes and goes moves both sides of a pair, and one disturbed round
+    does not move the median."""
+    by_round = {t: {r["round"]: float(r[key]) for r in runs[t] if key in r} for t in (a, b)}
+    ratios = [by_round[a][k] / by_round[b][k] for k in by_round[a] if by_round[b].get(k)]
+    return statistics.median(ratios) if ratios else 0.0
+
+
+def cpu_figures(runs, label):
+    """CPU per request of each target that has it (median of rounds), and the sidecar's rise
+    over the baseline build when there is one; prints them and returns `name=value` fields."""
+    cpu = {}
+    for t in ("sidecar", "stack", "nginx", "sampled", "baseline"):
+        if runs[t] and all("cpu_us" in r for r in runs[t]):
+            cpu[t] = statistics.median(float(r["cpu_us"]) for r in runs[t])
+    fields = [f"{t}_cpu_us={c:.1f}" for t, c in cpu.items()]
+    print(f"CPU per request {label} (user + sys from /proc, median of rounds, µs): {' '.join(fields)}")
+    if "baseline" in cpu and "sidecar" in cpu:
+        rise = paired(runs, "cpu_us", "sidecar", "baseline") - 1
+        fields.append(f"sidecar_vs_baseline_cpu={rise:+.3f}")
+        print(f"  sidecar against the baseline build: {rise * 100:+.1f} % (median of the rounds' ratios)")
+    return fields
+
+
+def summary(results_path, paced_path, rss_mb, span_counts):
+    runs = load_runs(results_path)
     # The baseline (another build, BASELINE_BIN) is optional.
     targets = TARGETS + (("baseline",) if runs["baseline"] else ())
     agg = {}
@@ -125,7 +159,6 @@ def summary(results_path, rss_mb, span_counts):
             "p50": statistics.median(float(r["p50_ms"]) for r in runs[t]),
             "p99": statistics.median(float(r["p99_ms"]) for r in runs[t]),
             "n": len(runs[t]),
-            "cpu": statistics.median(float(r["cpu_us"]) for r in runs[t]) if all("cpu_us" in r for r in runs[t]) else None,
         }
     print()
     print(f"{'target':<8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  rounds")
@@ -146,27 +179,22 @@ def summary(results_path, rss_mb, span_counts):
     )
     traced = agg["traced"]
     sampled = agg["sampled"]
-    # A comparison is made round by round, between runs next to each other in time, and the
-    # median of the rounds is reported: a neighbour's load that comes and goes moves both sides
-    # of a pair, and one disturbed round does not move the median.
-    def paired(key, a, b):
-        by_round = {t: {r["round"]: float(r[key]) for r in runs[t] if key in r} for t in (a, b)}
-        ratios = [by_round[a][k] / by_round[b][k] for k in by_round[a] if by_round[b].get(k)]
-        return statistics.median(ratios) if ratios else 0.0
-    cost = 1 - paired("rps", "traced", "sidecar")
-    sampled_cost = 1 - paired("rps", "sampled", "sidecar")
+    cost = 1 - paired(runs, "rps", "traced", "sidecar")
+    sampled_cost = 1 - paired(runs, "rps", "sampled", "sidecar")
     print(f"tracing on (every request, exported over OTLP/HTTP): {cost * 100:.1f} % fewer req/s (no target: the exporter's encoding sets it); {span_counts}")
     print(
         f"tracing on, 10 % sampled plus every retry, failover, error and slow request "
         f"(parentbased_traceidratio 0.1): {sampled_cost * 100:.1f} % fewer req/s (median of the rounds' ratios; target < 10 %)"
     )
-    cpu = {t: agg[t]["cpu"] for t in ("sidecar", "stack", "nginx", "sampled", "baseline") if t in agg}
-    cpu_text = " ".join(f"{t}_cpu_us={c:.1f}" for t, c in cpu.items() if c is not None)
-    print(f"CPU per request (user + sys from /proc, median of rounds, µs): {cpu_text}")
-    if cpu.get("baseline") and cpu.get("sidecar"):
-        rise = paired("cpu_us", "sidecar", "baseline") - 1
-        cpu_text += f" sidecar_vs_baseline_cpu={rise:+.3f}"
-        print(f"sidecar CPU per request against the baseline build: {rise * 100:+.1f} % (median of the rounds' ratios; target: at most +10 %)")
+    # Saturated, each target's CPU per request depends on the rate it reaches; at the fixed
+    # load every target carries the same req/s, and that comparison is the one with a target.
+    cpu_text = " ".join(cpu_figures(runs, "saturated"))
+    paced = load_runs(paced_path)
+    paced_rps = statistics.median(float(r["rps"]) for r in paced["sidecar"])
+    paced_fields = cpu_figures(paced, f"at a fixed load (sidecar {paced_rps:.0f} req/s)")
+    if paced["baseline"]:
+        print("  target for the sidecar against the baseline build, at the fixed load: at most +10 %")
+    cpu_text += f" paced_rps={paced_rps:.1f} " + " ".join("paced_" + f for f in paced_fields)
     print(
         f"bench: direct_rps={d['rps']:.1f} nginx_rps={n['rps']:.1f} sidecar_rps={s['rps']:.1f} "
         f"sidecar_vs_nginx={ratio:.2f} stack_rps={stack['rps']:.1f} stack_vs_nginx={stack_ratio:.2f} "
@@ -185,7 +213,7 @@ def main(argv):
         "wait-line": (wait_line, 3),
         "post": (post, 2),
         "spans": (spans, 1),
-        "summary": (summary, 3),
+        "summary": (summary, 4),
     }
     if not argv or argv[0] not in cmds or len(argv) - 1 != cmds[argv[0]][1]:
         die("usage: " + __doc__)

@@ -5,6 +5,15 @@ wrk.body = '{"model":"deepseek-v3.2","messages":[{"role":"user","content":"Say h
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer app-key"
 
+-- BENCH_PACE_MS: each connection pauses that long before each request, so the offered load is
+-- fixed (connections / (pause + latency)) instead of as much as the target can take.
+local pace = tonumber(os.getenv("BENCH_PACE_MS") or "")
+if pace then
+  function delay()
+    return pace
+  end
+end
+
 -- One machine-readable line. Latency percentiles come in microseconds;
 -- summary.errors.status counts responses with status > 399.
 function done(summary, latency, requests)

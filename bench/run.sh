@@ -10,14 +10,16 @@
 #   sampled - the same with 10 % of requests sampled (parentbased_traceidratio 0.1)
 #   baseline - only with BASELINE_BIN: another build of the sidecar (e.g. an older commit, built by
 #             bench/baseline.sh) on its own default config, for CPU per request against this one
-# Prints req/s, p50 and p99 per target, the sidecar's peak RSS, and ends with one line
-#   bench: direct_rps=… nginx_rps=… sidecar_rps=… … sampled_tracing_cost=… sidecar_cpu_us=… stack_cpu_us=… nginx_cpu_us=… sampled_cpu_us=…
+# Prints req/s, p50 and p99 per target, CPU per request saturated and at a fixed load (PACE_MS),
+# the sidecar's peak RSS, and ends with one line
+#   bench: direct_rps=… nginx_rps=… sidecar_rps=… … sampled_tracing_cost=… sidecar_cpu_us=… stack_cpu_us=… nginx_cpu_us=… sampled_cpu_us=… paced_rps=… paced_sidecar_cpu_us=… …
 # On a small box the load generator, upstream and proxy share the cores: compare the sidecar
 # with nginx (the practical floor for a proxy here), not with direct.
 #
 # Environment: ROUNDS (4; odd rounds run the targets in order, even rounds in reverse, so a
 # neighbour's load that comes and goes falls on both sides of each comparison), DURATION seconds per run (5), WARMUP seconds per target (1),
-# THREADS (2), CONNECTIONS (64), NGINX_WORKERS (auto), LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
+# THREADS (2), CONNECTIONS (64), PACE_MS (8: the pause before each request in the fixed-load
+# runs, about 6 000 req/s with 64 connections), NGINX_WORKERS (auto), LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
 # STACK_FLOOR_BIN (skip the build; the fake provider defaults to llm-sidecar-fake-provider and the
 # floor to examples/stack_floor next to LLM_SIDECAR_BIN),
 # STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
@@ -231,12 +233,12 @@ cpu_ticks() {
     echo "$total"
 }
 
-# run_wrk TARGET SECONDS -> sets RESULT to "rps=… p50_ms=… … cpu_us=…" (cpu_us: the target's
+# run_wrk TARGET SECONDS [PACE_MS] -> sets RESULT to "rps=… p50_ms=… … cpu_us=…" (cpu_us: the target's
 # CPU time per request, none for direct); fails on any error.
 run_wrk() {
-    local target="$1" seconds="$2" out errors before after requests
+    local target="$1" seconds="$2" pace="${3:-}" out errors before after requests
     before="$(cpu_ticks "$target")"
-    out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s -s "$LUA" "${URL[$target]}" 2>&1)" ||
+    out="$(BENCH_PACE_MS="$pace" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${seconds}s" --timeout 5s -s "$LUA" "${URL[$target]}" 2>&1)" ||
         { echo "$out" >&2; die "wrk failed against $target"; }
     RESULT="$(grep -m1 '^RESULT ' <<<"$out" | sed 's/^RESULT //')" ||
         { echo "$out" >&2; die "no RESULT line from wrk against $target"; }
@@ -269,6 +271,29 @@ for ((round = 1; round <= ROUNDS; round++)); do
         run_wrk "$t" "$DURATION"
         echo "$t round=$round $RESULT" >>"$RESULTS"
         printf 'round %d %-8s %s\n' "$round" "$t" "$RESULT"
+    done
+done
+
+# CPU per request at a fixed load. Saturated, CPU per request falls as req/s rises (more
+# requests per wake-up and per system call), so two builds that reach different rates are not
+# compared like for like; here every connection pauses PACE_MS before each request, and all
+# targets carry the same load, well under what any of them can take.
+PACE_MS="${PACE_MS:-8}"
+PACED_TARGETS=(nginx stack sampled sidecar)
+[ -n "$BASELINE_PID" ] && PACED_TARGETS+=(baseline)
+PACED="$TMP/paced.txt"
+: >"$PACED"
+log "the same at a fixed load: each connection pauses ${PACE_MS} ms before each request"
+for ((round = 1; round <= ROUNDS; round++)); do
+    order=("${PACED_TARGETS[@]}")
+    if ((round % 2 == 0)); then
+        order=()
+        for ((i = ${#PACED_TARGETS[@]} - 1; i >= 0; i--)); do order+=("${PACED_TARGETS[i]}"); done
+    fi
+    for t in "${order[@]}"; do
+        run_wrk "$t" "$DURATION" "$PACE_MS"
+        echo "$t round=$round $RESULT" >>"$PACED"
+        printf 'paced %d %-8s %s\n' "$round" "$t" "$RESULT"
     done
 done
 
@@ -316,7 +341,7 @@ RSS_MB="$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$SIDECAR_PID/statu
 # What became of the traced sidecar's spans: exported, dropped (queue full) or failed.
 SPANS="$(python3 "$UTIL" spans "http://127.0.0.1:$TRACED_ADMIN_PORT/metrics")" ||
     die "could not read the traced sidecar's span counters"
-SUMMARY="$(python3 "$UTIL" summary "$RESULTS" "$RSS_MB" "$SPANS")"
+SUMMARY="$(python3 "$UTIL" summary "$RESULTS" "$PACED" "$RSS_MB" "$SPANS")"
 mkdir -p "$BENCH_DIR/out"
 tail -n 1 <<<"$SUMMARY" >"$BENCH_DIR/out/last.txt"
 echo "$STREAM_SUMMARY"
