@@ -17,8 +17,11 @@ use llm_sidecar::upstream::Upstream;
 use tokio::net::TcpListener;
 
 // The sidecar binary's allocator: the floor differs from it only by the work it leaves out.
+#[path = "../src/allocator.rs"]
+mod allocator;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Mimalloc = allocator::Mimalloc;
 
 struct Floor {
     upstream: Arc<Upstream>,

@@ -11,8 +11,10 @@ use llm_sidecar::config::{self, ConfigSource, EMBEDDED_DEFAULT};
 use llm_sidecar::settings::{ProcessEnv, Settings};
 use llm_sidecar::{telemetry, Sidecar};
 
+mod allocator;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Mimalloc = allocator::Mimalloc;
 
 /// Gives memory freed after a burst back to the system. mimalloc returns a freed page to the
 /// system only after a delay (`purge_delay`, 1 s), and only when a later free on some thread
