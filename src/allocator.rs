@@ -93,14 +93,20 @@ mod tests {
             assert!(!ptr.is_null());
             assert_eq!(ptr as usize % align, 0, "{size} bytes aligned to {align}");
             if zeroed {
-                assert!(std::slice::from_raw_parts(ptr, size).iter().all(|b| *b == 0));
+                assert!(std::slice::from_raw_parts(ptr, size)
+                    .iter()
+                    .all(|b| *b == 0));
             }
             for i in 0..size {
                 ptr.add(i).write(i as u8);
             }
             let moved = Mimalloc.realloc(ptr, layout, new_size);
             assert!(!moved.is_null());
-            assert_eq!(moved as usize % align, 0, "{size} -> {new_size} bytes aligned to {align}");
+            assert_eq!(
+                moved as usize % align,
+                0,
+                "{size} -> {new_size} bytes aligned to {align}"
+            );
             for i in 0..size.min(new_size) {
                 assert_eq!(moved.add(i).read(), i as u8, "byte {i} kept by realloc");
             }
