@@ -261,18 +261,26 @@ log "wrk -t$THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per target, ${
 for t in "${TARGETS[@]}"; do
     run_wrk "$t" "$WARMUP"
 done
-for ((round = 1; round <= ROUNDS; round++)); do
-    order=("${TARGETS[@]}")
-    if ((round % 2 == 0)); then
-        order=()
-        for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[i]}"); done
-    fi
-    for t in "${order[@]}"; do
-        run_wrk "$t" "$DURATION"
-        echo "$t round=$round $RESULT" >>"$RESULTS"
-        printf 'round %d %-8s %s\n' "$round" "$t" "$RESULT"
+# rounds LABEL FILE [PACE_MS] TARGET... -> ROUNDS rounds of a run per target, appended to FILE:
+# odd rounds in order, even rounds in reverse.
+rounds() {
+    local label="$1" file="$2" pace="$3" round t i
+    shift 3
+    local targets=("$@") order
+    for ((round = 1; round <= ROUNDS; round++)); do
+        order=("${targets[@]}")
+        if ((round % 2 == 0)); then
+            order=()
+            for ((i = ${#targets[@]} - 1; i >= 0; i--)); do order+=("${targets[i]}"); done
+        fi
+        for t in "${order[@]}"; do
+            run_wrk "$t" "$DURATION" "$pace"
+            echo "$t round=$round $RESULT" >>"$file"
+            printf '%s %d %-8s %s\n' "$label" "$round" "$t" "$RESULT"
+        done
     done
-done
+}
+rounds round "$RESULTS" "" "${TARGETS[@]}"
 
 # CPU per request at a fixed load. Saturated, CPU per request falls as req/s rises (more
 # requests per wake-up and per system call), so two builds that reach different rates are not
@@ -284,18 +292,7 @@ PACED_TARGETS=(nginx stack sampled sidecar)
 PACED="$TMP/paced.txt"
 : >"$PACED"
 log "the same at a fixed load: each connection pauses ${PACE_MS} ms before each request"
-for ((round = 1; round <= ROUNDS; round++)); do
-    order=("${PACED_TARGETS[@]}")
-    if ((round % 2 == 0)); then
-        order=()
-        for ((i = ${#PACED_TARGETS[@]} - 1; i >= 0; i--)); do order+=("${PACED_TARGETS[i]}"); done
-    fi
-    for t in "${order[@]}"; do
-        run_wrk "$t" "$DURATION" "$PACE_MS"
-        echo "$t round=$round $RESULT" >>"$PACED"
-        printf 'paced %d %-8s %s\n' "$round" "$t" "$RESULT"
-    done
-done
+rounds paced "$PACED" "$PACE_MS" "${PACED_TARGETS[@]}"
 
 # Streaming: STREAMS concurrent streams, direct and through the sidecar, interleaved.
 STREAMS="${STREAMS:-200}"
