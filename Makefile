@@ -64,7 +64,7 @@ demo: build
 run: build
 	bash scripts/run-local.sh
 
-## bench: throughput against nginx (wrk), rollback propagation across 20 sidecars, the cost of budget checks, a cache hit against a miss,
+## bench: throughput against nginx (wrk) and CPU per request, saturated and at a fixed load, rollback propagation across 20 sidecars, the cost of budget checks, a cache hit against a miss,
 ## the sidecar's memory (idle, saturated, 1 000 open streams, after them), cold start and a cold burst of streams.
 bench: bench-throughput bench-rollback bench-budget bench-cache bench-memory bench-cold
 
