@@ -19,7 +19,7 @@
 # Environment: ROUNDS (4; odd rounds run the targets in order, even rounds in reverse, so a
 # neighbour's load that comes and goes falls on both sides of each comparison), DURATION seconds per run (5), WARMUP seconds per target (1),
 # THREADS (2), CONNECTIONS (64), PACE_MS (8: the pause before each request in the fixed-load
-# runs, about 6 000 req/s with 64 connections), NGINX_WORKERS (auto), LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
+# runs, about 6 500 req/s with 64 connections), NGINX_WORKERS (auto), LLM_SIDECAR_BIN, LLM_SIDECAR_FAKE_BIN and
 # STACK_FLOOR_BIN (skip the build; the fake provider defaults to llm-sidecar-fake-provider and the
 # floor to examples/stack_floor next to LLM_SIDECAR_BIN),
 # STREAMS (200 concurrent streams in the streaming case), CARGO_TARGET_DIR (where cargo builds), SIDECAR_ENV (extra VAR=value settings for the sidecar
@@ -261,8 +261,8 @@ log "wrk -t$THREADS -c$CONNECTIONS, $ROUNDS rounds x ${DURATION}s per target, ${
 for t in "${TARGETS[@]}"; do
     run_wrk "$t" "$WARMUP"
 done
-# rounds LABEL FILE [PACE_MS] TARGET... -> ROUNDS rounds of a run per target, appended to FILE:
-# odd rounds in order, even rounds in reverse.
+# rounds LABEL FILE PACE_MS TARGET... -> ROUNDS rounds of a run per target, appended to FILE:
+# odd rounds in order, even rounds in reverse. PACE_MS "" runs saturated.
 rounds() {
     local label="$1" file="$2" pace="$3" round t i
     shift 3
